@@ -1,0 +1,1 @@
+"""prod9_components: the shared package behind every prod9 MONAI bundle."""
