@@ -1,0 +1,31 @@
+# Set-up and the two everyday commands. `make test` and `make demo` work on a fresh machine: they create .venv,
+# install the package (with the CPU build of torch when no torch is present) and run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test demo benchmark check-bundles clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_CPU)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed
+	$(PY) scripts/demo.py
+
+benchmark: $(VENV)/.installed
+	$(PY) scripts/benchmark.py all
+
+check-bundles: $(VENV)/.installed
+	$(PY) ../shared/tools/check_bundles.py
+
+clean:
+	rm -rf outputs demo_outputs .pytest_cache

@@ -1,0 +1,128 @@
+"""Run a stage's MONAI bundle workflow from a ``prod9-train-*`` verb.
+
+Every verb is the bundle workflow ``python -m monai.bundle run`` would execute (no second code path): this module
+only picks the config files, turns flags into bundle id overrides and reports errors in one line.
+
+``--config`` takes
+- nothing: the stage's bundle in ``bundles/<stage>``;
+- a bundle directory (``bundles/maskgit_stage1``) or its ``configs/train.json``: that bundle;
+- any other JSON/YAML file: a preset layered on top of the stage's bundle (e.g. the bundle's ``tiny.json``, or a
+  file with ``network_def#num_channels`` etc.), applied last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prod9_components.cli.argv import normalise_multi_value_flags
+
+VERB_CONFIGS = {
+    "train": ["train.json"],
+    "validate": ["train.json", "evaluate.json"],
+    "test": ["train.json", "evaluate.json"],
+    "infer": ["train.json", "inference.json"],
+    "generate": ["train.json", "inference.json"],
+}
+
+
+class UsageError(ValueError):
+    """A bad flag value or config path, reported in one line."""
+
+
+def bundles_root() -> Path:
+    """``bundles/`` of the working directory if present, else the one beside the installed package."""
+    local = Path.cwd() / "bundles"
+    return local if local.is_dir() else Path(__file__).resolve().parents[2] / "bundles"
+
+
+def config_files(stage: str, verb: str, config: str | None = None) -> tuple[Path, list[str]]:
+    """Return ``(bundle_dir, [config files in order])`` for a verb."""
+    preset = None
+    if config is None:
+        bundle = bundles_root() / stage
+    else:
+        path = Path(config)
+        if path.is_dir():
+            bundle = path
+        elif path.is_file() and path.name == "train.json":
+            bundle = path.resolve().parent.parent
+        elif path.is_file():
+            bundle, preset = bundles_root() / stage, path
+        else:
+            raise UsageError(f"--config {config}: no such bundle directory or config file")
+    if not (bundle / "configs" / "train.json").is_file():
+        raise UsageError(f"{bundle}: not a bundle (expected {bundle / 'configs' / 'train.json'})")
+    files = [str(bundle / "configs" / name) for name in VERB_CONFIGS[verb]]
+    if preset is not None:
+        files.append(str(preset))
+    return bundle, files
+
+
+def run_bundle(stage: str, verb: str, config: str | None, overrides: dict[str, Any]) -> Any:
+    """Create, run and finalize the bundle workflow; return it so callers can read resolved ids."""
+    from monai.bundle.scripts import create_workflow
+
+    bundle, files = config_files(stage, verb, config)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides.setdefault("bundle_root", str(bundle))
+    workflow = create_workflow(config_file=files, meta_file=str(bundle / "configs" / "metadata.json"),
+                               logging_file=str(bundle / "configs" / "logging.conf"), **overrides)
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+def resolved(workflow: Any, key: str, default: Any = None) -> Any:
+    """A resolved id of a finished workflow (e.g. ``output_dir``), or ``default`` when it does not exist."""
+    try:
+        return workflow.parser.get_parsed_content(key)
+    except (KeyError, ValueError):
+        return default
+
+
+def flag_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``--some-flag value`` arrives as ``some_flag``; bundle ids use underscores, ``#`` passes through."""
+    return {key.replace("-", "_") if "#" not in key else key: value for key, value in kwargs.items()}
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """MONAI wraps errors raised while evaluating config expressions; the innermost one names the problem."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def main_for(component: Callable, argv: list[str] | None = None) -> None:
+    """Console-script entry: normalise multi-value flags, run fire, print one-line errors (``--debug``: traceback)."""
+    import fire
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    try:
+        fire.Fire(component, command=normalise_multi_value_flags(argv))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # one line, naming the problem
+        if debug:
+            raise
+        cause = root_cause(error)
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def report(message: str) -> None:
+    """The one closing line every verb prints."""
+    print(message, flush=True)
+
+
+def path_or_none(value: Any) -> str | None:
+    return os.fspath(value) if value is not None else None

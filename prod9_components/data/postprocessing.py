@@ -1,0 +1,94 @@
+"""Postprocessing that writes network outputs back in the input's space: intensity restore and atomic NIfTI save."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from prod9_components.data.transforms import restore_intensity
+
+
+class RestoreIntensityd(MapTransform):
+    """Map ``keys`` from the network's intensity range back to the input's, using the ``[low, high]`` that
+    ``RobustIntensityScaled`` stored under ``f"{source_key}_intensity"``.
+
+    Apply before inverting the spatial preprocessing so voxels the inversion pads (outside the foreground crop)
+    stay at 0, like the input's background.
+    """
+
+    def __init__(self, keys: KeysCollection, source_key: str = "image",
+                 intensity_range: tuple[float, float] = (0.0, 1.0)) -> None:
+        super().__init__(keys)
+        self.source_key = source_key
+        self.intensity_range = tuple(intensity_range)
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        low, high = (float(v) for v in torch.as_tensor(d[f"{self.source_key}_intensity"]).flatten()[:2])
+        for key in self.key_iterator(d):
+            d[key] = restore_intensity(d[key], low, high, self.intensity_range)
+        return d
+
+
+class SaveVolumed(MapTransform):
+    """Write ``keys`` as NIfTI with their MetaTensor affine, atomically (temp file + rename).
+
+    Args:
+        keys: what to write (C=1 channel-first volumes, or label maps).
+        output_path: the exact file to write (single-input use), or
+        output_dir + output_postfix: ``<output_dir>/<input stem>_<postfix>.nii.gz``, the stem taken from the
+            ``filename_or_obj`` meta of ``name_key``.
+        dtype: on-disk dtype (float32 images, uint8 masks).
+    """
+
+    def __init__(self, keys: KeysCollection, output_path: str | None = None, output_dir: str | None = None,
+                 output_postfix: str = "recon", name_key: str = "image", dtype: str = "float32") -> None:
+        super().__init__(keys)
+        if not output_path and not output_dir:
+            raise ValueError("SaveVolumed needs output_path or output_dir")
+        self.output_path, self.output_dir = output_path, output_dir
+        self.output_postfix, self.name_key, self.dtype = output_postfix, name_key, dtype
+
+    def path_for(self, d: dict, key: str) -> Path:
+        if self.output_path:
+            return Path(self.output_path)
+        source = d[self.name_key].meta.get("filename_or_obj", "volume") if isinstance(d[self.name_key], MetaTensor) \
+            else "volume"
+        stem = Path(str(source)).name.split(".nii")[0]
+        return Path(self.output_dir) / f"{stem}_{self.output_postfix}.nii.gz"
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = self.path_for(d, key)
+            write_nifti(d[key], path, self.dtype)
+            d[f"{key}_path"] = str(path)
+        return d
+
+
+def write_nifti(volume: torch.Tensor | np.ndarray, path: str | os.PathLike, dtype: str = "float32",
+                affine: np.ndarray | None = None) -> None:
+    """Save a (1, D, H, W) or (D, H, W) volume to ``path`` atomically; the affine comes from the MetaTensor."""
+    if affine is None:
+        affine = volume.affine if isinstance(volume, MetaTensor) else np.eye(4)
+    affine = np.asarray(torch.as_tensor(affine).double().cpu(), dtype=np.float64)
+    array = volume.detach().cpu().numpy() if torch.is_tensor(volume) else np.asarray(volume)
+    array = array.reshape(array.shape[-3:]).astype(dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(nib.Nifti1Image(array, affine), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,115 @@
+"""Ignite trainer for GAN-trained autoencoders (FSQ autoencoder and MAISI KL-VAE).
+
+MONAI's ``AdversarialTrainer`` reports no ``loss`` without AMP and has no adaptive weight or discriminator warm-up,
+so this is the small custom trainer the MAISI and model-zoo generative bundles also use: per iteration one
+generator step and, once the warm-up is over, one discriminator step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from monai.engines import Trainer
+from torch import nn
+
+from prod9_components.networks.export import unwrap
+
+
+class AutoencoderGANTrainer(Trainer):
+    """Train an autoencoder with an :class:`~prod9_components.losses.autoencoder_gan.AutoencoderGANLoss`.
+
+    The network maps ``image (B, C, D, H, W)`` to ``(reconstruction, codes)`` (FSQ) or
+    ``(reconstruction, z_mu, z_sigma)`` (KL-VAE); it must expose ``get_last_layer()`` for the adaptive
+    adversarial weight (DDP wrappers are looked through).
+
+    Args:
+        device: where the networks live.
+        max_epochs: number of epochs.
+        train_data_loader: yields dicts with ``"image"``.
+        network: the autoencoder (generator).
+        optimizer: its optimizer.
+        discriminator: a MONAI ``PatchDiscriminator`` (returns every feature map, logits last).
+        disc_optimizer: the discriminator's optimizer.
+        loss_function: ``AutoencoderGANLoss``; its ``disc_start`` also delays the discriminator steps.
+        epoch_length: iterations per epoch (``limit_train_batches``); None means the whole loader.
+        train_handlers: Ignite/MONAI handlers to attach.
+        amp: autocast + GradScaler (CUDA only: on CPU bfloat16 matmul is hundreds of times slower).
+        grad_clip: max gradient norm for both networks, None to disable.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        discriminator: nn.Module,
+        disc_optimizer: torch.optim.Optimizer,
+        loss_function: Callable,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        grad_clip: float | None = 1.0,
+    ) -> None:
+        amp = bool(amp) and torch.device(device).type == "cuda"
+        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
+                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp,
+                         decollate=False)
+        self.network = network
+        self.optimizer = optimizer
+        self.discriminator = discriminator
+        self.disc_optimizer = disc_optimizer
+        self.loss_function = loss_function
+        self.grad_clip = grad_clip
+        # Created once here (not in run()) so a resumed run can restore their state from last.ckpt.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        self.disc_scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    def run(self) -> None:  # keep our scalers: the base class would replace them with fresh ones
+        super(Trainer, self).run()
+
+    def _autocast(self):
+        return torch.autocast("cuda", enabled=self.amp)
+
+    def _step(self, loss: torch.Tensor, params, optimizer, scaler) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+
+    def _iteration(self, engine: AutoencoderGANTrainer, batchdata: dict) -> dict:
+        images = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
+        iteration = engine.state.iteration
+        self.network.train()
+        self.discriminator.train()
+
+        # Generator step. The discriminator is not updated here, so its gradients are discarded.
+        with self._autocast():
+            reconstruction, *latent = self.network(images)
+            z_mu, z_sigma = (latent[0], latent[1]) if len(latent) == 2 else (None, None)
+            fake_logits = self.discriminator(reconstruction.float().contiguous())
+            losses = self.loss_function.generator_loss(
+                images, reconstruction.float(), fake_logits, unwrap(self.network).get_last_layer(), iteration,
+                z_mu=z_mu, z_sigma=z_sigma)
+        self._step(losses["loss"], self.network.parameters(), self.optimizer, self.scaler)
+
+        # Discriminator step, from the end of the warm-up on.
+        disc_loss = torch.zeros((), device=images.device)
+        if iteration >= self.loss_function.disc_start:
+            with self._autocast():
+                # One forward over real and fake together: DDP expects one forward per backward.
+                both = torch.cat([images, reconstruction.detach().to(images.dtype)]).contiguous()
+                logits = self.discriminator(both)[-1]
+                real_logits, fake_logits = logits.split(images.shape[0])
+                disc_loss = self.loss_function.discriminator_loss(real_logits, fake_logits)
+            self._step(disc_loss, self.discriminator.parameters(), self.disc_optimizer, self.disc_scaler)
+
+        output = {name: value.detach().float() for name, value in losses.items() if torch.is_tensor(value)}
+        output.update({"image": images, "pred": reconstruction.detach(), "disc_loss": disc_loss.detach()})
+        return output

@@ -1,0 +1,76 @@
+"""Write an evaluator's metrics as one flat JSON object (DESIGN §2: the shared ``metrics.json``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from ignite.engine import Engine, Events
+
+from prod9_components.handlers.checkpoint import is_rank_zero
+
+logger = logging.getLogger("prod9")
+
+
+def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
+    """Write ``data`` as indented JSON via a temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class MetricsJSONWriter:
+    """At the end of an evaluation write ``{metric: value, ..., "split", "num_cases", "checkpoint"}``.
+
+    Args:
+        output_path: the JSON file (``<output_dir>/metrics.json``).
+        split: which data was evaluated ("validation", "test").
+        checkpoint: the checkpoint evaluated.
+        extra: further constant fields to record (e.g. modality names).
+    """
+
+    def __init__(self, output_path: str, split: str, checkpoint: str | None = None, extra: dict | None = None):
+        self.output_path = output_path
+        self.split = split
+        self.checkpoint = checkpoint
+        self.extra = dict(extra or {})
+        self.num_cases = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._count)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.num_cases = 0
+
+    def _count(self, engine: Engine) -> None:
+        output = engine.state.output
+        self.num_cases += len(output) if isinstance(output, list) else int(output["image"].shape[0])
+
+    def write(self, engine: Engine) -> None:
+        metrics = {k: _number(v) for k, v in engine.state.metrics.items()}
+        metrics.update(self.extra, split=self.split, num_cases=self.num_cases,
+                       checkpoint=str(self.checkpoint) if self.checkpoint else None)
+        if is_rank_zero():
+            write_json_atomic(metrics, self.output_path)
+            summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            logger.info(f"{self.split}: {summary} ({self.num_cases} volumes) -> {self.output_path}")
+
+
+def _number(value) -> float | None:
+    """Plain float for JSON; non-finite values become null (JSON has no NaN)."""
+    value = float(value.item() if hasattr(value, "item") else value)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,145 @@
+"""Self-describing network files: weights + constructor arguments + preprocessing contract.
+
+Every best checkpoint and every stage export is one of these records, so the next stage (or `validate`,
+`test`, `infer`) rebuilds the network from the file alone, whatever size variant it was trained with.
+Records hold only tensors and plain Python values: they load with ``torch.load(weights_only=True)``.
+
+Record layout::
+
+    {"format": "prod9-network", "version": 1,
+     "network_target": "prod9_components.networks.autoencoder_fsq.AutoencoderFSQ",
+     "network_args": {...},            # JSON-able constructor arguments
+     "state_dict": {...},              # weights
+     "preprocessing": {...},           # spacing, orientation, intensity scaling
+     ...extra fields (stage, metrics, epoch)}
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+RECORD_FORMAT = "prod9-network"
+# Only classes from these packages may be instantiated from a file: a record names code, it must not run arbitrary code.
+TRUSTED_PREFIXES = ("prod9_components.", "monai.")
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """Return the bare network inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(network, "module") and isinstance(network.module, nn.Module):
+            network = network.module
+        elif hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        else:
+            return network
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file beside ``path`` then rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def network_record(network: nn.Module, preprocessing: dict | None = None, network_args: dict | None = None,
+                   **extra: Any) -> dict:
+    """Describe ``network`` as a record (see module docstring).
+
+    Args:
+        network: the (possibly DDP-wrapped) network; its class must expose ``init_args`` unless
+            ``network_args`` is given.
+        preprocessing: the preprocessing contract the network was trained with.
+        network_args: constructor arguments, for classes without ``init_args`` (e.g. MONAI networks).
+        extra: further plain fields (stage name, metric values, epoch).
+    """
+    net = unwrap(network)
+    args = network_args if network_args is not None else getattr(net, "init_args", None)
+    if args is None:
+        raise ValueError(f"{type(net).__name__} has no init_args; pass network_args to describe it")
+    cls = type(net)
+    return {
+        "format": RECORD_FORMAT,
+        "version": 1,
+        "network_target": f"{cls.__module__}.{cls.__qualname__}",
+        "network_args": dict(args),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "preprocessing": dict(preprocessing or {}),
+        **extra,
+    }
+
+
+def load_record(path: str | os.PathLike) -> dict:
+    """Read a record written by :func:`network_record` (a best.ckpt, last.ckpt or stage export).
+
+    Raises:
+        FileNotFoundError / ValueError: with the path and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or a pickle that would run code
+        raise ValueError(f"{path}: not a loadable prod9 checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise ValueError(f"{path}: not a prod9 network file (expected a dict with format '{RECORD_FORMAT}')")
+    return record
+
+
+def build_network(record: dict, expected_args: dict | None = None, source: str = "checkpoint") -> nn.Module:
+    """Rebuild the network a record describes and load its weights.
+
+    Args:
+        record: from :func:`load_record`.
+        expected_args: constructor arguments the caller relies on (e.g. FSQ ``levels``); any that differ raise.
+        source: name of the file, for error messages.
+    """
+    target = record["network_target"]
+    if not target.startswith(TRUSTED_PREFIXES):
+        raise ValueError(f"{source}: refusing to build '{target}' (only prod9_components/monai networks)")
+    check_network_args(record, expected_args or {}, source)
+    module_name, _, class_name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    network = cls(**record["network_args"])
+    network.load_state_dict(record["state_dict"])
+    return network
+
+
+def check_network_args(record: dict, expected_args: dict, source: str = "checkpoint") -> None:
+    """Raise a one-line ValueError naming the first constructor argument whose value differs."""
+    args = record["network_args"]
+    for key, want in expected_args.items():
+        have = args.get(key)
+        if _plain(have) != _plain(want):
+            raise ValueError(f"{source}: network argument '{key}' is {_plain(have)} but the config expects "
+                             f"{_plain(want)}")
+
+
+def load_network(path: str | os.PathLike, expected_args: dict | None = None) -> tuple[nn.Module, dict]:
+    """Load a record and rebuild its network. Returns ``(network, record)``."""
+    record = load_record(path)
+    return build_network(record, expected_args, source=str(path)), record
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal; nested sequences normalised."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,84 @@
+"""maskgit_stage1 through `python -m monai.bundle run`: train -> evaluate -> infer, resume, learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tests.stage1_helpers import CONFIGS, ROOT, TEST_SPACING, bundle_run, config_list
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_evaluate_infer_chain(stage1_run):
+    out = Path(stage1_run["output_dir"])
+    for name in ("best.ckpt", "last.ckpt", "datalist.json"):
+        assert (out / name).is_file(), name
+    assert Path(stage1_run["export_path"]).is_file()
+    assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard events"
+
+    # best.ckpt and the export are self-describing and load with weights_only=True.
+    record = torch.load(stage1_run["export_path"], weights_only=True)
+    assert record["network_args"]["num_channels"] == [8, 16, 32]
+    assert record["preprocessing"]["spacing"] == [4.0, 4.0, 4.0]
+    last = torch.load(out / "last.ckpt", weights_only=True)
+    assert last["trainer"]["epoch"] == 2
+
+    # evaluate.json writes one flat metrics.json.
+    bundle_run(["train.json", "evaluate.json"], {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out,
+                                                 "split": "test"})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_cases"] == 4  # 1 test case x 4 modalities
+    for key in ("psnr", "ssim", "ms_ssim", "codebook_usage", "perplexity"):
+        assert isinstance(metrics[key], float), key
+    assert 5.0 < metrics["psnr"] < 60.0
+    assert 0.0 < metrics["codebook_usage"] <= 1.0 and metrics["perplexity"] >= 1.0
+
+    # inference.json reconstructs the test split into NIfTI files with the inputs' geometry.
+    bundle_run(["train.json", "inference.json"], {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out})
+    written = sorted((out / "reconstructions").glob("*_recon.nii.gz"))
+    assert len(written) == 4
+    splits = json.loads((out / "datalist.json").read_text())
+    source = nib.load(splits["test"][0]["t1"])
+    recon = nib.load(out / "reconstructions" / (Path(splits["test"][0]["t1"]).name.split(".nii")[0] + "_recon.nii.gz"))
+    assert recon.shape == source.shape
+    np.testing.assert_allclose(recon.affine, source.affine, atol=1e-4)
+
+
+def test_killed_run_resumes_from_last_checkpoint(demo_dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_list("train.json", "tiny.json"),
+            "--dataset_dir", demo_dataset_dir, "--output_dir", str(out), "--spacing", TEST_SPACING,
+            "--epochs", "30", "--limit_train_batches", "2", "--val_interval", "100"]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "last.ckpt").exists():
+            time.sleep(0.2)
+        assert (out / "last.ckpt").exists(), "no last.ckpt within 300 s"
+        time.sleep(1.0)  # let it get into a later epoch, then kill it hard at an arbitrary point
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    killed_epoch = torch.load(out / "last.ckpt", weights_only=True)["trainer"]["epoch"]
+    assert 1 <= killed_epoch < 30
+
+    result = bundle_run(["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
+                                                      "spacing": TEST_SPACING, "epochs": killed_epoch + 2,
+                                                      "limit_train_batches": 2, "val_interval": 100})
+    assert f"resumed from {out / 'last.ckpt'} at epoch {killed_epoch}" in result.stdout + result.stderr
+    final = torch.load(out / "last.ckpt", weights_only=True)
+    assert final["trainer"]["epoch"] == killed_epoch + 2
+    assert final["trainer"]["iteration"] == (killed_epoch + 2) * 2
