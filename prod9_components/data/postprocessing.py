@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +12,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from prod9_components.atomic import atomic_path
 from prod9_components.data.transforms import restore_intensity
 
 
@@ -82,13 +82,5 @@ def write_nifti(volume: torch.Tensor | np.ndarray, path: str | os.PathLike, dtyp
     affine = np.asarray(torch.as_tensor(affine).double().cpu(), dtype=np.float64)
     array = volume.detach().cpu().numpy() if torch.is_tensor(volume) else np.asarray(volume)
     array = array.reshape(array.shape[-3:]).astype(dtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(nib.Nifti1Image(array, affine), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,38 @@
+"""Command-line spelling fixes applied before python-fire parses argv.
+
+fire takes one token per flag value, so ``--roi-size 64 64 64`` fails (the 2nd and 3rd 64 become stray
+positional arguments); fire wants ``--roi-size [64,64,64]``. The training workflows use the first spelling,
+so every prod9 command rewrites it into the second before calling fire.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _is_number(token: str) -> bool:
+    return bool(_NUMBER.match(token))
+
+
+def normalise_multi_value_flags(argv: list[str]) -> list[str]:
+    """Join a flag's 2+ space-separated number values into one list literal.
+
+    ``["--shape", "48", "48", "32", "--seed", "1"]`` -> ``["--shape", "[48,48,32]", "--seed", "1"]``.
+    A flag followed by a single value, ``--flag=value`` forms, and non-number values are left as they are.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        out.append(token)
+        i += 1
+        if token.startswith("--") and "=" not in token:
+            j = i
+            while j < len(argv) and _is_number(argv[j]):
+                j += 1
+            if j - i >= 2:
+                out.append("[" + ",".join(argv[i:j]) + "]")
+                i = j
+    return out

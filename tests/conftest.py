@@ -1,0 +1,31 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+from prod9_components.data.demo import make_demo_dataset
+
+DEMO_TEST_CASES = 6
+DEMO_TEST_SHAPE = (48, 48, 32)  # 240x240x155 mm at 5 x 5 x 4.84 mm
+DEMO_TEST_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def demo_dataset_dir(tmp_path_factory) -> str:
+    """A small demo dataset (6 cases, 48x48x32 voxels, seed 0) in the BraTS 2021 layout; returns its dir."""
+    root = tmp_path_factory.mktemp("demo_dataset")
+    make_demo_dataset(root, num_cases=DEMO_TEST_CASES, seed=DEMO_TEST_SEED, shape=DEMO_TEST_SHAPE)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def stage1_run(demo_dataset_dir, tmp_path_factory) -> dict:
+    """A tiny maskgit_stage1 bundle trained for 2 epochs by `python -m monai.bundle run` (shared by the bundle and
+    CLI tests): returns dataset_dir, output_dir and export_path."""
+    from tests.stage1_helpers import TEST_SPACING, bundle_run
+
+    out = tmp_path_factory.mktemp("maskgit_stage1")
+    bundle_run(["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
+                                             "spacing": TEST_SPACING, "epochs": 2})
+    return {"dataset_dir": demo_dataset_dir, "output_dir": str(out), "export_path": str(out / "autoencoder_tiny.pt")}

@@ -1,0 +1,165 @@
+"""Preprocessing transforms: loading errors, robust scaling and its inverse, labels, crops, invertibility."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, Invertd
+
+from prod9_components.data.brats import discover_cases
+from prod9_components.data.transforms import (
+    LoadVolumed,
+    MapBraTSLabelsd,
+    RobustIntensityScaled,
+    preprocessing,
+    preprocessing_contract,
+    restore_intensity,
+    training_crop,
+)
+
+# 2 mm voxels with x and y flipped (LPS-like) and an offset origin: a non-trivial input grid.
+LPS_AFFINE = np.array([[-2.0, 0, 0, 50], [0, -2.0, 0, 60], [0, 0, 2.0, -20], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def lps_volume(tmp_path_factory):
+    """A 33x41x25 image (2 mm, LPS-ish affine) with a textured box and a nested BraTS-2021 label box."""
+    root = tmp_path_factory.mktemp("lps")
+    rng = np.random.default_rng(0)
+    image = np.zeros((33, 41, 25), np.float32)
+    image[5:28, 6:35, 4:20] = rng.uniform(10, 100, size=(23, 29, 16))
+    seg = np.zeros(image.shape, np.uint8)
+    seg[10:20, 10:20, 8:14] = 2
+    seg[12:18, 12:18, 9:13] = 4
+    seg[14:16, 14:16, 10:12] = 1
+    nib.save(nib.Nifti1Image(image, LPS_AFFINE), str(root / "image.nii.gz"))
+    nib.save(nib.Nifti1Image(seg, LPS_AFFINE), str(root / "seg.nii.gz"))
+    return {"image": str(root / "image.nii.gz"), "seg": str(root / "seg.nii.gz"), "array": image, "labels": seg}
+
+
+def test_preprocessing_is_flat_and_invertible(lps_volume):
+    transforms = preprocessing(("image",), ("seg",), spacing=(1.0, 1.0, 1.0), k_divisible=8)
+    assert not any(isinstance(t, Compose) for t in transforms)  # CacheDataset needs a flat list
+    pipeline = Compose(transforms)
+    out = pipeline({"image": lps_volume["image"], "seg": lps_volume["seg"]})
+    image, seg = out["image"], out["seg"]
+    assert image.dtype == torch.float32 and image.shape[0] == 1
+    assert all(s % 8 == 0 for s in image.shape[1:]) and seg.shape == image.shape
+    assert float(image.min()) == 0.0 and float(image.max()) == 1.0
+    assert sorted(torch.unique(seg).tolist()) == [0.0, 1.0, 2.0, 3.0]  # 4 -> 3
+    np.testing.assert_allclose(np.diag(image.affine.numpy())[:3], [1.0, 1.0, 1.0])  # RAS, 1 mm
+    # Foreground crop: the 23x29x16 box at 2 mm is ~45x57x31 at 1 mm, plus margin 2, padded to 8.
+    assert tuple(image.shape[1:]) == (56, 64, 40)
+
+    invert = Invertd(["image", "seg"], transform=pipeline, orig_keys=["image", "seg"], nearest_interp=[False, True])
+    restored = invert(out)
+    assert tuple(restored["image"].shape) == (1, 33, 41, 25)
+    np.testing.assert_allclose(restored["image"].affine.numpy(), LPS_AFFINE, atol=1e-5)
+    np.testing.assert_allclose(restored["seg"].affine.numpy(), LPS_AFFINE, atol=1e-5)
+    # 2 mm voxel centres lie on the 1 mm grid, so nearest-neighbour labels come back exactly (4 mapped to 3).
+    expected_seg = np.where(lps_volume["labels"] == 4, 3, lps_volume["labels"])
+    np.testing.assert_array_equal(restored["seg"][0].numpy(), expected_seg)
+    # Intensities come back too, once the robust scaling is undone.
+    low, high = out["image_intensity"].tolist()
+    values = restore_intensity(restored["image"][0].as_tensor(), low, high).numpy()
+    inside = (slice(6, 27), slice(7, 34), slice(5, 19))
+    np.testing.assert_allclose(values[inside], lps_volume["array"][inside], rtol=0.03, atol=1.0)
+
+
+def test_preprocessing_demo_case_minus_one_to_one(demo_dataset_dir):
+    case = discover_cases(demo_dataset_dir)[0]
+    pipeline = Compose(preprocessing(("t1", "flair"), ("seg",), spacing=(5.0, 5.0, 5.0), intensity_range=(-1.0, 1.0)))
+    out = pipeline({k: case[k] for k in ("t1", "flair", "seg")})
+    t1 = out["t1"]
+    assert t1.shape == out["flair"].shape == out["seg"].shape
+    assert all(s % 8 == 0 for s in t1.shape[1:])
+    assert float(t1.min()) == -1.0 and float(t1.max()) == 1.0
+    assert 0.3 < float((t1 > -1).float().mean()) < 0.9  # cropped to the brain, padding with -1
+    assert set(torch.unique(out["seg"]).tolist()) == {0.0, 1.0, 2.0, 3.0}
+    assert out["t1_intensity"].shape == (2,) and out["t1_intensity"][1] > out["t1_intensity"][0] > 0
+
+
+def test_robust_intensity_scaling_numbers_and_inverse():
+    values = np.zeros((1, 10, 10, 10), np.float32)
+    values[0, 1:9, 1:9, 1:9] = np.linspace(1.0, 512.0, 512).reshape(8, 8, 8)  # min 0 = background
+    scaler = RobustIntensityScaled(["image"], lower=10.0, upper=90.0, output_range=(-1.0, 1.0))
+    out = scaler({"image": torch.from_numpy(values)})
+    low, high = np.percentile(np.linspace(1.0, 512.0, 512), (10.0, 90.0))
+    np.testing.assert_allclose(out["image_intensity"].numpy(), [low, high], rtol=1e-6)
+    expected = np.clip((values - low) / (high - low), 0, 1) * 2 - 1
+    np.testing.assert_allclose(out["image"].numpy(), expected, atol=1e-6)
+    assert float(out["image"][0, 0, 0, 0]) == -1.0
+    restored = restore_intensity(out["image"], low, high, output_range=(-1.0, 1.0)).numpy()
+    unclipped = (values >= low) & (values <= high)
+    np.testing.assert_allclose(restored[unclipped], values[unclipped], rtol=1e-5)
+
+
+def test_robust_intensity_scaling_rejects_constant_volume(tmp_path):
+    path = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((6, 6, 6), 7.0, np.float32), np.eye(4)), str(path))
+    loaded = LoadVolumed(["image"])({"image": str(path)})
+    with pytest.raises(ValueError, match=r"flat.nii.gz: constant intensity"):
+        RobustIntensityScaled(["image"])(loaded)
+
+
+def _save(path, array):
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    return str(path)
+
+
+def test_load_volume_errors(tmp_path, lps_volume):
+    load = LoadVolumed(["image"])
+    raw = open(lps_volume["image"], "rb").read()
+    (tmp_path / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"truncated.nii.gz: cannot read \("):
+        load({"image": str(tmp_path / "truncated.nii.gz")})
+    (tmp_path / "garbage.nii.gz").write_bytes(b"not a nifti" * 40)
+    with pytest.raises(ValueError, match=r"garbage.nii.gz: cannot read \("):
+        load({"image": str(tmp_path / "garbage.nii.gz")})
+    with pytest.raises(ValueError, match=r"flat.nii.gz: expected a 3D volume, got shape \(8, 9\)"):
+        load({"image": _save(tmp_path / "flat.nii.gz", np.ones((8, 9), np.float32))})
+    with pytest.raises(ValueError, match=r"series.nii: expected a 3D volume, got shape \(4, 4, 4, 3\)"):
+        load({"image": _save(tmp_path / "series.nii", np.ones((4, 4, 4, 3), np.float32))})
+    bad = np.ones((6, 6, 6), np.float32)
+    bad[0, 0, :2] = np.nan
+    bad[1, 1, 1] = np.inf
+    with pytest.raises(ValueError, match=r"nan.nii.gz: 3 NaN/Inf voxels"):
+        load({"image": _save(tmp_path / "nan.nii.gz", bad)})
+
+
+def test_load_volume_types_and_label_errors(lps_volume, tmp_path):
+    out = LoadVolumed(["image", "seg"], label_keys=["seg"])({"image": lps_volume["image"], "seg": lps_volume["seg"]})
+    assert out["image"].dtype == torch.float32 and out["image"].shape == (1, 33, 41, 25)
+    assert out["seg"].dtype == torch.uint8 and sorted(torch.unique(out["seg"]).tolist()) == [0, 1, 2, 4]
+    np.testing.assert_allclose(out["image"].affine.numpy(), LPS_AFFINE)
+    bad = _save(tmp_path / "bad_seg.nii.gz", np.full((4, 4, 4), 6, np.uint8))
+    loaded = LoadVolumed(["seg"], label_keys=["seg"])({"seg": bad})
+    with pytest.raises(ValueError, match=r"bad_seg.nii.gz: unexpected tumour label values \[6\]"):
+        MapBraTSLabelsd(["seg"])(loaded)
+
+
+def test_training_crop_pads_and_crops_consistently():
+    image = torch.arange(20 * 12 * 6, dtype=torch.float32).reshape(1, 20, 12, 6)
+    label = (image % 7 == 0).float()
+    crop = Compose(training_crop(["image", "label"], (16, 16, 8), background=-1.0, label_keys=["label"]))
+    crop.set_random_state(seed=0)
+    out = crop({"image": image, "label": label})
+    assert out["image"].shape == out["label"].shape == (1, 16, 16, 8)
+    pad = out["image"] == -1.0
+    assert int(pad.sum()) == 16 * 16 * 8 - 16 * 12 * 6  # y and z padded with the background value
+    assert float(out["label"][pad].abs().sum()) == 0.0  # labels padded with 0
+    real = ~pad
+    np.testing.assert_array_equal(out["label"][real].numpy(), (out["image"][real] % 7 == 0).float().numpy())
+
+
+def test_preprocessing_contract_is_json():
+    contract = preprocessing_contract((1, 1, 1.5), (-1, 1))
+    assert json.loads(json.dumps(contract)) == {
+        "orientation": "RAS",
+        "spacing": [1.0, 1.0, 1.5],
+        "intensity": {"method": "robust_percentile", "lower": 0.5, "upper": 99.5, "range": [-1.0, 1.0]},
+    }
