@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
-from pathlib import Path
 
 from ignite.engine import Engine, Events
 
+from prod9_components.atomic import write_json
 from prod9_components.handlers.checkpoint import is_rank_zero
 
 logger = logging.getLogger("prod9")
-
-
-def write_json_atomic(data: dict, path: str | os.PathLike) -> None:
-    """Write ``data`` as indented JSON via a temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class MetricsJSONWriter:
@@ -65,7 +47,7 @@ class MetricsJSONWriter:
         metrics.update(self.extra, split=self.split, num_cases=self.num_cases,
                        checkpoint=str(self.checkpoint) if self.checkpoint else None)
         if is_rank_zero():
-            write_json_atomic(metrics, self.output_path)
+            write_json(metrics, self.output_path)
             summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             logger.info(f"{self.split}: {summary} ({self.num_cases} volumes) -> {self.output_path}")
 

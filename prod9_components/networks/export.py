@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from prod9_components.atomic import atomic_path
 
 RECORD_FORMAT = "prod9-network"
 # Only classes from these packages may be instantiated from a file: a record names code, it must not run arbitrary code.
@@ -43,18 +44,11 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file beside ``path`` then rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
 
 
 def network_record(network: nn.Module, preprocessing: dict | None = None, network_args: dict | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.stage1_helpers import CONFIGS, ROOT, TEST_SPACING, bundle_run, config_list
+from tests.stage1_helpers import ROOT, TEST_SPACING, bundle_run, config_list
 
 pytestmark = pytest.mark.slow
 
