@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from monai.engines import Evaluator
+from monai.engines.utils import IterationEvents
 from torch import nn
 
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
@@ -65,4 +66,8 @@ class AutoencoderEvaluator(Evaluator):
             output["pred"] = wrapper.decode(latent)[(...,) + tuple(slice(0, s) for s in images.shape[2:])].float()
             if hasattr(autoencoder, "fsq"):
                 output["indices"] = autoencoder.fsq.quantize(latent)
-        return output
+        # MONAI decollates and postprocesses on MODEL_COMPLETED, reading engine.state.output.
+        engine.state.output = output
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
 from torch import nn
 
 from prod9_components.networks.export import unwrap
@@ -112,4 +113,6 @@ class AutoencoderGANTrainer(Trainer):
 
         output = {name: value.detach().float() for name, value in losses.items() if torch.is_tensor(value)}
         output.update({"image": images, "pred": reconstruction.detach(), "disc_loss": disc_loss.detach()})
-        return output
+        engine.state.output = output
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -112,7 +112,7 @@ class CheckpointHandler:
                 self.save_best(epoch)
         if is_rank_zero():
             state = {name: obj.state_dict() for name, obj in self.save_dict.items()}
-            state.update(best_metric=self.best_metric, best_epoch=self.best_epoch, key_metric=self.key_metric)
+            state.update(epoch=epoch, best_metric=self.best_metric, best_epoch=self.best_epoch, key_metric=self.key_metric)
             atomic_save(state, self.last_path)
 
     def save_best(self, epoch: int) -> None:
