@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written")
     parser.add_argument("--epochs", type=int, default=12, help="training epochs of the tiny autoencoder")
     parser.add_argument("--batches", type=int, default=30, help="training batches per epoch")
+    parser.add_argument("--spacing", type=float, default=2.0,
+                        help="voxel size in mm (2 keeps the CPU demo fast; the bundles default to 1)")
     args = parser.parse_args()
     out = Path(args.output_dir)
     stage1 = out / "maskgit_stage1"
@@ -37,10 +40,15 @@ def main() -> None:
 
     from prod9_components.data import resolve_dataset_dir
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
     dataset_dir = resolve_dataset_dir()
     common = ["--config", str(TINY), "--output-dir", str(stage1)]
+    spacing = ["--spacing", *[str(args.spacing)] * 3]
+    # Validate twice (whole volumes through the sliding window are the slow part on a CPU).
     run([str(bindir / "prod9-train-autoencoder"), "train", *common, "--epochs", str(args.epochs),
-         "--limit-train-batches", str(args.batches), "--val-interval", "3", "--dataset-dir", dataset_dir])
+         "--limit-train-batches", str(args.batches), "--val-interval", str(max(1, args.epochs // 2)),
+         "--limit-val-batches", "1", "--dataset-dir", dataset_dir, *spacing])
     run([str(bindir / "prod9-train-autoencoder"), "test", *common, "--dataset-dir", dataset_dir])
 
     splits = json.loads((stage1 / "datalist.json").read_text())

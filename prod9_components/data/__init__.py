@@ -30,6 +30,20 @@ _EXPORTS = {
         "restore_intensity",
         "training_crop",
     ),
+    "token_cache": (
+        "CenterTokenCropd",
+        "LoadTokensd",
+        "RandTokenCropd",
+        "build_token_cache",
+        "file_sha256",
+        "load_token_file",
+        "most_frequent_token",
+        "pad_or_crop",
+        "restore",
+        "scale_crop_info",
+        "seg_to_token_grid",
+        "token_cache_key",
+    ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
