@@ -1,0 +1,237 @@
+"""Bidirectional masked-token transformer over FSQ token grids (MaskGiT stage 2, Chang et al., CVPR 2022).
+
+One class serves both stage-2 bundles. The sequence is ``[context][target tokens]`` where the context is built by
+:class:`ModalityProcessor`: zero or more (modality label, source token grid) pairs followed by the target-label
+token. Label-conditional generation is the special case with no sources.
+
+Classifier-free guidance convention: the unconditional ("null") context is ``target_label = null_label`` and
+``source_tokens=None``; :meth:`TransformerDecoderSingleStream.null_context` returns that label tensor. Training
+reaches it by context dropout (replace the label by ``null_label`` and drop the sources for some samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prod9_components.networks.modality_processor import ModalityProcessor
+
+__all__ = ["TransformerDecoderSingleStream"]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head bidirectional self-attention with ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.proj = nn.Linear(hidden_dim, hidden_dim)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(x).split(hidden, dim=2)
+        # (B, L, hidden) -> (B, heads, L, head_dim)
+        q, k, v = (t.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=False
+        )
+        y = y.transpose(1, 2).reshape(batch, length, hidden)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_dim: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        inner = int(hidden_dim * mlp_ratio)
+        self.fc = nn.Linear(hidden_dim, inner)
+        self.proj = nn.Linear(inner, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden_dim)
+        self.attn = SelfAttention(hidden_dim, num_heads, dropout)
+        self.ln_2 = nn.LayerNorm(hidden_dim)
+        self.mlp = MLP(hidden_dim, mlp_ratio, dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TransformerDecoderSingleStream(nn.Module):
+    """
+    Masked-token transformer predicting FSQ token logits for a target grid given a modality context.
+
+    Embeddings: token embedding with ``codebook_size + 1`` rows (the last is the learned [MASK]); a 3D position
+    embedding, the sum of learned per-axis tables, so voxel (z, y, x) gets the same position vector in every source
+    and in the target however long the context is; a modality embedding (inside :class:`ModalityProcessor`) added
+    to every source token, used as the target-label token, and added to every target token.
+
+    Args:
+        codebook_size: FSQ vocabulary size K; token ids are in [0, K), K itself is the [MASK] id.
+        hidden_dim: embedding width.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads (must divide ``hidden_dim``).
+        num_modalities: number of modality labels; label ``num_modalities`` is the null label (guidance).
+        max_context_length: the largest number of source grids S accepted.
+        max_grid_size: largest token grid (d, h, w) the position tables cover.
+        mlp_ratio: MLP width as a multiple of ``hidden_dim``.
+        dropout: dropout on embeddings, attention weights and residual branches.
+
+    Shapes:
+        target_tokens: (B, d, h, w) int64 in [0, K], K at masked positions.
+        target_label: (B,) int64 in [0, num_modalities].
+        source_tokens: (B, S, d, h, w) int64 in [0, K) or None; source_labels: (B, S) int64, -1 = absent source.
+        output: logits (B, K, d, h, w) for the target positions (channel-first, for ``F.cross_entropy``).
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        hidden_dim: int = 512,
+        num_layers: int = 12,
+        num_heads: int = 8,
+        num_modalities: int = 4,
+        max_context_length: int = 8,
+        max_grid_size: Sequence[int] = (64, 64, 64),
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        max_grid_size = [int(s) for s in max_grid_size]
+        if codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}.")
+        if hidden_dim % num_heads != 0:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads}).")
+        if len(max_grid_size) != 3 or min(max_grid_size) < 1:
+            raise ValueError(f"max_grid_size must be three positive sizes (d, h, w), got {max_grid_size}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        # Checkpoints store these; TransformerDecoderSingleStream(**init_args) rebuilds the same network.
+        self.init_args = {
+            "codebook_size": int(codebook_size),
+            "hidden_dim": int(hidden_dim),
+            "num_layers": int(num_layers),
+            "num_heads": int(num_heads),
+            "num_modalities": int(num_modalities),
+            "max_context_length": int(max_context_length),
+            "max_grid_size": max_grid_size,
+            "mlp_ratio": float(mlp_ratio),
+            "dropout": float(dropout),
+        }
+        self.max_grid_size = tuple(max_grid_size)
+
+        self.token_embedding = nn.Embedding(codebook_size + 1, hidden_dim)  # last row: [MASK]
+        self.axis_positions = nn.ModuleList([nn.Embedding(size, hidden_dim) for size in max_grid_size])
+        self.context = ModalityProcessor(num_modalities, hidden_dim, max_context_length)
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([Block(hidden_dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers)])
+        self.ln_f = nn.LayerNorm(hidden_dim)
+        self.head = nn.Linear(hidden_dim, codebook_size)  # never predicts [MASK]
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.init_args["codebook_size"]
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def null_label(self) -> int:
+        return self.context.null_label
+
+    def null_context(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Target labels (B,) of the unconditional context; call ``forward`` with them and ``source_tokens=None``."""
+        return torch.full((batch,), self.null_label, dtype=torch.int64, device=device)
+
+    def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
+        """3D position vectors (d*h*w, hidden) of a (d, h, w) grid, in row-major (z, y, x) order."""
+        grid = tuple(int(s) for s in grid)
+        if len(grid) != 3 or any(s > m for s, m in zip(grid, self.max_grid_size)):
+            raise ValueError(f"token grid {grid} exceeds max_grid_size {self.max_grid_size}.")
+        z, y, x = (table.weight[:size] for table, size in zip(self.axis_positions, grid))
+        return (z[:, None, None] + y[None, :, None] + x[None, None, :]).reshape(-1, z.shape[-1])
+
+    def _check_tokens(self, tokens: torch.Tensor, name: str) -> None:
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}.")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() > self.mask_token_id):
+            raise ValueError(
+                f"{name} must be in [0, {self.mask_token_id}] ({self.mask_token_id} = [MASK]), "
+                f"got range [{int(tokens.min())}, {int(tokens.max())}]."
+            )
+
+    def embed_target(self, target_tokens: torch.Tensor, target_label: torch.Tensor) -> torch.Tensor:
+        """Token + 3D position + target-label modality embedding: (B, d, h, w) -> (B, d*h*w, hidden)."""
+        if target_tokens.ndim != 4:
+            raise ValueError(f"target_tokens must be (B, d, h, w), got shape {tuple(target_tokens.shape)}.")
+        self._check_tokens(target_tokens, "target_tokens")
+        positions = self.position_embedding(target_tokens.shape[1:])
+        tokens = self.token_embedding(target_tokens.flatten(1))  # (B, N, hidden)
+        return tokens + positions + self.context.embed_label(target_label)[:, None]
+
+    def embed_sources(self, source_tokens: torch.Tensor) -> torch.Tensor:
+        """Token + 3D position embedding of source grids: (B, S, d, h, w) -> (B, S, d*h*w, hidden).
+
+        The modality embedding is added by :class:`ModalityProcessor`.
+        """
+        if source_tokens.ndim != 5:
+            raise ValueError(f"source_tokens must be (B, S, d, h, w), got shape {tuple(source_tokens.shape)}.")
+        self._check_tokens(source_tokens, "source_tokens")
+        positions = self.position_embedding(source_tokens.shape[2:])
+        return self.token_embedding(source_tokens.flatten(2)) + positions
+
+    def forward(
+        self,
+        target_tokens: torch.Tensor,
+        target_label: torch.Tensor,
+        source_tokens: torch.Tensor | None = None,
+        source_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, d, h, w = target_tokens.shape
+        if tuple(target_label.shape) != (batch,):
+            raise ValueError(f"target_label must be (B={batch},), got shape {tuple(target_label.shape)}.")
+        target = self.embed_target(target_tokens, target_label)
+        sources = None
+        if source_tokens is not None:
+            if source_tokens.ndim != 5 or source_tokens.shape[0] != batch or source_tokens.shape[2:] != (d, h, w):
+                raise ValueError(
+                    f"source_tokens must be (B={batch}, S, {d}, {h}, {w}) like the target grid, "
+                    f"got shape {tuple(source_tokens.shape)}."
+                )
+            sources = self.embed_sources(source_tokens)
+        context, context_padding = self.context(sources, source_labels, target_label)
+
+        x = self.embedding_dropout(torch.cat([context.to(target.dtype), target], dim=1))
+        # Bool SDPA mask, True = attend; None keeps the fused kernels when nothing is padded.
+        attn_mask = None
+        if context_padding.any():
+            keep = torch.cat([~context_padding, torch.ones_like(context_padding[:, :1]).expand(batch, d * h * w)], 1)
+            attn_mask = keep[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        logits = self.head(self.ln_f(x[:, context.shape[1] :]))  # target positions only: (B, N, K)
+        return logits.transpose(1, 2).reshape(batch, self.codebook_size, d, h, w)

@@ -1,0 +1,183 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
+from prod9_components.sampling.maskgit import MaskGiTSampler, guided_logits
+from prod9_components.sampling.schedules import SCHEDULES, mask_ratio, sample_training_mask
+
+K = 64
+SHAPE = (2, 4, 4, 4)
+N = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine are many times faster single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_net(seed: int = 0) -> TransformerDecoderSingleStream:
+    torch.manual_seed(seed)
+    return TransformerDecoderSingleStream(codebook_size=K, hidden_dim=32, num_layers=2, num_heads=4,
+                                          max_context_length=3, max_grid_size=(6, 6, 6))
+
+
+class Recorder(nn.Module):
+    """Runs the real transformer and keeps every input it was called with."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.calls = []
+
+    mask_token_id = property(lambda self: self.net.mask_token_id)
+    null_label = property(lambda self: self.net.null_label)
+
+    def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None):
+        self.calls.append({"tokens": target_tokens.clone(), "label": target_label.clone(),
+                           "sources": None if source_tokens is None else source_tokens.clone()})
+        return self.net(target_tokens, target_label, source_tokens, source_labels)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedules_decrease_from_one_to_zero(schedule):
+    assert mask_ratio(0.0, schedule) == 1.0
+    assert mask_ratio(1.0, schedule) == pytest.approx(0.0, abs=1e-12)
+    r = torch.linspace(0, 1, 101)
+    ratio = mask_ratio(r, schedule)
+    assert isinstance(ratio, torch.Tensor) and ratio.shape == r.shape
+    assert torch.all(ratio[1:] < ratio[:-1])
+    assert ratio[0] == 1 and ratio[-1].abs() < 1e-6
+
+
+def test_schedule_values_and_unknown_name():
+    assert mask_ratio(0.5, "cosine") == pytest.approx(math.cos(math.pi / 4))
+    assert mask_ratio(0.25, "linear") == pytest.approx(0.75)
+    assert mask_ratio(0.25, "sqrt") == pytest.approx(0.5)
+    assert mask_ratio(0.5, "log") == pytest.approx(1 - math.log(1 + 0.5 * (math.e - 1)))
+    with pytest.raises(ValueError, match="cosine, linear, sqrt, log"):
+        mask_ratio(0.5, "exp")
+    with pytest.raises(ValueError, match="valid schedules"):
+        MaskGiTSampler(schedule="exp")
+
+
+def test_sample_training_mask_counts_follow_the_schedule():
+    shape = (64, 4, 4, 4)
+    mask = sample_training_mask(shape, "cosine", generator=seeded(3))
+    assert mask.dtype == torch.bool and mask.shape == shape
+    r = torch.rand(64, generator=seeded(3))  # the same first draw
+    expected = torch.ceil(mask_ratio(r) * N).long().clamp(min=1)
+    assert torch.equal(mask.flatten(1).sum(1), expected)
+    assert mask.flatten(1).sum(1).min() >= 1
+    assert torch.equal(mask, sample_training_mask(shape, "cosine", generator=seeded(3)))
+    assert not torch.equal(mask, sample_training_mask(shape, "cosine", generator=seeded(4)))
+    # E[cos(pi r / 2)] = 2 / pi for r ~ U(0, 1); ceil adds < 1 token.
+    big = sample_training_mask((2000, 2, 2, 4), "cosine", generator=seeded(0))
+    assert big.float().mean().item() == pytest.approx(2 / math.pi + 0.5 / 16, abs=0.03)
+
+
+def test_sampler_fixes_monotonically_and_leaves_no_mask():
+    model = Recorder(make_net())
+    sampler = MaskGiTSampler(num_steps=8, schedule="cosine")
+    tokens = sampler.sample(model, SHAPE, torch.tensor([0, 2]), generator=seeded(0))
+    assert tokens.shape == SHAPE and tokens.dtype == torch.int64
+    assert tokens.min() >= 0 and tokens.max() < K  # no [MASK] left
+
+    states = [c["tokens"] for c in model.calls] + [tokens]
+    assert len(model.calls) == 8
+    masked_per_call = [(s == K).flatten(1).sum(1).tolist() for s in states]
+    expected = [N] + [math.floor(math.cos(math.pi / 2 * (t + 1) / 8) * N) for t in range(7)] + [0]
+    assert masked_per_call == [[n, n] for n in expected]
+    for before, after in zip(states[:-1], states[1:]):
+        fixed = before != K
+        assert torch.equal(after[fixed], before[fixed])  # a fixed token never changes
+        assert ((before == K) & (after != K)).sum() > 0  # every step fixes something
+    # The last step fixes everything that is left.
+    assert (states[-2] == K).sum() > 0 and (states[-1] == K).sum() == 0
+
+
+def test_more_steps_than_tokens_still_ends_fully_fixed():
+    model = Recorder(make_net())
+    tokens = MaskGiTSampler(num_steps=12, schedule="linear").sample(model, (1, 2, 2, 2), torch.tensor([1]),
+                                                                    generator=seeded(0))
+    assert (tokens == K).sum() == 0
+    # At least one token per step: 8 tokens take at most 8 model calls.
+    assert len(model.calls) == 8
+    assert [(c["tokens"] == K).sum().item() for c in model.calls] == [8, 7, 6, 5, 4, 3, 2, 1]
+
+
+def test_num_steps_zero_raises():
+    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
+        MaskGiTSampler(num_steps=0)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ():
+    net = make_net()
+    sampler = MaskGiTSampler(num_steps=6)
+    label = torch.tensor([0, 3])
+    a = sampler.sample(net, SHAPE, label, generator=seeded(7))
+    b = sampler.sample(net, SHAPE, label, generator=seeded(7))
+    c = sampler.sample(net, SHAPE, label, generator=seeded(8))
+    assert torch.equal(a, b)
+    assert (a != c).float().mean() > 0.5
+    # Without noise (greedy tokens, no Gumbel on the confidence) the seed does not matter.
+    greedy = MaskGiTSampler(num_steps=6, temperature=0.0, sampling_temperature=0.0)
+    assert torch.equal(greedy.sample(net, SHAPE, label, generator=seeded(1)),
+                       greedy.sample(net, SHAPE, label, generator=seeded(2)))
+
+
+def test_guidance_zero_is_the_conditional_model():
+    cond, uncond = torch.randn(2, K, 2, 2, 2), torch.randn(2, K, 2, 2, 2)
+    assert guided_logits(cond, uncond, 0.0) is cond
+    assert torch.allclose(guided_logits(cond, uncond, 1.5), uncond + 2.5 * (cond - uncond))
+
+    net = make_net()
+    label = torch.tensor([1, 2])
+    sources, source_labels = torch.randint(0, K, (2, 1, 4, 4, 4)), torch.tensor([[0], [3]])
+    model = Recorder(net)
+    plain = MaskGiTSampler(num_steps=4).sample(model, SHAPE, label, sources, source_labels, generator=seeded(0))
+    assert all(torch.equal(c["label"], label) and c["sources"] is not None for c in model.calls)
+
+    class NullIsGarbage(Recorder):  # proves guidance 0 never looks at the unconditional logits
+        def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None):
+            out = super().forward(target_tokens, target_label, source_tokens, source_labels)
+            return torch.randn_like(out) * 100 if (target_label == self.null_label).all() else out
+
+    same = MaskGiTSampler(num_steps=4).sample(NullIsGarbage(net), SHAPE, label, sources, source_labels,
+                                              generator=seeded(0))
+    assert torch.equal(same, plain)
+
+    model = Recorder(net)
+    guided = MaskGiTSampler(num_steps=4, guidance_scale=3.0).sample(model, SHAPE, label, sources, source_labels,
+                                                                    generator=seeded(0))
+    null_calls = [c for c in model.calls if (c["label"] == net.null_label).all()]
+    assert len(null_calls) == 4 and all(c["sources"] is None for c in null_calls)
+    assert not torch.equal(guided, plain)
+
+
+def test_inpainting_keeps_fixed_tokens_and_restores_training_mode():
+    net = make_net().train()
+    model = Recorder(net)
+    initial = torch.randint(0, K, SHAPE, generator=seeded(5))
+    keep = torch.zeros(SHAPE, dtype=torch.bool)
+    keep[:, :2] = True  # keep the first half of each volume
+    tokens = MaskGiTSampler(num_steps=5).sample(model, SHAPE, torch.tensor([0, 1]), generator=seeded(0),
+                                                initial_tokens=initial, fixed_mask=keep)
+    assert torch.equal(tokens[keep], initial[keep])
+    assert (tokens == K).sum() == 0
+    for call in model.calls:
+        assert torch.equal(call["tokens"][keep], initial[keep])
+    assert (model.calls[0]["tokens"] == K).flatten(1).sum(1).tolist() == [32, 32]
+    assert net.training  # restored after sampling in eval mode
+    with pytest.raises(ValueError, match="fixed_mask needs initial_tokens"):
+        MaskGiTSampler().sample(net, SHAPE, torch.tensor([0, 1]), fixed_mask=keep)

@@ -1,0 +1,228 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prod9_components.losses.masked_token import masked_token_loss
+from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
+from prod9_components.networks.modality_processor import ModalityProcessor
+
+K = 64
+GRID = (4, 5, 6)  # non-cubic on purpose: a transposed axis would show
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine are many times faster single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_net(seed: int = 0, **kwargs) -> TransformerDecoderSingleStream:
+    torch.manual_seed(seed)
+    args = dict(codebook_size=K, hidden_dim=32, num_layers=2, num_heads=4, max_context_length=3,
+                max_grid_size=(8, 8, 8))
+    args.update(kwargs)
+    return TransformerDecoderSingleStream(**args).eval()
+
+
+def rand_tokens(*shape, seed=0, high=K):
+    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def block_input(net, *args):
+    """The sequence fed to the first transformer block (all embeddings summed)."""
+    seen = {}
+
+    def hook(module, inputs):
+        seen["x"] = inputs[0].detach().clone()
+
+    handle = net.blocks[0].register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            net(*args)
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def test_shapes_properties_and_init_args_round_trip():
+    net = make_net()
+    assert net.mask_token_id == K and net.codebook_size == K and net.null_label == 4
+    assert net.token_embedding.weight.shape == (K + 1, 32)
+    assert net.context.modality_embedding.weight.shape == (5, 32)
+    target = rand_tokens(2, *GRID)
+    target[0, :2] = net.mask_token_id
+    label = torch.tensor([0, 3])
+    sources, source_labels = rand_tokens(2, 2, *GRID, seed=1), torch.tensor([[1, 2], [2, -1]])
+    logits = net(target, label, sources, source_labels)
+    assert logits.shape == (2, K, *GRID)
+
+    rebuilt = TransformerDecoderSingleStream(**json.loads(json.dumps(net.init_args))).eval()
+    rebuilt.load_state_dict(net.state_dict())
+    assert rebuilt.init_args == net.init_args
+    assert torch.equal(rebuilt(target, label, sources, source_labels), logits)
+    # Init: small normal weights, zero biases.
+    assert abs(net.head.weight.std().item() - 0.02) < 0.005 and net.head.bias.abs().max() == 0
+
+
+def test_mask_token_uses_learned_mask_embedding_and_3d_positions():
+    net = make_net()
+    target = rand_tokens(1, *GRID)
+    target[0, 1, 2, 3] = K
+    emb = net.embed_target(target, torch.tensor([2]))  # (1, N, hidden)
+    z_table, y_table, x_table = (t.weight for t in net.axis_positions)
+    modality = net.context.modality_embedding.weight[2]
+    flat = (1 * GRID[1] + 2) * GRID[2] + 3
+    expected = net.token_embedding.weight[K] + z_table[1] + y_table[2] + x_table[3] + modality
+    assert torch.allclose(emb[0, flat], expected, atol=1e-6)
+    # Every position is (token row) + (z, y, x) tables: check all of them against a direct computation.
+    zz, yy, xx = torch.meshgrid(*(torch.arange(s) for s in GRID), indexing="ij")
+    direct = (net.token_embedding.weight[target[0].flatten()] + z_table[zz.flatten()] + y_table[yy.flatten()]
+              + x_table[xx.flatten()] + modality)
+    assert torch.allclose(emb[0], direct, atol=1e-6)
+
+
+def test_target_positions_do_not_move_when_context_grows():
+    net = make_net()
+    target, label = rand_tokens(1, *GRID), torch.tensor([2])
+    n = target[0].numel()
+    inputs = [
+        block_input(net, target, label),  # label only
+        block_input(net, target, label, rand_tokens(1, 1, *GRID, seed=1), torch.tensor([[0]])),
+        block_input(net, target, label, rand_tokens(1, 3, *GRID, seed=2), torch.tensor([[0, 1, 3]])),
+    ]
+    assert [x.shape[1] for x in inputs] == [n + 1, 2 * n + 1, 4 * n + 1]
+    for x in inputs[1:]:
+        assert torch.equal(x[:, -n:], inputs[0][:, -n:])
+    # A source token and the target token of the same voxel share the position vector.
+    sources = rand_tokens(1, 3, *GRID, seed=2)
+    x = inputs[2]
+    mod = net.context.modality_embedding.weight
+    source_pos = x[0, n:2 * n] - net.token_embedding.weight[sources[0, 1].flatten()] - mod[1]
+    target_pos = x[0, -n:] - net.token_embedding.weight[target[0].flatten()] - mod[2]
+    assert torch.allclose(source_pos, target_pos, atol=1e-6)
+    assert torch.allclose(target_pos, net.position_embedding(GRID), atol=1e-6)
+
+
+def test_output_depends_on_position_and_context():
+    net = make_net()
+    all_masked = torch.full((1, *GRID), K)
+    logits = net(all_masked, torch.tensor([1]))
+    # Identical inputs everywhere: only the 3D position tells positions apart.
+    flat = logits.flatten(2)[0].T  # (N, K)
+    assert torch.cdist(flat, flat).add(torch.eye(len(flat)) * 1e9).min() > 1e-4
+    # Sources change the prediction (the context is attended to), and so does the label.
+    with_source = net(all_masked, torch.tensor([1]), rand_tokens(1, 1, *GRID), torch.tensor([[0]]))
+    assert (with_source - logits).abs().max() > 1e-4
+    assert (net(all_masked, torch.tensor([2])) - logits).abs().max() > 1e-4
+
+
+def test_padding_is_ignored_in_a_mixed_batch():
+    net = make_net()
+    targets, labels = rand_tokens(2, *GRID), torch.tensor([2, 3])
+    targets[:, 0] = K
+    sources = rand_tokens(2, 3, *GRID, seed=1)
+    source_labels = torch.tensor([[0, -1, -1], [0, 1, 2]])
+    batched = net(targets, labels, sources, source_labels)
+    alone_1 = net(targets[:1], labels[:1], sources[:1, :1], source_labels[:1, :1])
+    alone_3 = net(targets[1:], labels[1:], sources[1:], source_labels[1:])
+    assert torch.allclose(batched[:1], alone_1, atol=1e-5)
+    assert torch.allclose(batched[1:], alone_3, atol=1e-5)
+    # Garbage in a padded slot changes nothing.
+    garbage = sources.clone()
+    garbage[0, 1:] = K
+    assert torch.allclose(net(targets, labels, garbage, source_labels), batched, atol=1e-6)
+    # All sources absent == no sources at all.
+    none = net(targets[:1], labels[:1], sources[:1], torch.full((1, 3), -1))
+    assert torch.allclose(none, net(targets[:1], labels[:1]), atol=1e-5)
+
+
+def test_modality_processor_layout_and_errors():
+    proc = ModalityProcessor(num_modalities=4, hidden_dim=8, max_context_length=2)
+    assert proc.null_label == 4
+    emb = torch.randn(2, 2, 3, 8)
+    labels = torch.tensor([[1, -1], [0, 3]])
+    context, padding = proc(emb, labels, torch.tensor([2, 4]))
+    assert context.shape == (2, 7, 8) and padding.shape == (2, 7)
+    assert padding.tolist() == [[False] * 3 + [True] * 3 + [False], [False] * 7]
+    table = proc.modality_embedding.weight
+    assert torch.allclose(context[:, -1], table[[2, 4]])
+    assert torch.allclose(context[1, 3:6], emb[1, 1] + table[3])
+    assert torch.allclose(context[0, :3], emb[0, 0] + table[1])
+    context, padding = proc(None, None, torch.tensor([0]))
+    assert context.shape == (1, 1, 8) and not padding.any()
+    with pytest.raises(ValueError, match="max_context_length=2"):
+        proc(torch.randn(1, 3, 3, 8), torch.zeros(1, 3, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        proc(None, None, torch.tensor([5]))
+
+
+def test_bad_inputs_raise():
+    net = make_net()
+    with pytest.raises(ValueError, match=r"exceeds max_grid_size \(8, 8, 8\)"):
+        net(torch.zeros(1, 9, 4, 4, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="max_context_length=3"):
+        net(torch.zeros(1, *GRID, dtype=torch.long), torch.tensor([0]),
+            torch.zeros(1, 4, *GRID, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 64\]"):
+        net(torch.full((1, *GRID), K + 1), torch.tensor([0]))
+    with pytest.raises(ValueError, match="like the target grid"):
+        net(torch.zeros(1, *GRID, dtype=torch.long), torch.tensor([0]),
+            torch.zeros(1, 1, 4, 4, 4, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_masked_token_loss_polarity():
+    torch.manual_seed(0)
+    logits = torch.randn(2, K, *GRID, requires_grad=True)
+    targets = rand_tokens(2, *GRID)
+    mask = torch.rand(2, *GRID) < 0.3
+    out = masked_token_loss(logits, targets, mask)
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    assert torch.allclose(out["loss"], ce[mask].mean())
+    assert not torch.allclose(out["loss"], ce[~mask].mean())
+    out["loss"].backward()
+    grad = logits.grad.abs().sum(dim=1)  # (B, d, h, w)
+    assert torch.all(grad[~mask] == 0)
+    assert torch.all(grad[mask] > 0)
+    # Accuracy counts masked positions only: make every visible prediction right, half the masked ones.
+    perfect = F.one_hot(targets, K).permute(0, 4, 1, 2, 3).float() * 10
+    wrong = F.one_hot((targets + 1) % K, K).permute(0, 4, 1, 2, 3).float() * 10
+    masked_idx = mask.nonzero()
+    half = torch.zeros_like(mask)
+    half[tuple(masked_idx[::2].T)] = True
+    mixed = torch.where(half[:, None], wrong, perfect)
+    acc = masked_token_loss(mixed, targets, mask)["token_accuracy"].item()
+    assert acc == pytest.approx(1 - len(masked_idx[::2]) / len(masked_idx))
+    with pytest.raises(ValueError, match="no position"):
+        masked_token_loss(logits, targets, torch.zeros_like(mask))
+
+
+def test_training_on_masked_positions_learns_to_fill_from_visible_tokens():
+    """Each volume is one repeated token: trained on masked positions only, the model must read the visible ones."""
+    net = make_net().train()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    grid, k, batch = (4, 4, 4), 8, 8
+
+    def draw():
+        target = torch.randint(0, k, (batch, 1, 1, 1), generator=gen).expand(batch, *grid)
+        mask = torch.rand(batch, *grid, generator=gen) < 0.5
+        return target, mask
+
+    for _ in range(80):
+        target, mask = draw()
+        out = masked_token_loss(net(target.masked_fill(mask, K), torch.full((batch,), 2)), target, mask)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    net.eval()
+    target, mask = draw()
+    with torch.no_grad():
+        out = masked_token_loss(net(target.masked_fill(mask, K), torch.full((batch,), 2)), target, mask)
+    # Chance is 1/8 accuracy and ln(8) = 2.08 nats.
+    assert out["token_accuracy"].item() > 0.9
+    assert out["loss"].item() < 1.2
