@@ -1,0 +1,74 @@
+"""Ignite trainer for the MaskGiT transformer: masked-token cross-entropy on cached token grids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
+from torch import nn
+
+from prod9_components.engines.maskgit_context import TokenContextBuilder
+from prod9_components.losses.masked_token import masked_token_loss
+from prod9_components.networks.export import unwrap
+from prod9_components.sampling.schedules import sample_training_mask
+
+
+class MaskGiTTrainer(Trainer):
+    """One optimizer step per batch of token crops.
+
+    Per sample: draw the target modality (and, in-context, a subset of source modalities), draw a mask ratio from
+    the schedule, replace that many random target tokens by [MASK], and score the logits at the masked positions
+    only (loss on the visible tokens would teach the model to copy: DESIGN §4 trap 3).
+
+    Args:
+        device: where the network lives.
+        max_epochs: number of epochs.
+        train_data_loader: yields dicts with ``"tokens"`` (B, 4, d, h, w) int64.
+        network: ``TransformerDecoderSingleStream`` (or a DDP wrapper of one).
+        optimizer: its optimizer.
+        context_builder: turns token grids into targets and context.
+        schedule: masking schedule of the training mask ratio ("cosine", "linear", "sqrt", "log").
+        epoch_length: iterations per epoch (``limit_train_batches``), None for the whole loader.
+        train_handlers: Ignite/MONAI handlers.
+        amp: bfloat16 autocast on CUDA (ignored on CPU).
+        grad_clip: max gradient norm, None to disable.
+    """
+
+    def __init__(self, device: torch.device | str, max_epochs: int, train_data_loader: Iterable, network: nn.Module,
+                 optimizer: torch.optim.Optimizer, context_builder: TokenContextBuilder, schedule: str = "cosine",
+                 epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool = False,
+                 grad_clip: float | None = 1.0, non_blocking: bool = False) -> None:
+        amp = bool(amp) and torch.device(device).type == "cuda"
+        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
+                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp,
+                         decollate=False)
+        self.network = network
+        self.optimizer = optimizer
+        self.context_builder = context_builder
+        self.schedule = schedule
+        self.grad_clip = grad_clip
+
+    def _iteration(self, engine: MaskGiTTrainer, batchdata: dict) -> dict:
+        tokens = batchdata["tokens"].to(engine.state.device, non_blocking=engine.non_blocking)
+        inputs = self.context_builder(tokens, train=True)
+        target = inputs["target_tokens"]
+        mask = sample_training_mask(target.shape, self.schedule).to(target.device)
+        masked_input = target.masked_fill(mask, unwrap(self.network).mask_token_id)
+
+        self.network.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.network(masked_input, inputs["target_label"], inputs["source_tokens"],
+                                  inputs["source_labels"])
+        losses = masked_token_loss(logits.float(), target, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        self.optimizer.step()
+
+        engine.state.output = {"loss": losses["loss"].detach(), "token_accuracy": losses["token_accuracy"].detach(),
+                               "mask_ratio": mask.float().mean().detach()}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
