@@ -1,0 +1,337 @@
+"""Stage-2 token cache: FSQ token indices of every case, encoded once with a stage-1 export, plus crops on the token grid.
+
+One ``.npz`` file per case under ``<cache_dir>/<key>/``; ``key`` hashes the export file's bytes, the preprocessing
+contract and the cache format version, so a new autoencoder (or other preprocessing) never reuses stale tokens.
+Files hold plain arrays only and load with ``np.load(allow_pickle=False)``:
+
+    tokens      int16   (4, d, h, w)  token indices, modality order T1, T1ce, T2, FLAIR (index < 32768)
+    seg         uint8   (D, H, W)     tumour mask 0..3 on the same preprocessed grid, D = d * f, ...
+    seg_tokens  uint8   (d, h, w)     the mask at token resolution, see ``seg_to_token_grid``
+    affine      float64 (4, 4)        voxel -> world (RAS mm) of the preprocessed image grid
+    intensity   float32 (4, 2)        the [low, high] each modality was scaled from
+
+This module imports no network code: ``build_token_cache`` receives the function that encodes a case
+(``prod9_components.engines.tokenizer.CaseTokenizer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import zipfile
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform, Randomizable
+from tqdm import tqdm
+
+from prod9_components.atomic import atomic_path, write_json
+
+logger = logging.getLogger("prod9")
+
+TOKEN_CACHE_VERSION = 1
+CACHE_ARRAYS = {  # name -> (dtype, number of dimensions)
+    "tokens": (np.int16, 4),
+    "seg": (np.uint8, 3),
+    "seg_tokens": (np.uint8, 3),
+    "affine": (np.float64, 2),
+    "intensity": (np.float32, 2),
+}
+# Token-grid label of a block holding several labels: the most severe one, enhancing 3 > necrotic 1 > oedema 2 > 0.
+LABEL_PRIORITY = (3, 1, 2, 0)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def token_cache_key(
+    autoencoder_path: str | os.PathLike, preprocessing: Mapping, extra: Mapping | None = None
+) -> str:
+    """First 16 hex digits of SHA-256 over the export's hash, the preprocessing contract and the format version.
+
+    Args:
+        autoencoder_path: the stage-1 export the tokens come from (its bytes are hashed, not its name).
+        preprocessing: the preprocessing contract (``record["preprocessing"]``), JSON-able.
+        extra: anything else the tokens depend on, e.g. the sliding-window settings (``CaseTokenizer.settings``).
+    """
+    contract = {"preprocessing": dict(preprocessing), "extra": dict(extra or {}), "version": TOKEN_CACHE_VERSION}
+    text = file_sha256(autoencoder_path) + json.dumps(contract, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def seg_to_token_grid(seg: np.ndarray | torch.Tensor, factor: int) -> np.ndarray:
+    """The tumour mask (D, H, W) at token resolution (ceil(D / f), ceil(H / f), ceil(W / f)), uint8.
+
+    Each token cell takes the most severe label present in its ``f``^3 block: enhancing 3 > necrotic core 1 >
+    oedema 2 > background 0 (so a small enhancing rim is never averaged away). Sizes that are not multiples of
+    ``f`` are padded with background at the end, as the tiled encoder pads the image.
+    """
+    seg = seg.detach().cpu().numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
+    if seg.ndim != 3:
+        raise ValueError(f"seg must be (D, H, W), got shape {seg.shape}")
+    f = int(factor)
+    rank_of = np.zeros(256, np.uint8)  # label -> severity rank (higher wins)
+    for rank, label in enumerate(reversed(LABEL_PRIORITY)):
+        rank_of[label] = rank
+    rank = rank_of[seg.astype(np.uint8)]
+    rank = np.pad(rank, [(0, -s % f) for s in rank.shape])
+    d, h, w = (s // f for s in rank.shape)
+    block_max = rank.reshape(d, f, h, f, w, f).max(axis=(1, 3, 5))
+    return np.asarray(list(reversed(LABEL_PRIORITY)), np.uint8)[block_max]
+
+
+def most_frequent_token(tokens: np.ndarray | torch.Tensor) -> int:
+    """The most frequent index in ``tokens`` (any shape); for the background of a volume, pass its background."""
+    values = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
+    return int(torch.bincount(values.reshape(-1).to(torch.int64).cpu()).argmax())
+
+
+# --- the cache ---------------------------------------------------------------------------------------------------
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Cast to the stored dtypes and check names and shapes; returns the arrays to store."""
+    missing = [name for name in CACHE_ARRAYS if name not in arrays]
+    if missing:
+        raise ValueError(f"{source}: token arrays lack {', '.join(missing)}")
+    out = {}
+    for name, (dtype, ndim) in CACHE_ARRAYS.items():
+        value = arrays[name]
+        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if value.ndim != ndim:
+            raise ValueError(f"{source}: '{name}' should have {ndim} dimensions, got shape {value.shape}")
+        if name == "tokens" and value.size and (value.min() < 0 or value.max() > np.iinfo(np.int16).max):
+            raise ValueError(f"{source}: token indices {value.min()}..{value.max()} do not fit int16")
+        out[name] = value.astype(dtype, copy=False)
+    if out["tokens"].shape[0] != 4 or out["intensity"].shape != (4, 2):
+        raise ValueError(f"{source}: expected 4 modalities, got tokens {out['tokens'].shape}, "
+                         f"intensity {out['intensity'].shape}")
+    if out["seg_tokens"].shape != out["tokens"].shape[1:]:
+        raise ValueError(f"{source}: seg_tokens {out['seg_tokens'].shape} and tokens {out['tokens'].shape} differ")
+    return out
+
+
+def load_token_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read one cache file (no pickle).
+
+    Raises:
+        ValueError: ``"{path}: cannot read token cache file (...)"`` for a truncated or foreign file.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        return _check_arrays(arrays, str(path))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{path}: cannot read token cache file ({reason}); delete it or rebuild the cache") from None
+
+
+def _is_readable(path: Path) -> bool:
+    """Cheap check that a cache file is complete: its zip directory (written last) lists every array."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return set(CACHE_ARRAYS) <= set(npz.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # truncated (no zip directory), empty, not a zip
+        return False
+
+
+def build_token_cache(
+    cases: Sequence[Mapping],
+    cache_dir: str | os.PathLike,
+    key: str,
+    encode_case: Callable[[Mapping], Mapping[str, np.ndarray]],
+    metadata: Mapping | None = None,
+) -> list[dict]:
+    """Encode every case not yet cached under ``<cache_dir>/<key>/`` and list the cache items.
+
+    A case file ``<case>.npz`` that exists and lists every array is reused; one that is missing, truncated or
+    unreadable is (re-)encoded with a warning line, then written atomically (temp file + rename). The first run
+    also writes ``cache.json`` (key, format version, created time, ``metadata`` - by default
+    ``encode_case.cache_metadata`` when it has one: the autoencoder path and preprocessing contract).
+
+    Args:
+        cases: case dicts ``{"case": name, "t1": path, ...}`` (see ``data.brats``).
+        cache_dir: root of all token caches.
+        key: from :func:`token_cache_key`.
+        encode_case: ``case -> {"tokens", "seg", "seg_tokens", "affine", "intensity"}`` arrays (module docstring).
+        metadata: JSON-able description of what the tokens come from, stored in ``cache.json``.
+
+    Returns:
+        ``[{"case": name, "tokens": path_to_npz, **the case's other keys}]`` in the order of ``cases``.
+    """
+    folder = Path(cache_dir).expanduser() / str(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "cache.json").is_file():
+        info = dict(metadata if metadata is not None else getattr(encode_case, "cache_metadata", {}) or {})
+        write_json({"key": str(key), "version": TOKEN_CACHE_VERSION,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}, folder / "cache.json")
+
+    items, todo = [], []
+    for case in cases:
+        name = str(case["case"])
+        if not name or os.sep in name or name.startswith("."):
+            raise ValueError(f"case name {name!r} cannot name a cache file")
+        path = folder / f"{name}.npz"
+        if not path.is_file():
+            todo.append((case, path))
+        elif not _is_readable(path):
+            logger.warning("token cache %s: unreadable (truncated?), encoding it again", path)
+            todo.append((case, path))
+        items.append({"case": name, "tokens": str(path), **{k: v for k, v in case.items() if k not in ("case", "tokens")}})
+
+    for case, path in tqdm(todo, desc="encoding tokens", unit="case", disable=not todo):
+        arrays = _check_arrays(encode_case(case), str(case["case"]))
+        # A file object: given a name without ".npz", np.savez would append one.
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    logger.info("token cache %s: %d reused, %d encoded", folder, len(items) - len(todo), len(todo))
+    return items
+
+
+class LoadTokensd(MapTransform):
+    """Replace the cache-file path in ``data[key]`` by its arrays, as tensors.
+
+    For ``key == "tokens"``: ``tokens`` int64 (4, d, h, w), ``seg`` uint8 (1, D, H, W), ``seg_tokens`` int64
+    (d, h, w), ``affine`` float64 (4, 4), ``intensity`` float32 (4, 2). For any other key the extra arrays are
+    named ``f"{key}_seg"`` etc.
+
+    Raises:
+        ValueError: naming the file when it cannot be read (e.g. truncated).
+    """
+
+    def __init__(self, keys: Sequence[str] | str = ("tokens",), allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            arrays = load_token_file(d[key])
+            prefix = "" if key == "tokens" else f"{key}_"
+            d[key] = torch.from_numpy(arrays["tokens"].astype(np.int64))
+            d[f"{prefix}seg"] = torch.from_numpy(arrays["seg"])[None]
+            d[f"{prefix}seg_tokens"] = torch.from_numpy(arrays["seg_tokens"].astype(np.int64))
+            d[f"{prefix}affine"] = torch.from_numpy(arrays["affine"])
+            d[f"{prefix}intensity"] = torch.from_numpy(arrays["intensity"])
+        return d
+
+
+# --- pad / crop on the token grid ------------------------------------------------------------------------------
+
+
+def _shift_window(array, size: Sequence[int], offsets: Sequence[int], fill):
+    """Output of spatial ``size`` (the last ``len(size)`` axes) with ``out[i] = array[i - offset]``, ``fill`` outside."""
+    size, offsets = [int(s) for s in size], [int(o) for o in offsets]
+    lead = tuple(array.shape[: array.ndim - len(size)])
+    if isinstance(array, torch.Tensor):
+        out = torch.full(lead + tuple(size), fill, dtype=array.dtype, device=array.device)
+    else:
+        out = np.full(lead + tuple(size), fill, dtype=array.dtype)
+    src, dst = [], []
+    for n_in, n_out, o in zip(array.shape[len(lead):], size, offsets):
+        lo, hi = max(0, o), min(n_out, n_in + o)
+        if hi <= lo:
+            return out
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - o, hi - o))
+    out[(..., *dst)] = array[(..., *src)]
+    return out
+
+
+def pad_or_crop(array, size: Sequence[int], pad_value) -> tuple[object, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Centre-pad or centre-crop the last ``len(size)`` axes of ``array`` (numpy or torch) to ``size``.
+
+    Returns ``(array, info)`` with ``info = (offsets, original_size)``: ``out[i] = array[i - offset]`` per axis
+    (offset > 0 padded, < 0 cropped). :func:`restore` undoes it; for an image decoded from the tokens scale
+    ``info`` by the downsample factor with :func:`scale_crop_info`.
+    """
+    original = tuple(int(s) for s in array.shape[array.ndim - len(size):])
+    offsets = tuple((int(s) - n) // 2 for s, n in zip(size, original))
+    return _shift_window(array, size, offsets, pad_value), (offsets, original)
+
+
+def restore(array, info: tuple[Sequence[int], Sequence[int]], fill):
+    """Inverse of :func:`pad_or_crop`: back to the original size, ``fill`` where the crop had cut."""
+    offsets, original = info
+    return _shift_window(array, original, [-o for o in offsets], fill)
+
+
+def scale_crop_info(info: tuple[Sequence[int], Sequence[int]], factor: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``info`` of a token-grid pad/crop expressed on the image grid (``factor`` voxels per token)."""
+    offsets, original = info
+    return tuple(int(o) * factor for o in offsets), tuple(int(n) * factor for n in original)
+
+
+class _TokenCropd(MapTransform):
+    """Crop ``tokens`` (C, d, h, w), ``seg_tokens`` (d, h, w) and ``seg`` (1, f*d, f*h, f*w) with one window."""
+
+    def __init__(self, roi_tokens: Sequence[int], downsample_factor: int, pad_token: int = 0,
+                 tokens_key: str = "tokens", seg_tokens_key: str = "seg_tokens", seg_key: str = "seg") -> None:
+        super().__init__([tokens_key, seg_tokens_key, seg_key], allow_missing_keys=True)
+        self.roi_tokens = tuple(int(r) for r in roi_tokens)
+        if len(self.roi_tokens) != 3 or min(self.roi_tokens) < 1:
+            raise ValueError(f"roi_tokens must be three positive ints, got {roi_tokens!r}")
+        self.factor = int(downsample_factor)
+        self.pad_token = int(pad_token)
+        self.tokens_key, self.seg_tokens_key, self.seg_key = tokens_key, seg_tokens_key, seg_key
+
+    def offsets(self, grid: Sequence[int]) -> list[int]:
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        grid = tuple(d[self.tokens_key].shape[-3:])
+        offsets = self.offsets(grid)
+        d[self.tokens_key] = _shift_window(d[self.tokens_key], self.roi_tokens, offsets, self.pad_token)
+        if self.seg_tokens_key in d:
+            d[self.seg_tokens_key] = _shift_window(d[self.seg_tokens_key], self.roi_tokens, offsets, 0)
+        if self.seg_key in d:
+            seg = d[self.seg_key]
+            if tuple(seg.shape[-3:]) != tuple(n * self.factor for n in grid):
+                raise ValueError(f"seg {tuple(seg.shape)} is not the token grid {grid} times {self.factor}")
+            f = self.factor
+            d[self.seg_key] = _shift_window(seg, [r * f for r in self.roi_tokens], [o * f for o in offsets], 0)
+        return d
+
+
+class RandTokenCropd(Randomizable, _TokenCropd):
+    """One random ``roi_tokens`` window of the token grid, the same for tokens, seg_tokens and seg.
+
+    Axes shorter than the window are centre-padded (tokens with ``pad_token`` - pass the background's most
+    frequent token, :func:`most_frequent_token` - masks with 0); longer axes get a uniform random start.
+    ``seg`` at image resolution gets the window scaled by ``downsample_factor``.
+
+    Args:
+        roi_tokens: window size on the token grid (d, h, w).
+        downsample_factor: image voxels per token along each axis.
+        pad_token: token index used to pad tokens.
+        tokens_key, seg_tokens_key, seg_key: data keys (seg_tokens and seg may be absent).
+    """
+
+    def randomize(self, grid: Sequence[int]) -> None:
+        self._offsets = [(r - n) // 2 if n <= r else -int(self.R.randint(0, n - r + 1))
+                         for n, r in zip(grid, self.roi_tokens)]
+
+    def offsets(self, grid: Sequence[int]) -> list[int]:
+        self.randomize(grid)
+        return self._offsets
+
+
+class CenterTokenCropd(_TokenCropd):
+    """The centred ``roi_tokens`` window (padded where the grid is smaller): deterministic :class:`RandTokenCropd`.
+
+    Same as :func:`pad_or_crop` on each array.
+    """
+
+    def offsets(self, grid: Sequence[int]) -> list[int]:
+        return [(r - n) // 2 for n, r in zip(grid, self.roi_tokens)]
