@@ -35,6 +35,7 @@ _EXPORTS = {
         "LoadTokensd",
         "RandTokenCropd",
         "build_token_cache",
+        "check_sha256",
         "file_sha256",
         "load_token_file",
         "most_frequent_token",

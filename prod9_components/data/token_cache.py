@@ -335,3 +335,12 @@ class CenterTokenCropd(_TokenCropd):
 
     def offsets(self, grid: Sequence[int]) -> list[int]:
         return [(r - n) // 2 for n, r in zip(grid, self.roi_tokens)]
+
+
+def check_sha256(path: str | os.PathLike, expected: str, what: str = "file") -> str:
+    """Raise a one-line ValueError when ``path``'s sha256 is not ``expected`` (a stage link that changed)."""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ValueError(f"{path}: this {what} changed since the checkpoint was trained (sha256 {actual[:12]}…, "
+                         f"expected {expected[:12]}…); pass the export it was trained on")
+    return actual

@@ -47,12 +47,14 @@ class CheckpointHandler:
         stage: bundle name stored in records (a later stage refuses a file from the wrong stage).
         resume: load last.ckpt at start when it exists.
         network_args: constructor arguments for networks without ``init_args``.
+        extra: further plain fields stored in best.ckpt / the export (e.g. the stage-1 export a transformer was
+            trained on, its modalities).
     """
 
     def __init__(self, output_dir: str, network: nn.Module, save_dict: dict[str, Any] | None = None,
                  evaluator: Engine | None = None, key_metric: str | None = None, mode: str = "max",
                  export_path: str | None = None, preprocessing: dict | None = None, stage: str | None = None,
-                 resume: bool = True, network_args: dict | None = None) -> None:
+                 resume: bool = True, network_args: dict | None = None, extra: dict | None = None) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got '{mode}'")
         self.output_dir = Path(output_dir)
@@ -66,6 +68,7 @@ class CheckpointHandler:
         self.stage = stage
         self.resume = resume
         self.network_args = network_args
+        self.extra = dict(extra or {})
         self.best_metric = -math.inf if mode == "max" else math.inf
         self.best_epoch = 0
 
@@ -119,8 +122,8 @@ class CheckpointHandler:
         if not is_rank_zero():
             return
         metrics = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
-        record = network_record(self.network, self.preprocessing, self.network_args, stage=self.stage,
-                                epoch=epoch, key_metric=self.key_metric, metrics=metrics)
+        record = network_record(self.network, self.preprocessing, self.network_args, **self.extra,
+                                stage=self.stage, epoch=epoch, key_metric=self.key_metric, metrics=metrics)
         atomic_save(record, self.best_path)
         if self.export_path:
             atomic_save(record, self.export_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
 from ignite.engine import Engine, Events
 
 from prod9_components.atomic import write_json
@@ -39,8 +40,11 @@ class MetricsJSONWriter:
         self.num_cases = 0
 
     def _count(self, engine: Engine) -> None:
-        output = engine.state.output
-        self.num_cases += len(output) if isinstance(output, list) else int(output["image"].shape[0])
+        batch = engine.state.batch  # decollated: a list of items; else a dict of batched tensors
+        if isinstance(batch, list):
+            self.num_cases += len(batch)
+        else:
+            self.num_cases += next(int(v.shape[0]) for v in batch.values() if torch.is_tensor(v))
 
     def write(self, engine: Engine) -> None:
         metrics = {k: _number(v) for k, v in engine.state.metrics.items()}
