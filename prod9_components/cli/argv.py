@@ -16,11 +16,12 @@ def _is_number(token: str) -> bool:
     return bool(_NUMBER.match(token))
 
 
-def normalise_multi_value_flags(argv: list[str]) -> list[str]:
+def normalise_multi_value_flags(argv: list[str], name_list_flags: tuple[str, ...] = ()) -> list[str]:
     """Join a flag's 2+ space-separated number values into one list literal.
 
     ``["--shape", "48", "48", "32", "--seed", "1"]`` -> ``["--shape", "[48,48,32]", "--seed", "1"]``.
-    A flag followed by a single value, ``--flag=value`` forms, and non-number values are left as they are.
+    A flag followed by a single value, ``--flag=value`` forms, and non-number values are left as they are, except
+    for ``name_list_flags`` (e.g. ``--source-modality T1 T1ce``), whose 2+ bare words become a list of strings.
     """
     out: list[str] = []
     i = 0
@@ -30,6 +31,13 @@ def normalise_multi_value_flags(argv: list[str]) -> list[str]:
         i += 1
         if token.startswith("--") and "=" not in token:
             j = i
+            if token in name_list_flags:
+                while j < len(argv) and not argv[j].startswith("-"):
+                    j += 1
+                if j - i >= 2:
+                    out.append("[" + ",".join(f"'{word}'" for word in argv[i:j]) + "]")
+                    i = j
+                continue
             while j < len(argv) and _is_number(argv[j]):
                 j += 1
             if j - i >= 2:

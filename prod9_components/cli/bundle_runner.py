@@ -13,7 +13,6 @@ only picks the config files, turns flags into bundle id overrides and reports er
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -97,7 +96,7 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def main_for(component: Callable, argv: list[str] | None = None) -> None:
+def main_for(component: Callable, argv: list[str] | None = None, name_list_flags: tuple[str, ...] = ()) -> None:
     """Console-script entry: normalise multi-value flags, run fire, print one-line errors (``--debug``: traceback)."""
     import fire
 
@@ -106,7 +105,7 @@ def main_for(component: Callable, argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
-        fire.Fire(component, command=normalise_multi_value_flags(argv))
+        fire.Fire(component, command=normalise_multi_value_flags(argv, name_list_flags))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -123,6 +122,3 @@ def report(message: str) -> None:
     """The one closing line every verb prints."""
     print(message, flush=True)
 
-
-def path_or_none(value: Any) -> str | None:
-    return os.fspath(value) if value is not None else None

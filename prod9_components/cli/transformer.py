@@ -1,0 +1,154 @@
+"""``prod9-train-transformer``: MaskGiT stage 2, the masked-token transformer.
+
+Two bundles, one command: ``maskgit_stage2_label`` (label-conditional; ``--modality T1`` when generating) and
+``maskgit_stage2_incontext`` (translation; ``--source-modality T1 [T1ce ...] --target-modality T2``). The bundle is
+taken from ``--config`` when it names one, else from the checkpoint's stage, else from the flags.
+Any other ``--<bundle id> value`` is passed to the bundle as an override.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prod9_components.cli.bundle_runner import flag_overrides, main_for, report, resolved, run_bundle
+
+LABEL, INCONTEXT = "maskgit_stage2_label", "maskgit_stage2_incontext"
+
+
+def _as_list(value) -> list | None:
+    if value is None:
+        return None
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def _stage(config: str | None, checkpoint: str | None, source_modality) -> str:
+    """Which stage-2 bundle a command is about."""
+    if config and Path(config).name in (LABEL, INCONTEXT):
+        return Path(config).name
+    if config and Path(config).parent.parent.name in (LABEL, INCONTEXT):  # .../<bundle>/configs/x.json
+        return Path(config).parent.parent.name
+    if checkpoint:
+        from prod9_components.networks.export import load_record
+
+        stage = load_record(checkpoint).get("stage")
+        if stage not in (LABEL, INCONTEXT):
+            raise ValueError(f"{checkpoint}: a '{stage}' checkpoint, not a stage-2 transformer "
+                             f"({LABEL} or {INCONTEXT})")
+        return stage
+    return INCONTEXT if source_modality else LABEL
+
+
+def _modalities(source_modality, target_modality) -> dict:
+    overrides = {}
+    if source_modality is not None:
+        overrides["source_modalities"] = _as_list(source_modality)
+    if target_modality is not None:
+        overrides["target_modality"] = str(target_modality)
+        overrides["target_modalities"] = [str(target_modality)]
+    return overrides
+
+
+class TransformerCommands:
+    """Train, evaluate and sample the MaskGiT stage-2 transformer (MONAI bundles)."""
+
+    def train(self, config: str | None = None, output_dir: str | None = None, source_modality=None,
+              target_modality: str | None = None, **overrides):
+        """Train on tokens of the stage-1 export (default outputs/brats_autoencoder-large.pt).
+
+        Args:
+            config: bundle directory, its train.json, or a preset layered on the chosen bundle.
+            output_dir: default outputs/maskgit_stage2_label or outputs/maskgit_stage2_incontext.
+            source_modality: in-context mode: the context modalities, e.g. --source-modality T1 T1ce.
+            target_modality: in-context mode: the modality to translate into, e.g. --target-modality T2.
+            overrides: any bundle id, e.g. --autoencoder-path FILE --epochs 5 --roi-size 64 64 64.
+        """
+        stage = _stage(config, None, source_modality)
+        workflow = run_bundle(stage, "train", config, {"output_dir": output_dir,
+                                                       **_modalities(source_modality, target_modality),
+                                                       **flag_overrides(overrides)})
+        out = resolved(workflow, "output_dir")
+        report(f"trained {stage}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs")
+
+    def _evaluate(self, verb, config, checkpoint, output_dir, overrides):
+        stage = _stage(config, checkpoint, None)
+        workflow = run_bundle(stage, verb, config, {"output_dir": output_dir, "checkpoint": checkpoint,
+                                                    "split": "test" if verb == "test" else "validation",
+                                                    **flag_overrides(overrides)})
+        report(f"{verb} metrics of {resolved(workflow, 'checkpoint')} written to {resolved(workflow, 'metrics_path')}")
+
+    def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
+                 **overrides):
+        """Evaluate on the validation split; writes <output_dir>/metrics.json.
+
+        Args:
+            config: bundle directory or preset.
+            checkpoint: best.ckpt of a stage-2 run (its stage picks the bundle).
+            output_dir: run directory.
+            overrides: any bundle id.
+        """
+        self._evaluate("validate", config, checkpoint, output_dir, overrides)
+
+    def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
+             **overrides):
+        """Evaluate on the held-out test split; writes <output_dir>/metrics.json (in-context: PSNR/SSIM of the
+        translation, inside the brain and the tumour, beside the stage-1 round trip and the copy-the-source baseline).
+
+        Args:
+            config: bundle directory or preset.
+            checkpoint: best.ckpt of a stage-2 run.
+            output_dir: run directory.
+            overrides: any bundle id.
+        """
+        self._evaluate("test", config, checkpoint, output_dir, overrides)
+
+    def generate(self, config: str | None = None, checkpoint: str | None = None, output: str | None = None,
+                 num_samples: int = 4, num_steps: int | None = None, guidance_scale: float | None = None,
+                 modality: str | None = None, source_modality=None, target_modality: str | None = None,
+                 input=None, roi_size=None, output_dir: str | None = None, **overrides):
+        """Sample volumes: label mode writes sample_0001_<MOD>.nii.gz ...; in-context mode translates source
+        volumes (--input, default the test split) into <case>_<TARGET>.nii.gz on each source's own grid.
+
+        Args:
+            config: bundle directory or preset.
+            checkpoint: best.ckpt of a stage-2 run (its stage picks the mode).
+            output: output directory (or, with one --input, a .nii.gz file).
+            num_samples: label mode: how many volumes.
+            num_steps: MaskGiT steps (default 12).
+            guidance_scale: classifier-free guidance (0 = the conditional model).
+            modality: label mode: the modality to generate (T1, T1ce, T2, FLAIR).
+            source_modality: in-context: source modalities (default: those it was trained on).
+            target_modality: in-context: target modality (default: the trained one).
+            input: in-context: source NIfTI file(s), one per source modality, in order.
+            roi_size: label mode: image size of each sample (multiple of the stage-1 downsampling).
+            output_dir: run directory (default checkpoint location).
+            overrides: any bundle id.
+        """
+        stage = _stage(config, checkpoint, source_modality)
+        ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_steps": num_steps,
+               "guidance_scale": guidance_scale, **flag_overrides(overrides)}
+        single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
+        ids["output" if single_file else "generate_dir"] = output
+        if stage == LABEL:
+            ids.update(num_samples=num_samples, modality=modality)
+            if roi_size is not None:
+                ids["token_grid"] = f"$[r // @downsample_factor for r in {list(_ints(roi_size))}]"
+        else:
+            if modality is not None:
+                raise ValueError("--modality is for label-conditional checkpoints; use --target-modality")
+            ids.update(_modalities(source_modality, target_modality), input=_as_list(input))
+        workflow = run_bundle(stage, "generate", config, ids)
+        where = output if single_file else resolved(workflow, "generate_dir")
+        report(f"generated volumes written to {where}")
+
+
+def _ints(value) -> list[int]:
+    values = value if isinstance(value, (list, tuple)) else [value] * 3
+    return [int(v) for v in values]
+
+
+def main(argv: list[str] | None = None) -> None:
+    main_for(TransformerCommands, argv, name_list_flags=("--source-modality", "--input"))
+
+
+if __name__ == "__main__":
+    main()
