@@ -29,3 +29,20 @@ def stage1_run(demo_dataset_dir, tmp_path_factory) -> dict:
     bundle_run(["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
                                              "spacing": TEST_SPACING, "epochs": 2})
     return {"dataset_dir": demo_dataset_dir, "output_dir": str(out), "export_path": str(out / "autoencoder_tiny.pt")}
+
+
+@pytest.fixture(scope="session")
+def stage2_runs(stage1_run, tmp_path_factory) -> dict:
+    """Both tiny stage-2 bundles trained for 1 epoch on the stage-1 export of ``stage1_run`` (shared token cache)."""
+    from tests.stage2_helpers import INCONTEXT, LABEL, stage2_run
+
+    root = tmp_path_factory.mktemp("maskgit_stage2")
+    runs = {"dataset_dir": stage1_run["dataset_dir"], "autoencoder_path": stage1_run["export_path"],
+            "token_cache_dir": str(root / "token_cache")}
+    for name, configs in (("label", LABEL), ("incontext", INCONTEXT)):
+        out = root / name
+        stage2_run(configs, ["train.json", "tiny.json"], {
+            "dataset_dir": runs["dataset_dir"], "output_dir": out, "autoencoder_path": runs["autoencoder_path"],
+            "token_cache_dir": runs["token_cache_dir"]})
+        runs[name] = str(out)
+    return runs

@@ -15,6 +15,7 @@ TEST_SPACING = "[4.0,4.0,4.0]"
 
 
 def config_list(*names: str) -> str:
+    """A MONAI config-file list; bare names are files of the stage-1 bundle, absolute paths are kept."""
     return "[" + ",".join(f"'{CONFIGS / n}'" for n in names) + "]"
 
 
@@ -22,7 +23,7 @@ def bundle_run(config_names: list[str], overrides: dict[str, str], timeout: int 
                check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle run`` exactly as a user would, in a subprocess."""
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_list(*config_names),
-            "--logging_file", str(CONFIGS / "logging.conf"), "--meta_file", str(CONFIGS / "metadata.json")]
+            "--logging_file", str(CONFIGS / "logging.conf")]
     for key, value in overrides.items():
         args += [f"--{key}", str(value)]
     result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

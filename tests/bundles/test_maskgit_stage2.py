@@ -1,0 +1,73 @@
+"""Both MaskGiT stage-2 bundles through `python -m monai.bundle run`: train -> evaluate -> inference, chained on a
+stage-1 export made by the test session itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tests.stage2_helpers import INCONTEXT, LABEL, stage2_run
+
+pytestmark = pytest.mark.slow
+
+
+def _common(runs: dict, out: str) -> dict:
+    return {"dataset_dir": runs["dataset_dir"], "output_dir": out, "token_cache_dir": runs["token_cache_dir"]}
+
+
+def test_token_cache_is_shared_and_keyed_by_the_export(stage2_runs):
+    caches = [p for p in Path(stage2_runs["token_cache_dir"]).iterdir() if p.is_dir()]
+    assert len(caches) == 1, "both bundles must reuse one cache for one export"
+    meta = json.loads((caches[0] / "cache.json").read_text())
+    assert meta["key"] == caches[0].name
+    assert len(list(caches[0].glob("*.npz"))) == 5  # training (4) and validation (1) cases, each encoded once
+
+
+def test_incontext_chain(stage2_runs):
+    out = stage2_runs["incontext"]
+    record = torch.load(Path(out) / "best.ckpt", weights_only=True)
+    assert record["stage"] == "maskgit_stage2_incontext"
+    assert record["source_modalities"] == ["T1"] and record["target_modalities"] == ["T2"]
+    assert record["network_args"]["codebook_size"] == 8 * 8 * 8 * 6 * 5
+
+    stage2_run(INCONTEXT, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test",
+                                                            "num_steps": 2})
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_cases"] == 1
+    for key in ("val_loss", "token_accuracy", "psnr", "ssim", "psnr_tumour", "ssim_tumour", "roundtrip_psnr",
+                "roundtrip_ssim", "copy_source_psnr", "copy_source_ssim"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["val_loss"] > 0 and 0 <= metrics["token_accuracy"] <= 1
+
+    stage2_run(INCONTEXT, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_steps": 2})
+    splits = json.loads((Path(out) / "datalist.json").read_text())
+    case = splits["test"][0]
+    written = Path(out) / "generated" / f"{case['case']}_T2.nii.gz"
+    source = nib.load(case["t1"])
+    translated = nib.load(written)
+    assert translated.shape == source.shape
+    np.testing.assert_allclose(translated.affine, source.affine, atol=1e-5)
+    assert np.isfinite(translated.get_fdata()).all()
+
+
+def test_label_chain(stage2_runs):
+    out = stage2_runs["label"]
+    record = torch.load(Path(out) / "best.ckpt", weights_only=True)
+    assert record["stage"] == "maskgit_stage2_label" and record["source_modalities"] == []
+
+    stage2_run(LABEL, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test"})
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    assert metrics["num_cases"] == 1 and metrics["val_loss"] > 0 and 0 <= metrics["token_accuracy"] <= 1
+
+    stage2_run(LABEL, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_samples": 2,
+                                                         "modality": "FLAIR", "num_steps": 3})
+    samples = sorted((Path(out) / "generated").glob("sample_*_FLAIR.nii.gz"))
+    assert [p.name for p in samples] == ["sample_0001_FLAIR.nii.gz", "sample_0002_FLAIR.nii.gz"]
+    image = nib.load(samples[0])
+    assert image.shape == (32, 32, 32)  # tiny token grid 8^3 x 4
+    np.testing.assert_allclose(np.diag(image.affine)[:3], [4.0, 4.0, 4.0])
