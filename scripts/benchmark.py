@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory of each stage, printed as one JSON object per measurement.
 
-    python scripts/benchmark.py stage1|all [--device cpu|cuda] [--repeats N]
+    python scripts/benchmark.py stage1|stage2|all [--device cpu|cuda] [--repeats N]
 
 Every measurement has: name, device, seconds (median of `repeats`), repeats, gflop (counted with torch's FLOP
 counter), gflops_per_s, matmul_peak_gflops (a float32 matmul measured in the same run), peak_mem_mb (CUDA: max
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import resource
 import statistics
@@ -155,7 +156,83 @@ def stage1_sliding_window(device: torch.device, repeats: int, size: str) -> dict
                   baseline="monai SlidingWindowInferer(network forward)")
 
 
-STAGES = {"stage1": [stage1_train_step, stage1_sliding_window]}
+# --- stage 2 measurements ------------------------------------------------------------------------------------
+
+TRANSFORMERS = {
+    "small": ({"hidden_dim": 128, "num_layers": 4, "num_heads": 4}, (8, 8, 8)),
+    "default": ({"hidden_dim": 512, "num_layers": 12, "num_heads": 8}, (16, 16, 16)),
+}
+
+
+def transformer(device: torch.device, size: str):
+    from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
+
+    args, grid = TRANSFORMERS[size]
+    return TransformerDecoderSingleStream(codebook_size=15360, max_grid_size=grid, **args).to(device), grid
+
+
+def _context(grid, with_context: bool, device: torch.device, batch: int):
+    if not with_context:
+        return None, None
+    return (torch.randint(15360, (batch, 1, *grid), device=device), torch.zeros(batch, 1, dtype=torch.long,
+                                                                                  device=device))
+
+
+def stage2_train_step(device: torch.device, repeats: int, size: str) -> list[dict]:
+    """One masked-token training step (batch 4) without context (label mode) and with one source modality."""
+    from prod9_components.losses.masked_token import masked_token_loss
+    from prod9_components.sampling.schedules import sample_training_mask
+
+    torch.manual_seed(0)
+    network, grid = transformer(device, size)
+    optimizer = torch.optim.AdamW(network.parameters(), 3e-4)
+    rows = []
+    for with_context in (False, True):
+        target = torch.randint(15360, (4, *grid), device=device)
+        sources, labels = _context(grid, with_context, device, 4)
+
+        def step():
+            mask = sample_training_mask(target.shape).to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = network(target.masked_fill(mask, network.mask_token_id), torch.full((4,), 2, device=device),
+                                 sources, labels)
+            loss = masked_token_loss(logits.float(), target, mask)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        seconds, gflop = measure(step, device, repeats)
+        rows.append(result(f"stage2_train_step_{'with' if with_context else 'without'}_context", device, seconds,
+                           repeats, gflop, peak_mem_mb(device), network=size, token_grid=list(grid), batch=4,
+                           sequence_length=(2 if with_context else 1) * math.prod(grid) + 1))
+    return rows
+
+
+def stage2_sampling(device: torch.device, repeats: int, size: str) -> list[dict]:
+    """Sampling one token volume at 8, 12 and 16 MaskGiT steps, without and with one source modality."""
+    from prod9_components.sampling.maskgit import MaskGiTSampler
+
+    torch.manual_seed(0)
+    network, grid = transformer(device, size)
+    rows = []
+    for with_context in (False, True):
+        sources, labels = _context(grid, with_context, device, 1)
+        for steps in (8, 12, 16):
+            sampler = MaskGiTSampler(num_steps=steps)
+
+            def sample():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    sampler.sample(network, (1, *grid), torch.tensor([2], device=device), sources, labels,
+                                   generator=torch.Generator().manual_seed(0))
+
+            seconds, gflop = measure(sample, device, repeats)
+            rows.append(result(f"stage2_sampling_{steps}_steps_{'with' if with_context else 'without'}_context",
+                               device, seconds, repeats, gflop, peak_mem_mb(device), network=size,
+                               token_grid=list(grid), num_steps=steps, volumes_per_s=round(1 / seconds, 3)))
+    return rows
+
+
+STAGES = {"stage1": [stage1_train_step, stage1_sliding_window], "stage2": [stage2_train_step, stage2_sampling]}
 
 
 def _child(fn_name: str, device: str, repeats: int, size: str, queue) -> None:
@@ -182,9 +259,10 @@ def main(argv: list[str] | None = None) -> None:
             queue = ctx.Queue()
             process = ctx.Process(target=_child, args=(fn.__name__, args.device, repeats, size, queue))
             process.start()
-            row = queue.get()
+            rows = queue.get()
             process.join()
-            print(json.dumps({"stage": stage, **row}), flush=True)
+            for row in rows if isinstance(rows, list) else [rows]:
+                print(json.dumps({"stage": stage, **row}), flush=True)
 
 
 if __name__ == "__main__":
