@@ -67,8 +67,9 @@ class AutoencoderInferenceWrapper:
     Encode, decode and reconstruct volumes of any size by tiling an autoencoder with MONAI's SlidingWindowInferer.
 
     Encoding windows lie on the image grid (window ``roi_size``), decoding windows on the latent grid
-    (window ``roi_size / f``). Inputs are replicate-padded at the end to a multiple of ``f`` and to at least one
-    window, and outputs are cropped back: ``encode`` gives ``ceil(size / f)`` latent cells per axis, ``decode``
+    (window ``roi_size / f``); along an axis where the volume is smaller than the window, the window shrinks to
+    the volume (one exact pass). Inputs are replicate-padded at the end to a multiple of ``f`` and outputs are
+    cropped back: ``encode`` gives ``ceil(size / f)`` latent cells per axis, ``decode``
     gives ``f`` voxels per latent cell.
 
     Quantized autoencoders (those with an ``fsq`` attribute and ``encode_continuous``, e.g. ``AutoencoderFSQ``):
@@ -106,14 +107,26 @@ class AutoencoderInferenceWrapper:
         self.latent_roi_size = tuple(r // f for r in roi)
         self.quantizer = getattr(autoencoder, "fsq", None)
 
-        cfg = self.sw_config
-        common = dict(sw_batch_size=cfg.sw_batch_size, mode=cfg.mode, sigma_scale=cfg.sigma_scale)
+    def _window(self, latent_size: Sequence[int]) -> tuple[int, ...]:
+        """The encoder window for a volume of ``latent_size`` cells: ``roi_size``, shrunk along any axis where the
+        volume is smaller. Padding a small volume up to a large window would change the GroupNorm statistics of
+        the whole pass (replicated edges weigh in); a window that fits makes that pass exact instead."""
+        f = self.downsample_factor
+        return tuple(min(r, n * f) for r, n in zip(self.roi_size, latent_size))
+
+    def _encode_inferer(self, roi: Sequence[int]) -> SlidingWindowInferer:
+        cfg, f = self.sw_config, self.downsample_factor
         # Encoder windows must start on multiples of f so their latents land on whole latent cells: snap each
         # step down to a multiple of f. MONAI's step is int(roi * (1 - overlap)); the +0.5 survives that floor.
         steps = [max(f, int(r * (1 - cfg.overlap)) // f * f) for r in roi]
-        encode_overlap = [0.0 if s >= r else 1 - (s + 0.5) / r for s, r in zip(steps, roi)]
-        self._encode_inferer = SlidingWindowInferer(roi_size=roi, overlap=encode_overlap, **common)
-        self._decode_inferer = SlidingWindowInferer(roi_size=self.latent_roi_size, overlap=cfg.overlap, **common)
+        overlap = [0.0 if s >= r else 1 - (s + 0.5) / r for s, r in zip(steps, roi)]
+        return SlidingWindowInferer(roi_size=roi, overlap=overlap, sw_batch_size=cfg.sw_batch_size, mode=cfg.mode,
+                                    sigma_scale=cfg.sigma_scale)
+
+    def _decode_inferer(self, roi: Sequence[int]) -> SlidingWindowInferer:
+        cfg = self.sw_config
+        return SlidingWindowInferer(roi_size=roi, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
+                                    mode=cfg.mode, sigma_scale=cfg.sigma_scale)
 
     def _latent(self, image: torch.Tensor) -> torch.Tensor:
         # What the encoder windows produce, before any quantization.
@@ -130,8 +143,8 @@ class AutoencoderInferenceWrapper:
         """
         f = self.downsample_factor
         latent_size = [math.ceil(s / f) for s in image.shape[2:]]
-        padded = _pad_end(image, [max(n * f, r) for n, r in zip(latent_size, self.roi_size)])
-        latent = self._encode_inferer(padded, self._latent)
+        padded = _pad_end(image, [n * f for n in latent_size])
+        latent = self._encode_inferer(self._window(latent_size))(padded, self._latent)
         latent = latent[(..., *[slice(0, n) for n in latent_size])]
         return self.quantizer(latent) if self.quantizer is not None else latent
 
@@ -140,9 +153,8 @@ class AutoencoderInferenceWrapper:
         """Image (B, C_out, f * d, f * h, f * w) from a latent (B, C_latent, d, h, w)."""
         f = self.downsample_factor
         size = latent.shape[2:]
-        padded = _pad_end(latent, [max(s, r) for s, r in zip(size, self.latent_roi_size)])
-        image = self._decode_inferer(padded, self.autoencoder.decode)
-        return image[(..., *[slice(0, s * f) for s in size])]
+        window = tuple(min(r, s) for r, s in zip(self.latent_roi_size, size))  # as in encode: fit small volumes
+        return self._decode_inferer(window)(latent, self.autoencoder.decode)
 
     @torch.no_grad()
     def reconstruct(self, image: torch.Tensor) -> torch.Tensor:

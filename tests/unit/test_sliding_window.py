@@ -115,3 +115,16 @@ def test_kl_autoencoder_path():
     assert wrapper.reconstruct(torch.randn(1, 1, 21, 16, 16)).shape == (1, 1, 21, 16, 16)
     with pytest.raises(TypeError):
         wrapper.quantize_stage_2_inputs(x)
+
+
+def test_volume_smaller_than_the_window_is_one_exact_pass():
+    """Padding a small volume up to a large window would change its GroupNorm statistics; the window shrinks."""
+    torch.manual_seed(0)
+    net = _tiny_fsq().eval()
+    image = torch.rand(1, 1, 24, 28, 20)
+    wrapper = AutoencoderInferenceWrapper(net, SlidingWindowConfig(roi_size=64, overlap=0.5))
+    with torch.no_grad():
+        whole = net(image)[0]
+        codes = wrapper.encode(image)
+        torch.testing.assert_close(codes, net.encode(image), atol=0, rtol=0)
+        torch.testing.assert_close(wrapper.reconstruct(image), whole, atol=1e-5, rtol=1e-5)
