@@ -26,8 +26,9 @@ class TokenContextBuilder:
         null_label: the transformer's null-label index.
 
     Returns (``__call__``): dict with ``target_tokens`` (B', d, h, w), ``target_label`` (B',), ``source_tokens``
-    (B', S, d, h, w) or None, ``source_labels`` (B', S) with -1 padding or None. In evaluation every sample is
-    expanded to every target modality (B' = B x len(target_modalities)); in training B' = B.
+    (B', S, d, h, w) or None, ``source_labels`` (B', S) with -1 padding or None, and ``rows`` (B',): the batch
+    item each output row came from. In evaluation every sample is expanded to every target modality
+    (B' = B x len(target_modalities)); in training B' = B.
     """
 
     def __init__(self, target_modalities: Sequence[int | str] = MODALITIES, source_modalities: Sequence[int | str] = (),
