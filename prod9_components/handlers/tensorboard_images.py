@@ -65,8 +65,10 @@ class MidSliceImageHandler:
         if self._first is not None:
             return
         output = engine.state.output
-        item = output[0] if isinstance(output, list) else {k: output[k][0] for k in self.keys}
-        self._first = [item[k].detach().cpu() for k in self.keys]
+        item = output[0] if isinstance(output, list) else output
+        if not all(k in item for k in self.keys):  # e.g. validation without translation: nothing to draw
+            return
+        self._first = [item[k][0 if item is output else slice(None)].detach().cpu() for k in self.keys]
 
     def _write(self, engine: Engine) -> None:
         if self._first is None or not is_rank_zero():
