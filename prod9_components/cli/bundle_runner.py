@@ -103,6 +103,8 @@ def main_for(component: Callable, argv: list[str] | None = None, name_list_flags
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if any(a in ("-h", "--help") for a in argv):  # fire's own help flag is "-- --help"; "--help" alone would run
+        argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
         fire.Fire(component, command=normalise_multi_value_flags(argv, name_list_flags))
