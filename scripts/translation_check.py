@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--target", default="T2")
     parser.add_argument("--stage1-epochs", type=int, default=24)
     parser.add_argument("--stage2-epochs", type=int, default=60)
+    parser.add_argument("--levels", default="[5,5,5,5]",
+                        help="FSQ levels of the tiny stage 1: a small vocabulary is learnable from 4 tiny cases")
     args = parser.parse_args()
     work = (ROOT / args.workdir).resolve()
 
@@ -48,7 +50,7 @@ def main() -> int:
     common = {"dataset_dir": data}
     bundle_run([STAGE1 / "train.json", STAGE1 / "tiny.json"], **common, output_dir=work / "stage1",
                spacing=[4.0, 4.0, 4.0], epochs=args.stage1_epochs, limit_train_batches=16, val_interval=4,
-               limit_val_batches=4, **{"loss#disc_start": 100000})
+               limit_val_batches=4, levels=json.loads(args.levels), **{"loss#disc_start": 100000})
     stage2 = {**common, "output_dir": work / "stage2", "token_cache_dir": work / "token_cache"}
     bundle_run([STAGE2 / "train.json", STAGE2 / "tiny.json"], **stage2,
                autoencoder_path=work / "stage1" / "autoencoder_tiny.pt", source_modalities=[args.source],
