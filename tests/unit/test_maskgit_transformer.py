@@ -12,13 +12,7 @@ K = 64
 GRID = (4, 5, 6)  # non-cubic on purpose: a transposed axis would show
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine are many times faster single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(seed: int = 0, **kwargs) -> TransformerDecoderSingleStream:
