@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--workdir", default="outputs/translation_check")
     parser.add_argument("--source", default="T1")
     parser.add_argument("--target", default="T2")
+    parser.add_argument("--cases", type=int, default=16, help="demo cases (70/20/10 split); 4 training cases overfit")
     parser.add_argument("--stage1-epochs", type=int, default=24)
     parser.add_argument("--stage2-epochs", type=int, default=60)
     parser.add_argument("--levels", default="[5,5,5,5]",
@@ -46,7 +47,7 @@ def main() -> int:
     from prod9_components.data.demo import make_demo_dataset
 
     data = work / "demo_data"
-    make_demo_dataset(data, num_cases=6, seed=0, shape=(48, 48, 32))  # 5 mm voxels; reused when present
+    make_demo_dataset(data, num_cases=args.cases, seed=0, shape=(48, 48, 32))  # 5 mm voxels; reused when present
     common = {"dataset_dir": data}
     bundle_run([STAGE1 / "train.json", STAGE1 / "tiny.json"], **common, output_dir=work / "stage1",
                spacing=[4.0, 4.0, 4.0], epochs=args.stage1_epochs, limit_train_batches=16, val_interval=4,

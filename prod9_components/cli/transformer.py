@@ -119,7 +119,8 @@ class TransformerCommands:
             source_modality: in-context: source modalities (default: those it was trained on).
             target_modality: in-context: target modality (default: the trained one).
             input: in-context: source NIfTI file(s), one per source modality, in order.
-            roi_size: label mode: image size of each sample (multiple of the stage-1 downsampling).
+            roi_size: label mode: image size of each sample, the centre of the training volume (default: the
+                whole volume grid recorded in the checkpoint; a multiple of the stage-1 downsampling).
             output_dir: run directory (default checkpoint location).
             overrides: any bundle id.
         """

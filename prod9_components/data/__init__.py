@@ -37,6 +37,7 @@ _EXPORTS = {
         "build_token_cache",
         "check_sha256",
         "file_sha256",
+        "largest_token_grid",
         "load_token_file",
         "most_frequent_token",
         "pad_or_crop",

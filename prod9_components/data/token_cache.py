@@ -199,6 +199,23 @@ def build_token_cache(
     return items
 
 
+def largest_token_grid(items: Sequence[Mapping], max_grid_size: Sequence[int] | None = None) -> list[int]:
+    """Per-axis largest token grid (d, h, w) of cached cases: the whole-volume grid label-mode samples use.
+
+    Raises:
+        ValueError: naming the case whose grid exceeds ``max_grid_size`` (the transformer's position tables), so
+            a too-small model fails before training instead of at its first whole-volume validation.
+    """
+    largest = [0, 0, 0]
+    for item in items:
+        grid = load_token_file(item["tokens"])["tokens"].shape[1:]
+        if max_grid_size is not None and any(g > m for g, m in zip(grid, max_grid_size)):
+            raise ValueError(f"{item['tokens']}: token grid {tuple(grid)} exceeds the transformer's max_grid_size "
+                             f"{tuple(max_grid_size)}; raise network_def#max_grid_size")
+        largest = [max(a, int(g)) for a, g in zip(largest, grid)]
+    return largest
+
+
 class LoadTokensd(MapTransform):
     """Replace the cache-file path in ``data[key]`` by its arrays, as tensors.
 
@@ -273,7 +290,11 @@ def scale_crop_info(info: tuple[Sequence[int], Sequence[int]], factor: int) -> t
 
 
 class _TokenCropd(MapTransform):
-    """Crop ``tokens`` (C, d, h, w), ``seg_tokens`` (d, h, w) and ``seg`` (1, f*d, f*h, f*w) with one window."""
+    """Crop ``tokens`` (C, d, h, w), ``seg_tokens`` (d, h, w) and ``seg`` (1, f*d, f*h, f*w) with one window.
+
+    Adds ``grid_origin``: int64 (3,), the case-grid index of the window's first cell (negative where the window is
+    padded), which the transformer adds to its positions so a crop keeps its place in the whole grid.
+    """
 
     def __init__(self, roi_tokens: Sequence[int], downsample_factor: int, pad_token: int = 0,
                  tokens_key: str = "tokens", seg_tokens_key: str = "seg_tokens", seg_key: str = "seg") -> None:
@@ -293,6 +314,7 @@ class _TokenCropd(MapTransform):
         grid = tuple(d[self.tokens_key].shape[-3:])
         offsets = self.offsets(grid)
         d[self.tokens_key] = _shift_window(d[self.tokens_key], self.roi_tokens, offsets, self.pad_token)
+        d["grid_origin"] = torch.tensor([-o for o in offsets], dtype=torch.int64)
         if self.seg_tokens_key in d:
             d[self.seg_tokens_key] = _shift_window(d[self.seg_tokens_key], self.roi_tokens, offsets, 0)
         if self.seg_key in d:

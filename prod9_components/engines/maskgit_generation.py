@@ -31,32 +31,47 @@ def _check_steps(sampler) -> None:
         raise ValueError(f"num_steps must be >= 1, got {sampler.num_steps}")
 
 
-def generate_samples(network: nn.Module, autoencoder: nn.Module, sampler, modality: str | int, num_samples: int,
-                     token_grid: Sequence[int], output_dir: str, spacing: Sequence[float], seed: int = 0,
-                     sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu") -> list[str]:
-    """Write ``num_samples`` label-conditional samples ``sample_0001_<MOD>.nii.gz`` (RAS, ``spacing`` mm).
+def sample_volumes(network: nn.Module, autoencoder: nn.Module, sampler, modality: str | int, num_samples: int,
+                   token_grid: Sequence[int], seed: int = 0, sw_config: SlidingWindowConfig | None = None,
+                   device: str | torch.device = "cpu", volume_grid: Sequence[int] | None = None):
+    """Yield ``num_samples`` decoded label-conditional samples, each (1, D, H, W) float32 on ``device``.
 
     Args:
         network: the transformer; autoencoder: the stage-1 FSQ autoencoder it was trained on.
         sampler: a ``MaskGiTSampler`` (steps, schedule, guidance).
         modality: the modality to generate (name or index).
         token_grid: (d, h, w) token grid of each sample (the image is ``f`` times larger).
+        volume_grid: the whole-volume token grid the model was trained in (checkpoint ``volume_grid``); a smaller
+            ``token_grid`` is sampled as its centre (positions are absolute). None: ``token_grid`` is the volume.
         seed: sample ``i`` uses seed ``seed + i`` (reproducible, independent of ``num_samples``).
     """
     _check_steps(sampler)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    label = modality_index(modality)
+    label = torch.tensor([modality_index(modality)], device=device)
     wrapper = AutoencoderInferenceWrapper(autoencoder.eval(), sw_config)
-    affine = np.diag([*map(float, spacing), 1.0])
-    written = []
-    for i in tqdm(range(num_samples), desc=f"sampling {modality_name(label)}", unit="volume"):
+    volume_grid = token_grid if volume_grid is None else volume_grid
+    origin = torch.tensor([[max(0, (v - t) // 2) for v, t in zip(volume_grid, token_grid)]], device=device)
+    for i in range(num_samples):
         generator = torch.Generator().manual_seed(int(seed) + i)
-        tokens = sampler.sample(network, (1, *token_grid), torch.tensor([label], device=device), generator=generator)
+        tokens = sampler.sample(network, (1, *token_grid), label, generator=generator, grid_origin=origin)
         with torch.no_grad():
-            image = wrapper.decode(autoencoder.fsq.embed(tokens))
-        path = Path(output_dir) / f"sample_{i + 1:04d}_{modality_name(label)}.nii.gz"
-        write_nifti(image[0].float(), path, affine=affine)
+            yield wrapper.decode(autoencoder.fsq.embed(tokens))[0].float()
+
+
+def generate_samples(network: nn.Module, autoencoder: nn.Module, sampler, modality: str | int, num_samples: int,
+                     token_grid: Sequence[int], output_dir: str, spacing: Sequence[float], seed: int = 0,
+                     sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu",
+                     volume_grid: Sequence[int] | None = None) -> list[str]:
+    """Write :func:`sample_volumes` as ``sample_0001_<MOD>.nii.gz``, ... (RAS, ``spacing`` mm); returns the paths."""
+    name = modality_name(modality_index(modality))
+    affine = np.diag([*map(float, spacing), 1.0])
+    samples = sample_volumes(network, autoencoder, sampler, modality, num_samples, token_grid, seed, sw_config, device,
+                             volume_grid)
+    written = []
+    for i, image in enumerate(tqdm(samples, total=num_samples, desc=f"sampling {name}", unit="volume")):
+        path = Path(output_dir) / f"sample_{i + 1:04d}_{name}.nii.gz"
+        write_nifti(image, path, affine=affine)
         written.append(str(path))
     return written
 
@@ -97,9 +112,10 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
         size = [min(g, m) for g, m in zip(grid, max_grid)]  # a larger volume is centre-cropped on the token grid
         cropped = [pad_or_crop(g, size, pad_token) for g in grids]
         source_tokens = torch.stack([c[0] for c in cropped])[None]
+        origin = torch.tensor([[-o for o in cropped[0][1][0]]], device=device)  # the crop's place in the grid
         generator = torch.Generator().manual_seed(int(seed) + index)
         tokens = sampler.sample(network, (1, *size), torch.tensor([target], device=device), source_tokens,
-                                torch.tensor([sources], device=device), generator=generator)
+                                torch.tensor([sources], device=device), generator=generator, grid_origin=origin)
         tokens = restore(tokens[0], cropped[0][1], pad_token)[None]
         with torch.no_grad():
             image = wrapper.decode(autoencoder.fsq.embed(tokens))[0].float().cpu()

@@ -25,7 +25,8 @@ class MaskGiTTrainer(Trainer):
     Args:
         device: where the network lives.
         max_epochs: number of epochs.
-        train_data_loader: yields dicts with ``"tokens"`` (B, 4, d, h, w) int64.
+        train_data_loader: yields dicts with ``"tokens"`` (B, 4, d, h, w) int64 and ``"grid_origin"`` (B, 3) (crops
+            from ``RandTokenCropd``; absent for whole grids).
         network: ``TransformerDecoderSingleStream`` (or a DDP wrapper of one).
         optimizer: its optimizer.
         context_builder: turns token grids into targets and context.
@@ -52,6 +53,8 @@ class MaskGiTTrainer(Trainer):
 
     def _iteration(self, engine: MaskGiTTrainer, batchdata: dict) -> dict:
         tokens = batchdata["tokens"].to(engine.state.device, non_blocking=engine.non_blocking)
+        origin = batchdata.get("grid_origin")  # where each crop lies in its case's token grid
+        origin = None if origin is None else origin.to(engine.state.device)
         inputs = self.context_builder(tokens, train=True)
         target = inputs["target_tokens"]
         mask = sample_training_mask(target.shape, self.schedule).to(target.device)
@@ -60,7 +63,7 @@ class MaskGiTTrainer(Trainer):
         self.network.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             logits = self.network(masked_input, inputs["target_label"], inputs["source_tokens"],
-                                  inputs["source_labels"])
+                                  inputs["source_labels"], origin)
         losses = masked_token_loss(logits.float(), target, mask)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()

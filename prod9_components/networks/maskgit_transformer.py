@@ -77,8 +77,10 @@ class TransformerDecoderSingleStream(nn.Module):
     Masked-token transformer predicting FSQ token logits for a target grid given a modality context.
 
     Embeddings: token embedding with ``codebook_size + 1`` rows (the last is the learned [MASK]); a 3D position
-    embedding, the sum of learned per-axis tables, so voxel (z, y, x) gets the same position vector in every source
-    and in the target however long the context is; a modality embedding (inside :class:`ModalityProcessor`) added
+    embedding, the sum of learned per-axis tables indexed by the token's absolute place in the case's token grid
+    (``grid_origin`` + its place in the crop), so voxel (z, y, x) gets the same position vector in every source and
+    in the target however long the context is, and a model trained on crops knows where a crop lies when it sees
+    the whole grid; a modality embedding (inside :class:`ModalityProcessor`) added
     to every source token, used as the target-label token, and added to every target token.
 
     Args:
@@ -96,6 +98,8 @@ class TransformerDecoderSingleStream(nn.Module):
         target_tokens: (B, d, h, w) int64 in [0, K], K at masked positions.
         target_label: (B,) int64 in [0, num_modalities].
         source_tokens: (B, S, d, h, w) int64 in [0, K) or None; source_labels: (B, S) int64, -1 = absent source.
+        grid_origin: (B, 3) int64, the case-grid index of each crop's first token (negative where the crop was
+            padded; padded cells share position 0), or None for whole grids (origin 0).
         output: logits (B, K, d, h, w) for the target positions (channel-first, for ``F.cross_entropy``).
     """
 
@@ -167,13 +171,25 @@ class TransformerDecoderSingleStream(nn.Module):
         """Target labels (B,) of the unconditional context; call ``forward`` with them and ``source_tokens=None``."""
         return torch.full((batch,), self.null_label, dtype=torch.int64, device=device)
 
-    def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
-        """3D position vectors (d*h*w, hidden) of a (d, h, w) grid, in row-major (z, y, x) order."""
+    def position_embedding(self, grid: Sequence[int], grid_origin: torch.Tensor | None = None) -> torch.Tensor:
+        """3D position vectors (B or 1, d*h*w, hidden) of a (d, h, w) crop at ``grid_origin`` (B, 3), row-major."""
         grid = tuple(int(s) for s in grid)
-        if len(grid) != 3 or any(s > m for s, m in zip(grid, self.max_grid_size)):
-            raise ValueError(f"token grid {grid} exceeds max_grid_size {self.max_grid_size}.")
-        z, y, x = (table.weight[:size] for table, size in zip(self.axis_positions, grid))
-        return (z[:, None, None] + y[None, :, None] + x[None, None, :]).reshape(-1, z.shape[-1])
+        if len(grid) != 3:
+            raise ValueError(f"token grid must be (d, h, w), got {grid}.")
+        device = self.axis_positions[0].weight.device
+        origin = torch.zeros(1, 3, dtype=torch.int64, device=device) if grid_origin is None else grid_origin.long()
+        if origin.ndim != 2 or origin.shape[1] != 3:
+            raise ValueError(f"grid_origin must be (B, 3), got shape {tuple(origin.shape)}.")
+        axes = []
+        for a, (table, size, limit) in enumerate(zip(self.axis_positions, grid, self.max_grid_size)):
+            index = (origin[:, a, None] + torch.arange(size, device=origin.device)).clamp(min=0)  # (B, size)
+            if int(index.max()) >= limit:
+                raise ValueError(f"token grid {grid} at origin {origin.tolist()} exceeds max_grid_size "
+                                 f"{self.max_grid_size}; build the model with a larger max_grid_size.")
+            axes.append(table(index))  # (B, size, hidden)
+        z, y, x = axes
+        positions = z[:, :, None, None] + y[:, None, :, None] + x[:, None, None, :]
+        return positions.reshape(origin.shape[0], -1, positions.shape[-1])
 
     def _check_tokens(self, tokens: torch.Tensor, name: str) -> None:
         if tokens.dtype not in (torch.int64, torch.int32):
@@ -184,16 +200,17 @@ class TransformerDecoderSingleStream(nn.Module):
                 f"got range [{int(tokens.min())}, {int(tokens.max())}]."
             )
 
-    def embed_target(self, target_tokens: torch.Tensor, target_label: torch.Tensor) -> torch.Tensor:
+    def embed_target(self, target_tokens: torch.Tensor, target_label: torch.Tensor,
+                     grid_origin: torch.Tensor | None = None) -> torch.Tensor:
         """Token + 3D position + target-label modality embedding: (B, d, h, w) -> (B, d*h*w, hidden)."""
         if target_tokens.ndim != 4:
             raise ValueError(f"target_tokens must be (B, d, h, w), got shape {tuple(target_tokens.shape)}.")
         self._check_tokens(target_tokens, "target_tokens")
-        positions = self.position_embedding(target_tokens.shape[1:])
+        positions = self.position_embedding(target_tokens.shape[1:], grid_origin)
         tokens = self.token_embedding(target_tokens.flatten(1))  # (B, N, hidden)
         return tokens + positions + self.context.embed_label(target_label)[:, None]
 
-    def embed_sources(self, source_tokens: torch.Tensor) -> torch.Tensor:
+    def embed_sources(self, source_tokens: torch.Tensor, grid_origin: torch.Tensor | None = None) -> torch.Tensor:
         """Token + 3D position embedding of source grids: (B, S, d, h, w) -> (B, S, d*h*w, hidden).
 
         The modality embedding is added by :class:`ModalityProcessor`.
@@ -201,8 +218,8 @@ class TransformerDecoderSingleStream(nn.Module):
         if source_tokens.ndim != 5:
             raise ValueError(f"source_tokens must be (B, S, d, h, w), got shape {tuple(source_tokens.shape)}.")
         self._check_tokens(source_tokens, "source_tokens")
-        positions = self.position_embedding(source_tokens.shape[2:])
-        return self.token_embedding(source_tokens.flatten(2)) + positions
+        positions = self.position_embedding(source_tokens.shape[2:], grid_origin)
+        return self.token_embedding(source_tokens.flatten(2)) + positions[:, None]
 
     def forward(
         self,
@@ -210,11 +227,14 @@ class TransformerDecoderSingleStream(nn.Module):
         target_label: torch.Tensor,
         source_tokens: torch.Tensor | None = None,
         source_labels: torch.Tensor | None = None,
+        grid_origin: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, d, h, w = target_tokens.shape
         if tuple(target_label.shape) != (batch,):
             raise ValueError(f"target_label must be (B={batch},), got shape {tuple(target_label.shape)}.")
-        target = self.embed_target(target_tokens, target_label)
+        if grid_origin is not None and tuple(grid_origin.shape) != (batch, 3):
+            raise ValueError(f"grid_origin must be (B={batch}, 3), got shape {tuple(grid_origin.shape)}.")
+        target = self.embed_target(target_tokens, target_label, grid_origin)
         sources = None
         if source_tokens is not None:
             if source_tokens.ndim != 5 or source_tokens.shape[0] != batch or source_tokens.shape[2:] != (d, h, w):
@@ -222,7 +242,7 @@ class TransformerDecoderSingleStream(nn.Module):
                     f"source_tokens must be (B={batch}, S, {d}, {h}, {w}) like the target grid, "
                     f"got shape {tuple(source_tokens.shape)}."
                 )
-            sources = self.embed_sources(source_tokens)
+            sources = self.embed_sources(source_tokens, grid_origin)
         context, context_padding = self.context(sources, source_labels, target_label)
 
         x = self.embedding_dropout(torch.cat([context.to(target.dtype), target], dim=1))

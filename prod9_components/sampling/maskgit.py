@@ -102,6 +102,7 @@ class MaskGiTSampler:
         generator: torch.Generator | None = None,
         initial_tokens: torch.Tensor | None = None,
         fixed_mask: torch.Tensor | None = None,
+        grid_origin: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Generate a token grid.
@@ -116,6 +117,7 @@ class MaskGiTSampler:
             initial_tokens: (B, d, h, w) tokens to keep (inpainting); with ``fixed_mask`` None, every position
                 that is not ``mask_token_id`` is kept.
             fixed_mask: (B, d, h, w) bool, True = keep ``initial_tokens`` there.
+            grid_origin: (B, 3) place of the grid inside the case's token grid (None: the grid starts at 0).
 
         Returns:
             (B, d, h, w) int64 tokens in [0, codebook_size), no [MASK] left.
@@ -153,8 +155,8 @@ class MaskGiTSampler:
                 if not masked.any():
                     break
                 grid = tokens.view(shape)
-                logits = model(grid, target_label, source_tokens, source_labels)
-                uncond = model(grid, null_label) if self.guidance_scale > 0 else None
+                logits = model(grid, target_label, source_tokens, source_labels, grid_origin)
+                uncond = model(grid, null_label, grid_origin=grid_origin) if self.guidance_scale > 0 else None
                 logits = guided_logits(logits, uncond, self.guidance_scale)
                 logits = logits.flatten(2).transpose(1, 2).float()  # (B, N, K)
 

@@ -63,11 +63,17 @@ def test_label_chain(stage2_runs):
     stage2_run(LABEL, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test"})
     metrics = json.loads((Path(out) / "metrics.json").read_text())
     assert metrics["num_cases"] == 1 and metrics["val_loss"] > 0 and 0 <= metrics["token_accuracy"] <= 1
+    # Diversity: MS-SSIM between 4 samples per modality, one score per modality and their mean.
+    diversity = [metrics[f"sample_ms_ssim_{m}"] for m in record["target_modalities"]]
+    assert all(0 < d < 1 for d in diversity) and metrics["sample_ms_ssim"] == pytest.approx(np.mean(diversity))
 
     stage2_run(LABEL, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_samples": 2,
                                                          "modality": "FLAIR", "num_steps": 3})
     samples = sorted((Path(out) / "generated").glob("sample_*_FLAIR.nii.gz"))
     assert [p.name for p in samples] == ["sample_0001_FLAIR.nii.gz", "sample_0002_FLAIR.nii.gz"]
+    # Whole volumes: the largest token grid of the cached training/validation cases, times the downsampling (4).
+    grids = [np.load(p)["tokens"].shape[1:] for p in Path(stage2_runs["token_cache_dir"]).glob("*/*.npz")]
+    assert record["volume_grid"] == np.max(grids, axis=0).tolist()
     image = nib.load(samples[0])
-    assert image.shape == (32, 32, 32)  # tiny token grid 8^3 x 4
+    assert list(image.shape) == [4 * g for g in record["volume_grid"]]
     np.testing.assert_allclose(np.diag(image.affine)[:3], [4.0, 4.0, 4.0])

@@ -33,10 +33,11 @@ class Recorder(nn.Module):
     mask_token_id = property(lambda self: self.net.mask_token_id)
     null_label = property(lambda self: self.net.null_label)
 
-    def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None):
+    def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None, grid_origin=None):
         self.calls.append({"tokens": target_tokens.clone(), "label": target_label.clone(),
-                           "sources": None if source_tokens is None else source_tokens.clone()})
-        return self.net(target_tokens, target_label, source_tokens, source_labels)
+                           "sources": None if source_tokens is None else source_tokens.clone(),
+                           "origin": grid_origin})
+        return self.net(target_tokens, target_label, source_tokens, source_labels, grid_origin)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -143,8 +144,8 @@ def test_guidance_zero_is_the_conditional_model():
     assert all(torch.equal(c["label"], label) and c["sources"] is not None for c in model.calls)
 
     class NullIsGarbage(Recorder):  # proves guidance 0 never looks at the unconditional logits
-        def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None):
-            out = super().forward(target_tokens, target_label, source_tokens, source_labels)
+        def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None, grid_origin=None):
+            out = super().forward(target_tokens, target_label, source_tokens, source_labels, grid_origin)
             return torch.randn_like(out) * 100 if (target_label == self.null_label).all() else out
 
     same = MaskGiTSampler(num_steps=4).sample(NullIsGarbage(net), SHAPE, label, sources, source_labels,
@@ -157,6 +158,13 @@ def test_guidance_zero_is_the_conditional_model():
     null_calls = [c for c in model.calls if (c["label"] == net.null_label).all()]
     assert len(null_calls) == 4 and all(c["sources"] is None for c in null_calls)
     assert not torch.equal(guided, plain)
+
+    # A crop's place in the grid reaches both the conditional and the unconditional call.
+    origin = torch.tensor([[1, 0, 2], [0, 2, 1]])
+    model = Recorder(net)
+    MaskGiTSampler(num_steps=2, guidance_scale=1.0).sample(model, SHAPE, label, sources, source_labels,
+                                                           generator=seeded(0), grid_origin=origin)
+    assert len(model.calls) == 4 and all(c["origin"] is origin for c in model.calls)
 
 
 def test_inpainting_keeps_fixed_tokens_and_restores_training_mode():

@@ -102,6 +102,23 @@ def test_target_positions_do_not_move_when_context_grows():
     assert torch.allclose(target_pos, net.position_embedding(GRID), atol=1e-6)
 
 
+def test_crop_positions_are_its_place_in_the_whole_grid():
+    """A crop at grid_origin o gets the positions of cells o.. of the whole grid; padded cells share position 0."""
+    net = make_net()
+    whole = net.position_embedding(GRID)[0].reshape(*GRID, -1)
+    origin = torch.tensor([[1, 0, 2], [-1, 1, 0]])
+    crop = net.position_embedding((2, 3, 2), origin).reshape(2, 2, 3, 2, -1)
+    torch.testing.assert_close(crop[0], whole[1:3, 0:3, 2:4])
+    torch.testing.assert_close(crop[1, 1:], whole[0:1, 1:4, 0:2])  # the cell after the padded one is row 0
+    torch.testing.assert_close(crop[1, 0], crop[1, 1])  # padded row clamps to position 0
+    with pytest.raises(ValueError, match="max_grid_size"):
+        net.position_embedding((2, 2, 2), torch.tensor([[net.max_grid_size[0] - 1, 0, 0]]))
+    # The forward pass uses them: the same crop at another origin gives other logits.
+    tokens = rand_tokens(1, 2, 3, 2)
+    shifted = net(tokens, torch.tensor([1]), grid_origin=torch.tensor([[1, 0, 2]]))
+    assert (shifted - net(tokens, torch.tensor([1]))).abs().max() > 1e-4
+
+
 def test_output_depends_on_position_and_context():
     net = make_net()
     all_masked = torch.full((1, *GRID), K)

@@ -196,6 +196,7 @@ def test_rand_token_crop_takes_one_window_for_all_arrays():
         start = np.unravel_index(first, (6, 5, 4))
         np.testing.assert_array_equal(seg_tokens.numpy(), np.arange(120).reshape(6, 5, 4)[
             start[0]:start[0] + 3, start[1]:start[1] + 4, start[2]:start[2] + 2])
+        assert out["grid_origin"].tolist() == [int(s) for s in start]  # the window's place in the case grid
         starts.add(start)
     assert len(starts) > 1  # random
 
