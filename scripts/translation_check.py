@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +39,9 @@ def main() -> int:
     parser.add_argument("--target", default="T2")
     parser.add_argument("--cases", type=int, default=16, help="demo cases (70/20/10 split); 4 training cases overfit")
     parser.add_argument("--stage1-epochs", type=int, default=24)
-    parser.add_argument("--stage2-epochs", type=int, default=60)
+    parser.add_argument("--stage2-epochs", type=int, default=50, help="8 steps of 4 crops each")
     parser.add_argument("--levels", default="[5,5,5,5]",
-                        help="FSQ levels of the tiny stage 1: a small vocabulary is learnable from 4 tiny cases")
+                        help="FSQ levels of the tiny stage 1: a small vocabulary is learnable from a few tiny cases")
     args = parser.parse_args()
     work = (ROOT / args.workdir).resolve()
 
@@ -49,15 +50,18 @@ def main() -> int:
     data = work / "demo_data"
     make_demo_dataset(data, num_cases=args.cases, seed=0, shape=(48, 48, 32))  # 5 mm voxels; reused when present
     common = {"dataset_dir": data}
-    bundle_run([STAGE1 / "train.json", STAGE1 / "tiny.json"], **common, output_dir=work / "stage1",
-               spacing=[4.0, 4.0, 4.0], epochs=args.stage1_epochs, limit_train_batches=16, val_interval=4,
-               limit_val_batches=4, levels=json.loads(args.levels), **{"loss#disc_start": 100000})
+    if not (work / "stage1" / "autoencoder_tiny.pt").is_file():  # reused when present, like the data
+        bundle_run([STAGE1 / "train.json", STAGE1 / "tiny.json"], **common, output_dir=work / "stage1",
+                   spacing=[4.0, 4.0, 4.0], epochs=args.stage1_epochs, limit_train_batches=16, val_interval=4,
+                   limit_val_batches=4, levels=json.loads(args.levels), **{"loss#disc_start": 100000})
     stage2 = {**common, "output_dir": work / "stage2", "token_cache_dir": work / "token_cache"}
+    shutil.rmtree(work / "stage2", ignore_errors=True)  # a fresh transformer, never resumed from an older run
     bundle_run([STAGE2 / "train.json", STAGE2 / "tiny.json"], **stage2,
                autoencoder_path=work / "stage1" / "autoencoder_tiny.pt", source_modalities=[args.source],
                target_modality=args.target, epochs=args.stage2_epochs, limit_train_batches=8, val_interval=10,
                batch_size=4, translate_during_validation=False, **{"network_def#hidden_dim": 128,
-                                                                   "network_def#num_layers": 3})
+                                                                   "network_def#num_layers": 3,
+                                                                   "network_def#dropout": 0.1})
     # Low sampling temperature: a translation should be the likeliest image, not a diverse one.
     bundle_run([STAGE2 / "train.json", STAGE2 / "evaluate.json"], **stage2, split="test", num_steps=8,
                **{"sampler#sampling_temperature": 0.1})

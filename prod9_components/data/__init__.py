@@ -25,6 +25,7 @@ _EXPORTS = {
         "LoadVolumed",
         "MapBraTSLabelsd",
         "RobustIntensityScaled",
+        "mask_preprocessing",
         "preprocessing",
         "preprocessing_contract",
         "restore_intensity",

@@ -59,7 +59,8 @@ def map_brats_labels(seg: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tenso
         ValueError: naming every label value outside {0, 1, 2, 3, 4}.
     """
     values = torch.unique(seg).tolist() if isinstance(seg, torch.Tensor) else np.unique(seg).tolist()
-    unexpected = [v for v in values if v not in _BRATS_LABEL_MAP]
+    # Labels resampled as floats (nearest neighbour) still print as the integers they are.
+    unexpected = [int(v) if float(v).is_integer() else v for v in values if v not in _BRATS_LABEL_MAP]
     if unexpected:
         raise ValueError(
             f"unexpected tumour label values {unexpected}; expected a subset of {sorted(_BRATS_LABEL_MAP)}"

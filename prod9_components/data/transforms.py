@@ -21,6 +21,7 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandSpatialCropd,
+    ResizeWithPadOrCropd,
     Spacingd,
     SpatialPadd,
 )
@@ -157,7 +158,8 @@ class MapBraTSLabelsd(MapTransform):
             try:
                 d[key] = map_brats_labels(d[key])
             except ValueError as error:
-                raise ValueError(f"{_source_name(d[key], str(key))}: {error}") from error
+                # from None: the CLI reports an error's innermost cause, and this one names the file
+                raise ValueError(f"{_source_name(d[key], str(key))}: {error}") from None
         return d
 
 
@@ -198,6 +200,20 @@ def preprocessing(
         transforms.append(DivisiblePadd(label_keys, k=k_divisible))
     transforms.append(EnsureTyped(image_keys, dtype=torch.float32))
     return transforms
+
+
+def mask_preprocessing(spacing: Sequence[float], image_grid: Sequence[int], key: str = "seg") -> list:
+    """A tumour mask on its own onto a model's image grid: load (3D, integer labels), RAS, ``spacing`` mm with
+    nearest-neighbour resampling, BraTS labels -> {0, 1, 2, 3} (other values raise, naming the file), then centre
+    pad/crop to ``image_grid`` (the training volume: BraTS volumes centre the brain, so the tumour keeps its place).
+    Output ``key``: (1, *image_grid) MetaTensor whose affine is the output grid's."""
+    return [
+        LoadVolumed([key], label_keys=[key]),
+        Orientationd([key], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd([key], pixdim=tuple(spacing), mode="nearest"),
+        MapBraTSLabelsd([key]),
+        ResizeWithPadOrCropd([key], spatial_size=tuple(int(s) for s in image_grid)),
+    ]
 
 
 def training_crop(

@@ -78,3 +78,11 @@ class TokenContextBuilder:
                 source_labels[drop] = -1
         return {"target_tokens": target_tokens, "target_label": target_label, "source_tokens": source_tokens,
                 "source_labels": source_labels, "rows": rows}
+
+
+def control_inputs(batchdata: dict, rows: torch.Tensor, control_mask_key: str | None) -> dict:
+    """ControlNet keyword inputs of the model rows: ``control_mask`` (B', D, H, W) from ``batchdata[key]``
+    (B, 1, D, H, W); empty without a key (the stage-2 transformer)."""
+    if control_mask_key is None:
+        return {}
+    return {"control_mask": batchdata[control_mask_key].to(rows.device)[rows, 0].long()}

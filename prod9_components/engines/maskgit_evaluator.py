@@ -17,7 +17,7 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 
 from prod9_components.data.modalities import MODALITIES
-from prod9_components.engines.maskgit_context import TokenContextBuilder
+from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 from prod9_components.losses.masked_token import masked_token_loss
 from prod9_components.networks.export import unwrap
@@ -40,6 +40,7 @@ class MaskGiTEvaluator(Evaluator):
         sw_config: sliding window for decoding.
         epoch_length / key_val_metric / additional_metrics / val_handlers: as in MONAI's ``Evaluator``.
         amp: bfloat16 autocast on CUDA only.
+        control_mask_key: batch key of the tumour mask a ControlNet is steered by (``"seg"``), else None.
     """
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, network: nn.Module,
@@ -48,7 +49,7 @@ class MaskGiTEvaluator(Evaluator):
                  sw_config: SlidingWindowConfig | None = None, epoch_length: int | None = None,
                  key_val_metric: dict | None = None, additional_metrics: dict | None = None,
                  metric_cmp_fn: Callable | None = None, val_handlers: Sequence | None = None,
-                 amp: bool = False) -> None:
+                 amp: bool = False, control_mask_key: str | None = None) -> None:
         amp = bool(amp) and torch.device(device).type == "cuda"
         kwargs = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
@@ -61,6 +62,7 @@ class MaskGiTEvaluator(Evaluator):
         self.sampler = sampler
         self.autoencoder = autoencoder
         self.sw_config = sw_config or SlidingWindowConfig()
+        self.control_mask_key = control_mask_key
 
     @property
     def translates(self) -> bool:
@@ -76,15 +78,30 @@ class MaskGiTEvaluator(Evaluator):
         network = unwrap(self.network)
         with engine.mode(network), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             logits = network(target.masked_fill(mask, network.mask_token_id), inputs["target_label"],
-                             inputs["source_tokens"], inputs["source_labels"])
+                             inputs["source_tokens"], inputs["source_labels"],
+                             **control_inputs(batchdata, inputs["rows"], self.control_mask_key))
         losses = masked_token_loss(logits.float(), target, mask)
         output = {"val_loss": losses["loss"], "token_accuracy": losses["token_accuracy"]}
-        if self.translates:
-            output.update(self._translate(batchdata, inputs, generator))
+        output.update(self._generate(batchdata, inputs, generator))
         engine.state.output = output
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _generate(self, batchdata: dict, inputs: dict, generator: torch.Generator) -> dict:
+        """Outputs of sampled volumes for the metric handlers: in-context translations, or nothing."""
+        return self._translate(batchdata, inputs, generator) if self.translates else {}
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, D, H, W) of token grids (B, d, h, w), through the stage-1 sliding window."""
+        wrapper = AutoencoderInferenceWrapper(self.autoencoder, self.sw_config)
+        with torch.no_grad():
+            return wrapper.decode(self.autoencoder.fsq.embed(tokens)).float()
+
+    @staticmethod
+    def images(batchdata: dict, device: torch.device) -> torch.Tensor:
+        """The preprocessed images of every modality (B, 4, D, H, W), modality order T1, T1ce, T2, FLAIR."""
+        return torch.cat([batchdata[m] for m in MODALITIES], dim=1).to(device).float()
 
     def _translate(self, batchdata: dict, inputs: dict, generator: torch.Generator) -> dict:
         device = inputs["target_tokens"].device
@@ -92,12 +109,8 @@ class MaskGiTEvaluator(Evaluator):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             sampled = self.sampler.sample(network, inputs["target_tokens"].shape, inputs["target_label"],
                                           inputs["source_tokens"], inputs["source_labels"], generator=generator)
-        wrapper = AutoencoderInferenceWrapper(self.autoencoder, self.sw_config)
-        fsq = self.autoencoder.fsq
-        with torch.no_grad():
-            pred = wrapper.decode(fsq.embed(sampled)).float()
-            roundtrip = wrapper.decode(fsq.embed(inputs["target_tokens"])).float()
-        images = torch.cat([batchdata[m] for m in MODALITIES], dim=1).to(device).float()  # (B, 4, D, H, W)
+        pred, roundtrip = self.decode(sampled), self.decode(inputs["target_tokens"])
+        images = self.images(batchdata, device)
         rows, first_source = inputs["rows"], inputs["source_labels"][:, 0]
         label = images[rows, inputs["target_label"]].unsqueeze(1)
         return {

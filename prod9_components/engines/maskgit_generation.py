@@ -21,6 +21,7 @@ from tqdm import tqdm
 from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
 from prod9_components.data.postprocessing import write_nifti
 from prod9_components.data.token_cache import pad_or_crop, restore
+from prod9_components.data.transforms import mask_preprocessing
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 
 logger = logging.getLogger("prod9")
@@ -147,3 +148,63 @@ def input_items(inputs, source_modalities: Sequence[str | int]) -> list[dict]:
                 raise FileNotFoundError(f"{p}: no such input file")
         return [{k: str(Path(p).resolve()) for k, p in zip(keys, inputs)}]
     return [dict(item) for item in inputs]
+
+
+def mask_items(masks) -> list[dict]:
+    """Items for :func:`generate_with_masks` from a mask path, a list of paths, or case dicts (the test split)."""
+    masks = [masks] if isinstance(masks, (str, Path)) else list(masks)
+    if all(isinstance(m, dict) for m in masks):
+        items = [{"seg": m["seg"], "case": m["case"]} for m in masks if m.get("seg")]
+        if not items:
+            raise ValueError("no --mask given and the test split has no segmentations to take masks from")
+        return items
+    for p in masks:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: no such mask file")
+    return [{"seg": str(Path(p).resolve()), "case": Path(str(p)).name.split(".nii")[0]} for p in masks]
+
+
+def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, modality: str | int,
+                        items: Sequence[dict], volume_grid: Sequence[int], spacing: Sequence[float], output_dir: str,
+                        output_path: str | None = None, seed: int = 0, sw_config: SlidingWindowConfig | None = None,
+                        device: str | torch.device = "cpu", source_modalities: Sequence[str] = ()) -> list[str]:
+    """Mask-controlled samples: ``<case>_<MOD>.nii.gz`` and the mask used, ``<case>_mask.nii.gz``, on one grid.
+
+    Each mask (any BraTS label convention, any grid) is put on the model's whole-volume grid by
+    :func:`~prod9_components.data.transforms.mask_preprocessing`; sample ``i`` uses seed ``seed + i``.
+
+    Args:
+        network: a ``MaskGiTControlNet`` around a label-conditional transformer (mask or both control).
+        items: dicts with ``"seg"`` (a NIfTI path) and ``"case"``, see :func:`mask_items`.
+        volume_grid: the token grid of the training volumes (checkpoint ``volume_grid``).
+        output_path: exact image file (one mask only; the mask goes beside it); else ``output_dir``.
+        source_modalities: those of the base transformer; generation needs a label-conditional base (none).
+    """
+    _check_steps(sampler)
+    if source_modalities:
+        raise ValueError(f"this ControlNet steers an in-context transformer (sources {', '.join(source_modalities)}): "
+                         "generating from a mask alone needs one trained on a label-conditional transformer")
+    if getattr(network, "mask_encoder", None) is None:
+        raise ValueError("this ControlNet has control_type 'label': it takes no mask (train with mask or both)")
+    if output_path and len(items) != 1:
+        raise ValueError(f"--output names one file but there are {len(items)} masks")
+    factor = int(network.init_args["downsample_factor"])
+    label = torch.tensor([modality_index(modality)], device=device)
+    name = modality_name(int(label))
+    transform = Compose(mask_preprocessing(spacing, [g * factor for g in volume_grid]))
+    wrapper = AutoencoderInferenceWrapper(autoencoder.eval(), sw_config)
+    written = []
+    for i, item in enumerate(tqdm(items, desc=f"sampling {name} with masks", unit="volume")):
+        seg = transform({"seg": item["seg"]})["seg"]  # (1, D, H, W) MetaTensor on the output grid
+        generator = torch.Generator().manual_seed(int(seed) + i)
+        tokens = sampler.sample(network, (1, *volume_grid), label, generator=generator,
+                                model_kwargs={"control_mask": seg.as_tensor().long().to(device)})
+        with torch.no_grad():
+            image = wrapper.decode(autoencoder.fsq.embed(tokens))[0].float().cpu()
+        path = Path(output_path) if output_path else Path(output_dir) / f"{item['case']}_{name}.nii.gz"
+        mask_path = path.with_name(path.name.split(".nii")[0].removesuffix(f"_{name}") + "_mask.nii.gz")
+        write_nifti(image, path, affine=seg.affine)
+        write_nifti(seg, mask_path, dtype="uint8")
+        written += [str(path), str(mask_path)]
+    logger.info(f"wrote {len(written) // 2} mask-controlled {name} sample(s) with their masks")
+    return written

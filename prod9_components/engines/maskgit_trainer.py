@@ -9,7 +9,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from prod9_components.engines.maskgit_context import TokenContextBuilder
+from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.losses.masked_token import masked_token_loss
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
@@ -35,12 +35,15 @@ class MaskGiTTrainer(Trainer):
         train_handlers: Ignite/MONAI handlers.
         amp: bfloat16 autocast on CUDA (ignored on CPU).
         grad_clip: max gradient norm, None to disable.
+        control_mask_key: batch key of the tumour mask (B, 1, D, H, W) a ControlNet is steered by (``"seg"``);
+            None for the stage-2 transformer.
     """
 
     def __init__(self, device: torch.device | str, max_epochs: int, train_data_loader: Iterable, network: nn.Module,
                  optimizer: torch.optim.Optimizer, context_builder: TokenContextBuilder, schedule: str = "cosine",
                  epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool = False,
-                 grad_clip: float | None = 1.0, non_blocking: bool = False) -> None:
+                 grad_clip: float | None = 1.0, non_blocking: bool = False,
+                 control_mask_key: str | None = None) -> None:
         amp = bool(amp) and torch.device(device).type == "cuda"
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
                          epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp,
@@ -50,6 +53,7 @@ class MaskGiTTrainer(Trainer):
         self.context_builder = context_builder
         self.schedule = schedule
         self.grad_clip = grad_clip
+        self.control_mask_key = control_mask_key
 
     def _iteration(self, engine: MaskGiTTrainer, batchdata: dict) -> dict:
         tokens = batchdata["tokens"].to(engine.state.device, non_blocking=engine.non_blocking)
@@ -63,11 +67,12 @@ class MaskGiTTrainer(Trainer):
         self.network.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             logits = self.network(masked_input, inputs["target_label"], inputs["source_tokens"],
-                                  inputs["source_labels"], origin)
+                                  inputs["source_labels"], origin,
+                                  **control_inputs(batchdata, inputs["rows"], self.control_mask_key))
         losses = masked_token_loss(logits.float(), target, mask)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        if self.grad_clip:
+        if self.grad_clip:  # frozen parameters have no gradient and are skipped
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
         self.optimizer.step()
 

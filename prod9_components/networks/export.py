@@ -78,8 +78,12 @@ def network_record(network: nn.Module, preprocessing: dict | None = None, networ
     }
 
 
-def load_record(path: str | os.PathLike) -> dict:
+def load_record(path: str | os.PathLike, stages: tuple[str, ...] | list[str] | None = None) -> dict:
     """Read a record written by :func:`network_record` (a best.ckpt, last.ckpt or stage export).
+
+    Args:
+        path: the file.
+        stages: bundle stages the caller accepts (the record's ``stage``); None accepts any.
 
     Raises:
         FileNotFoundError / ValueError: with the path and what was expected.
@@ -94,6 +98,8 @@ def load_record(path: str | os.PathLike) -> dict:
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise ValueError(f"{path}: not a prod9 network file (expected a dict with format '{RECORD_FORMAT}')")
+    if stages is not None and record.get("stage") not in stages:
+        raise ValueError(f"{path}: a '{record.get('stage')}' checkpoint, expected one of {', '.join(stages)}")
     return record
 
 

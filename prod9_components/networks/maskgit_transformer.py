@@ -221,14 +221,16 @@ class TransformerDecoderSingleStream(nn.Module):
         positions = self.position_embedding(source_tokens.shape[2:], grid_origin)
         return self.token_embedding(source_tokens.flatten(2)) + positions[:, None]
 
-    def forward(
+    def embed_sequence(
         self,
         target_tokens: torch.Tensor,
         target_label: torch.Tensor,
         source_tokens: torch.Tensor | None = None,
         source_labels: torch.Tensor | None = None,
         grid_origin: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The block input ``[context][target]`` (B, L, hidden), its SDPA mask (None when nothing is padded) and
+        the context length; :meth:`forward` = this, the blocks, then :meth:`logits`."""
         batch, d, h, w = target_tokens.shape
         if tuple(target_label.shape) != (batch,):
             raise ValueError(f"target_label must be (B={batch},), got shape {tuple(target_label.shape)}.")
@@ -251,7 +253,23 @@ class TransformerDecoderSingleStream(nn.Module):
         if context_padding.any():
             keep = torch.cat([~context_padding, torch.ones_like(context_padding[:, :1]).expand(batch, d * h * w)], 1)
             attn_mask = keep[:, None, None, :]
+        return x, attn_mask, context.shape[1]
+
+    def logits(self, x: torch.Tensor, context_length: int, grid: Sequence[int]) -> torch.Tensor:
+        """Logits (B, K, d, h, w) of the target positions of the last block's output ``x`` (B, L, hidden)."""
+        logits = self.head(self.ln_f(x[:, context_length:]))  # (B, N, K)
+        return logits.transpose(1, 2).reshape(x.shape[0], self.codebook_size, *grid)
+
+    def forward(
+        self,
+        target_tokens: torch.Tensor,
+        target_label: torch.Tensor,
+        source_tokens: torch.Tensor | None = None,
+        source_labels: torch.Tensor | None = None,
+        grid_origin: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x, attn_mask, context_length = self.embed_sequence(target_tokens, target_label, source_tokens,
+                                                           source_labels, grid_origin)
         for block in self.blocks:
             x = block(x, attn_mask)
-        logits = self.head(self.ln_f(x[:, context.shape[1] :]))  # target positions only: (B, N, K)
-        return logits.transpose(1, 2).reshape(batch, self.codebook_size, d, h, w)
+        return self.logits(x, context_length, target_tokens.shape[1:])

@@ -103,6 +103,7 @@ class MaskGiTSampler:
         initial_tokens: torch.Tensor | None = None,
         fixed_mask: torch.Tensor | None = None,
         grid_origin: torch.Tensor | None = None,
+        model_kwargs: dict | None = None,
     ) -> torch.Tensor:
         """
         Generate a token grid.
@@ -118,6 +119,7 @@ class MaskGiTSampler:
                 that is not ``mask_token_id`` is kept.
             fixed_mask: (B, d, h, w) bool, True = keep ``initial_tokens`` there.
             grid_origin: (B, 3) place of the grid inside the case's token grid (None: the grid starts at 0).
+            model_kwargs: more keyword inputs of every model call (a ControlNet's ``control_mask``).
 
         Returns:
             (B, d, h, w) int64 tokens in [0, codebook_size), no [MASK] left.
@@ -143,6 +145,7 @@ class MaskGiTSampler:
         elif fixed_mask is not None:
             raise ValueError("fixed_mask needs initial_tokens (the values to keep).")
 
+        model_kwargs = model_kwargs or {}
         masked = tokens == mask_id  # (B, N)
         counts = self.masked_counts(masked.sum(dim=1))
         null_label = torch.full_like(target_label, int(model.null_label))
@@ -155,8 +158,9 @@ class MaskGiTSampler:
                 if not masked.any():
                     break
                 grid = tokens.view(shape)
-                logits = model(grid, target_label, source_tokens, source_labels, grid_origin)
-                uncond = model(grid, null_label, grid_origin=grid_origin) if self.guidance_scale > 0 else None
+                logits = model(grid, target_label, source_tokens, source_labels, grid_origin, **model_kwargs)
+                uncond = (model(grid, null_label, grid_origin=grid_origin, **model_kwargs)
+                          if self.guidance_scale > 0 else None)
                 logits = guided_logits(logits, uncond, self.guidance_scale)
                 logits = logits.flatten(2).transpose(1, 2).float()  # (B, N, K)
 

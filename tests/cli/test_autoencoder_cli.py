@@ -114,9 +114,11 @@ def test_both_multi_value_spellings_normalise_the_same():
         normalise_multi_value_flags(["infer", "--roi-size", "[64,64,64]", "--overlap", "0.5"])
 
 
-@pytest.mark.parametrize("command", [["prod9-train-autoencoder", "infer"], ["prod9-train-transformer", "generate"]])
-def test_help_prints_flags_and_runs_nothing(command):
+@pytest.mark.parametrize("command, flag", [(["prod9-train-autoencoder", "infer"], "--input"),
+                                           (["prod9-train-transformer", "generate"], "--input"),
+                                           (["prod9-train-maskgit-controlnet", "generate"], "--mask")])
+def test_help_prints_flags_and_runs_nothing(command, flag):
     result = cli(*command, "--help")
     text = result.stdout + result.stderr
-    assert "--input" in text and "--checkpoint" in text
+    assert flag in text and "--checkpoint" in text
     assert "error:" not in text and "parsing config_file" not in text

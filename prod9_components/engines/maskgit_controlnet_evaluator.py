@@ -1,0 +1,59 @@
+"""Ignite evaluator for the MaskGiT ControlNet: the stage-2 scores plus what the tumour mask does to samples."""
+
+from __future__ import annotations
+
+import torch
+
+from prod9_components.engines.maskgit_evaluator import MaskGiTEvaluator
+from prod9_components.metrics.tumour import TUMOUR_LABELS, control_sensitivity, tumour_contrast
+from prod9_components.networks.export import unwrap
+
+
+class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
+    """``val_loss`` / ``token_accuracy`` of base + control given each held-out case's mask, and per case and target
+    modality two whole-volume samples from the same seed: one steered by the case's mask, one by an empty mask.
+
+    Outputs for the metric handlers (see :mod:`prod9_components.metrics.tumour`): ``contrast_error_<label>`` |
+    generated - real| tumour-vs-healthy contrast per BraTS label (NaN when the case lacks the label),
+    ``contrast_<label>`` / ``real_contrast_<label>``, ``sensitivity`` (mean change inside the tumour minus in the
+    healthy brain), ``change_inside`` / ``change_outside``; and ``pred`` / ``pred_without_mask`` / ``label`` /
+    ``seg`` images for TensorBoard. Needs ``sampler``, ``autoencoder`` and ``control_mask_key``; the images of every
+    modality and ``seg`` come from the batch, on the token grid times the downsampling.
+    """
+
+    def _generate(self, batchdata: dict, inputs: dict, generator: torch.Generator) -> dict:
+        if self.sampler is None or self.autoencoder is None:
+            return {}
+        device = inputs["target_tokens"].device
+        network = unwrap(self.network)
+        seg = batchdata[self.control_mask_key].to(device)[inputs["rows"], 0].long()  # (B', D, H, W)
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+
+        def sample(mask: torch.Tensor) -> torch.Tensor:  # the same seed: the same noise with and without the mask
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                tokens = self.sampler.sample(network, inputs["target_tokens"].shape, inputs["target_label"],
+                                             inputs["source_tokens"], inputs["source_labels"],
+                                             generator=torch.Generator().manual_seed(seed),
+                                             model_kwargs={"control_mask": mask})
+            return self.decode(tokens)
+
+        pred, without = sample(seg), sample(torch.zeros_like(seg))
+        label = self.images(batchdata, device)[inputs["rows"], inputs["target_label"]].unsqueeze(1)
+        output = {"pred": pred, "pred_without_mask": without, "label": label, "seg": seg[:, None].float() / 3}
+        # Per-row scores, averaged over the rows of this batch (one row per case and target modality).
+        rows = []
+        for b in range(len(seg)):
+            brain = label[b] > 0
+            generated, real = tumour_contrast(pred[b], seg[b], brain), tumour_contrast(label[b], seg[b], brain)
+            sensitivity = control_sensitivity(pred[b], without[b], seg[b], brain)
+            row = {"sensitivity": sensitivity["score"], "change_inside": sensitivity["inside"],
+                   "change_outside": sensitivity["outside"]}
+            for value, name in TUMOUR_LABELS.items():
+                row[f"contrast_{name}"] = generated[value]
+                row[f"real_contrast_{name}"] = real[value]
+                row[f"contrast_error_{name}"] = abs(generated[value] - real[value])
+            rows.append(row)
+        for key in rows[0]:
+            values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+            output[key] = float(values.nanmean()) if not values.isnan().all() else float("nan")
+        return output

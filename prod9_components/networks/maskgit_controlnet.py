@@ -1,0 +1,157 @@
+"""ControlNet for the MaskGiT transformer (stage 3): steer a frozen stage-2 model with a tumour mask and/or a label.
+
+A trainable copy of the first ``num_control_blocks`` blocks of the base transformer runs beside them. Its input is
+the base model's embedded sequence plus the control embedding on the target positions; after each of those base
+blocks, a zero-initialised linear projection of the copy's hidden state is added to the base hidden state (a
+residual injection, not a change of the output). At initialisation the projections are zero, so the output is the
+base model's exactly; training moves only the branch, the mask encoder, the label embedding and the projections.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
+
+__all__ = ["CONTROL_TYPES", "MaskEncoder", "MaskGiTControlNet"]
+
+CONTROL_TYPES = ("mask", "label", "both")
+
+
+class MaskEncoder(nn.Module):
+    """One-hot tumour mask at image resolution -> one vector per token: (B, C, D, H, W) -> (B, hidden, d, h, w).
+
+    Strided convolutions halve the grid ``log2(downsample_factor)`` times (the stage-1 downsampling), so every
+    token sees the mask inside its own block and around it.
+    """
+
+    def __init__(self, num_classes: int, hidden_dim: int, downsample_factor: int, channels: int = 32) -> None:
+        super().__init__()
+        steps = int(round(math.log2(downsample_factor)))
+        if downsample_factor < 1 or 2**steps != downsample_factor:
+            raise ValueError(f"downsample_factor must be a power of two, got {downsample_factor}.")
+        layers: list[nn.Module] = [nn.Conv3d(num_classes, channels, 3, padding=1), nn.SiLU()]
+        for _ in range(steps):
+            layers += [nn.Conv3d(channels, channels, 3, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.Conv3d(channels, hidden_dim, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, mask_one_hot: torch.Tensor) -> torch.Tensor:
+        return self.net(mask_one_hot)
+
+
+class MaskGiTControlNet(nn.Module):
+    """
+    A frozen :class:`TransformerDecoderSingleStream` plus a trainable control branch.
+
+    Args:
+        base_args: ``init_args`` of the stage-2 transformer (the base is built from them; load its weights with
+            :meth:`from_base` or a full state dict).
+        control_type: ``"mask"`` (tumour mask), ``"label"`` (modality embedding) or ``"both"`` (their sum).
+        num_control_blocks: how many leading base blocks get a trainable copy (default: half, at least 1).
+        num_mask_classes: classes of the one-hot mask (BraTS: background, necrosis, oedema, enhancing = 4).
+        downsample_factor: image voxels per token along each axis (the stage-1 autoencoder's).
+        encoder_channels: width of the mask encoder.
+
+    Shapes (besides the base model's, see :class:`TransformerDecoderSingleStream`):
+        control_mask: (B, D, H, W) int labels in [0, num_mask_classes) at image resolution, D = d * f; needed for
+            mask control.
+        control_label: (B,) modality label for label control (default: ``target_label``).
+        output: logits (B, K, d, h, w).
+    """
+
+    def __init__(self, base_args: dict, control_type: str = "mask", num_control_blocks: int | None = None,
+                 num_mask_classes: int = 4, downsample_factor: int = 4, encoder_channels: int = 32) -> None:
+        super().__init__()
+        if control_type not in CONTROL_TYPES:
+            raise ValueError(f"unknown control_type {control_type!r}; valid: {', '.join(CONTROL_TYPES)}.")
+        self.base = TransformerDecoderSingleStream(**base_args)
+        depth = len(self.base.blocks)
+        num_control_blocks = max(1, depth // 2) if num_control_blocks is None else int(num_control_blocks)
+        if not 1 <= num_control_blocks <= depth:
+            raise ValueError(f"num_control_blocks must be in [1, {depth}] (the base has {depth} blocks), "
+                             f"got {num_control_blocks}.")
+        self.init_args = {"base_args": dict(self.base.init_args), "control_type": control_type,
+                          "num_control_blocks": num_control_blocks, "num_mask_classes": int(num_mask_classes),
+                          "downsample_factor": int(downsample_factor), "encoder_channels": int(encoder_channels)}
+        self.control_type = control_type
+        self.num_mask_classes = int(num_mask_classes)
+        hidden = self.base.init_args["hidden_dim"]
+        self.control_blocks = nn.ModuleList(copy.deepcopy(self.base.blocks[i]) for i in range(num_control_blocks))
+        self.mask_encoder = (MaskEncoder(num_mask_classes, hidden, downsample_factor, encoder_channels)
+                             if control_type in ("mask", "both") else None)
+        self.label_embedding = (nn.Embedding(self.base.context.num_modalities + 1, hidden)
+                                if control_type in ("label", "both") else None)
+        self.zero_projections = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(num_control_blocks))
+        for projection in self.zero_projections:
+            nn.init.zeros_(projection.weight)
+            nn.init.zeros_(projection.bias)
+        self.base.requires_grad_(False)
+
+    @classmethod
+    def from_base(cls, base: TransformerDecoderSingleStream, **kwargs) -> MaskGiTControlNet:
+        """A control net around a trained transformer: its weights, and the branch copied from its first blocks."""
+        net = cls(base.init_args, **kwargs)
+        net.base.load_state_dict(base.state_dict())
+        for copy_block, block in zip(net.control_blocks, net.base.blocks):
+            copy_block.load_state_dict(block.state_dict())
+        if net.label_embedding is not None:
+            net.label_embedding.weight.data.copy_(net.base.context.modality_embedding.weight)
+        return net
+
+    # The sampler and the trainer talk to this model as to the base.
+    mask_token_id = property(lambda self: self.base.mask_token_id)
+    null_label = property(lambda self: self.base.null_label)
+    codebook_size = property(lambda self: self.base.codebook_size)
+
+    def train(self, mode: bool = True) -> MaskGiTControlNet:
+        super().train(mode)
+        self.base.eval()  # frozen: no dropout, so the base's function is fixed
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def control_embedding(self, grid: tuple[int, int, int], batch: int, control_mask: torch.Tensor | None,
+                          control_label: torch.Tensor) -> torch.Tensor:
+        """(B, d*h*w, hidden) added to the target positions of the branch's input."""
+        control = 0
+        if self.mask_encoder is not None:
+            if control_mask is None:
+                raise ValueError(f"control_type {self.control_type!r} needs control_mask (B, D, H, W).")
+            factor = self.init_args["downsample_factor"]
+            expected = (batch, *(s * factor for s in grid))
+            if tuple(control_mask.shape) != expected:
+                raise ValueError(f"control_mask must be {expected} (the token grid x {factor}), "
+                                 f"got shape {tuple(control_mask.shape)}.")
+            if control_mask.numel() and (control_mask.min() < 0 or control_mask.max() >= self.num_mask_classes):
+                raise ValueError(f"control_mask labels must be in [0, {self.num_mask_classes}), "
+                                 f"got [{int(control_mask.min())}, {int(control_mask.max())}].")
+            one_hot = F.one_hot(control_mask.long(), self.num_mask_classes).movedim(-1, 1)
+            weight = self.mask_encoder.net[0].weight
+            control = self.mask_encoder(one_hot.to(weight.dtype)).flatten(2).transpose(1, 2)
+        if self.label_embedding is not None:
+            control = control + self.label_embedding(control_label)[:, None]
+        return control
+
+    def forward(self, target_tokens: torch.Tensor, target_label: torch.Tensor,
+                source_tokens: torch.Tensor | None = None, source_labels: torch.Tensor | None = None,
+                grid_origin: torch.Tensor | None = None, control_mask: torch.Tensor | None = None,
+                control_label: torch.Tensor | None = None) -> torch.Tensor:
+        batch, d, h, w = target_tokens.shape
+        x, attn_mask, context_length = self.base.embed_sequence(target_tokens, target_label, source_tokens,
+                                                               source_labels, grid_origin)
+        control = self.control_embedding((d, h, w), batch, control_mask,
+                                         target_label if control_label is None else control_label)
+        c = torch.cat([x[:, :context_length], x[:, context_length:] + control], dim=1)
+        for i, block in enumerate(self.base.blocks):
+            x = block(x, attn_mask)
+            if i < len(self.control_blocks):
+                c = self.control_blocks[i](c, attn_mask)
+                x = x + self.zero_projections[i](c)
+        return self.base.logits(x, context_length, (d, h, w))

@@ -1,0 +1,119 @@
+"""MaskGiT stage 3 (ControlNet) through `python -m monai.bundle run` and its CLI: chained on the stage-2 label
+transformer the test session trained on its own stage-1 export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from prod9_components.metrics.tumour import CONTROL_METRICS
+from tests.stage1_helpers import cli
+from tests.stage2_helpers import CONTROLNET, stage2_run
+
+pytestmark = pytest.mark.slow
+CMD = "prod9-train-maskgit-controlnet"
+
+
+def _ids(runs: dict, out: Path) -> dict:
+    return {"dataset_dir": runs["dataset_dir"], "output_dir": out, "token_cache_dir": runs["token_cache_dir"]}
+
+
+@pytest.fixture(scope="module")
+def stage3_run(stage2_runs, tmp_path_factory) -> dict:
+    """A tiny ControlNet (control_type both) on the stage-2 label transformer, 1 epoch."""
+    out = tmp_path_factory.mktemp("maskgit_stage3")
+    stage2_run(CONTROLNET, ["train.json", "tiny.json"], {
+        **_ids(stage2_runs, out), "transformer_path": Path(stage2_runs["label"]) / "best.ckpt",
+        "control_type": "both"})
+    return {**stage2_runs, "stage3": out}
+
+
+def test_chain_train_evaluate_generate(stage3_run):
+    out = stage3_run["stage3"]
+    record = torch.load(out / "best.ckpt", weights_only=True)
+    assert record["stage"] == "maskgit_stage3_controlnet" and record["network_args"]["control_type"] == "both"
+    assert record["transformer_path"] == str(Path(stage3_run["label"]) / "best.ckpt")
+    # The frozen base inside the record is the stage-2 transformer, bit for bit.
+    base = torch.load(record["transformer_path"], weights_only=True)["state_dict"]
+    for name, value in base.items():
+        assert torch.equal(record["state_dict"][f"base.{name}"], value), name
+
+    stage2_run(CONTROLNET, ["train.json", "evaluate.json"], {**_ids(stage3_run, out), "split": "test",
+                                                             "num_steps": 3})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_cases"] == 1 and metrics["control_type"] == "both"
+    assert set(CONTROL_METRICS) <= set(metrics) and metrics["val_loss"] > 0
+    assert metrics["real_contrast_enhancing"] > 0.05  # the demo's enhancing rim is bright on the real images
+
+    stage2_run(CONTROLNET, ["train.json", "inference.json"], {**_ids(stage3_run, out), "num_steps": 3,
+                                                              "modality": "FLAIR"})
+    image, mask = (nib.load(p) for p in sorted((out / "generated").glob("*.nii.gz")))
+    assert image.get_filename().endswith("_FLAIR.nii.gz") and mask.get_filename().endswith("_mask.nii.gz")
+    assert image.shape == mask.shape == tuple(4 * g for g in record["volume_grid"])
+    np.testing.assert_allclose(image.affine, mask.affine)
+    assert set(np.unique(mask.get_fdata())) <= {0, 1, 2, 3} and mask.get_fdata().max() > 0
+
+
+def test_trained_branch_makes_the_mask_matter(stage3_run, tmp_path):
+    """The control-sensitivity score (change inside the tumour minus change in the healthy brain, the same seed
+    with the case's mask vs an empty one) of a briefly trained branch beats the untrained branch's exact 0."""
+    scores = {}
+    for name, lr in (("untrained", 0.0), ("trained", 3e-3)):
+        out = tmp_path / name
+        stage2_run(CONTROLNET, ["train.json", "tiny.json"], {
+            **_ids(stage3_run, out), "transformer_path": Path(stage3_run["label"]) / "best.ckpt",
+            "control_type": "mask", "epochs": 30, "val_interval": 30, "learning_rate": lr,
+            "sample_during_validation": False})
+        stage2_run(CONTROLNET, ["train.json", "evaluate.json"], {**_ids(stage3_run, out), "split": "test",
+                                                                 "num_steps": 4})
+        scores[name] = json.loads((out / "metrics.json").read_text())
+    assert scores["untrained"]["sensitivity"] == 0.0 and scores["untrained"]["change_inside"] == 0.0
+    trained = scores["trained"]
+    assert trained["sensitivity"] > 0.003 and trained["change_inside"] > 2 * trained["change_outside"]
+
+
+def test_generate_from_a_user_mask_on_another_grid(stage3_run, tmp_path):
+    """A BraTS 2021 mask (label 4) at 2 mm and of odd shape: mapped to 0..3, resampled nearest onto the grid."""
+    seg = np.zeros((61, 57, 45), np.uint8)
+    seg[20:40, 20:38, 15:30] = 2
+    seg[25:35, 24:34, 18:27] = 4
+    seg[28:32, 27:31, 21:24] = 1
+    nib.save(nib.Nifti1Image(seg, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "case_seg.nii.gz")
+    result = cli(CMD, "generate", "--checkpoint", str(stage3_run["stage3"] / "best.ckpt"), "--mask",
+                 str(tmp_path / "case_seg.nii.gz"), "--modality", "T1ce", "--output", str(tmp_path / "out"),
+                 "--num-steps", "2")
+    assert result.stdout.strip().splitlines()[-1] == f"mask-controlled samples written to {tmp_path / 'out'}"
+    mask = nib.load(tmp_path / "out" / "case_seg_mask.nii.gz").get_fdata()
+    assert (tmp_path / "out" / "case_seg_T1ce.nii.gz").is_file()
+    assert sorted(np.unique(mask)) == [0, 1, 2, 3]
+    # 2 mm -> 4 mm halves each side: the oedema box (20x18x15 voxels) keeps its volume in mm^3.
+    assert (mask > 0).sum() * 4**3 == pytest.approx((seg > 0).sum() * 2**3, rel=0.15)
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda run, tmp: ["generate", "--mask", str(_bad_mask(tmp))],
+     "bad_seg.nii.gz: unexpected tumour label values [7]"),
+    (lambda run, tmp: ["generate", "--num-steps", "0"], "num_steps must be >= 1"),
+    (lambda run, tmp: ["train", "--transformer-path", run["export_path"], "--output-dir", str(tmp / "t")],
+     "a 'maskgit_stage1' checkpoint, expected one of maskgit_stage2_label, maskgit_stage2_incontext"),
+])
+def test_bad_input_is_one_clear_line(stage3_run, stage1_run, tmp_path, make_args, expected):
+    args = make_args({**stage3_run, **stage1_run}, tmp_path)
+    if args[0] == "generate":
+        args += ["--checkpoint", str(stage3_run["stage3"] / "best.ckpt"), "--output", str(tmp_path / "gen")]
+    result = cli(CMD, *args, "--dataset-dir", stage3_run["dataset_dir"], check=False)
+    assert result.returncode != 0
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "gen").exists() or not any((tmp_path / "gen").iterdir())
+
+
+def _bad_mask(tmp_path: Path) -> Path:
+    seg = np.zeros((20, 20, 20), np.uint8)
+    seg[5:10, 5:10, 5:10] = 7
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), tmp_path / "bad_seg.nii.gz")
+    return tmp_path / "bad_seg.nii.gz"

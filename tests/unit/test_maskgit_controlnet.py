@@ -1,0 +1,114 @@
+"""MaskGiT ControlNet: identity at initialisation, frozen base, trained control path, control-type switches."""
+
+import pytest
+import torch
+
+from prod9_components.losses.masked_token import masked_token_loss
+from prod9_components.networks.maskgit_controlnet import MaskGiTControlNet
+from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
+
+K, GRID, F = 32, (3, 4, 2), 2  # token grid; image grid = GRID * F
+
+
+def make_base() -> TransformerDecoderSingleStream:
+    torch.manual_seed(0)
+    return TransformerDecoderSingleStream(K, hidden_dim=32, num_layers=2, num_heads=4, max_grid_size=(8, 8, 8),
+                                          dropout=0.1)
+
+
+def make_control(control_type: str = "both", randomise_projections: bool = False) -> MaskGiTControlNet:
+    net = MaskGiTControlNet.from_base(make_base(), control_type=control_type, downsample_factor=F,
+                                      encoder_channels=8)
+    if randomise_projections:  # as after training: the branch now reaches the output
+        for projection in net.zero_projections:
+            torch.nn.init.normal_(projection.weight, std=0.2)
+    return net.eval()
+
+
+def inputs(batch: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, K, (batch, *GRID), generator=g)
+    tokens[:, 0] = K  # some masked positions
+    mask = torch.randint(0, 4, (batch, *(s * F for s in GRID)), generator=g)
+    return {"target_tokens": tokens, "target_label": torch.tensor([0, 2])[:batch], "control_mask": mask}
+
+
+@pytest.mark.parametrize("control_type", ["mask", "label", "both"])
+def test_output_equals_base_at_initialisation(control_type):
+    net, x = make_control(control_type), inputs()
+    sources, source_labels = torch.randint(0, K, (2, 1, *GRID)), torch.tensor([[1], [3]])
+    with torch.no_grad():
+        base = net.base(x["target_tokens"], x["target_label"], sources, source_labels)
+        controlled = net(x["target_tokens"], x["target_label"], sources, source_labels,
+                         control_mask=x["control_mask"])
+    assert torch.equal(controlled, base)
+    # The branch starts as a copy of the base's first blocks.
+    assert len(net.control_blocks) == 1
+    for name, value in net.control_blocks[0].state_dict().items():
+        assert torch.equal(value, net.base.blocks[0].state_dict()[name])
+
+
+def test_base_is_frozen_and_the_mask_encoder_learns(one_thread):
+    net = make_control("both").train()
+    assert not net.base.training  # no dropout in the frozen base
+    before = {k: v.clone() for k, v in net.base.state_dict().items()}
+    optimizer = torch.optim.AdamW(net.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    assert not any(p.requires_grad for p in net.base.parameters())
+    x, target = inputs(), torch.randint(0, K, (2, *GRID))
+    masked = x["target_tokens"] == K
+    encoder_grads = []
+    for _ in range(3):
+        loss = masked_token_loss(net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"]),
+                                 target, masked)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        encoder_grads.append(sum(p.grad.abs().sum() for p in net.mask_encoder.parameters()).item())
+        assert net.zero_projections[0].weight.grad.abs().sum() > 0
+        optimizer.step()
+    # Step 0: the zero projections block the gradient upstream; once they moved, the encoder trains.
+    assert encoder_grads[0] == 0 and encoder_grads[1] > 0 and encoder_grads[2] > 0
+    for name, value in net.base.state_dict().items():
+        assert torch.equal(value, before[name]), name  # bit-identical
+
+
+def test_control_type_picks_the_inputs_used():
+    x = inputs()
+    other_mask = torch.zeros_like(x["control_mask"])
+    other_label = torch.tensor([3, 1])
+    with torch.no_grad():
+        for control_type, uses_mask, uses_label in (("mask", True, False), ("label", False, True),
+                                                    ("both", True, True)):
+            net = make_control(control_type, randomise_projections=True)
+            ref = net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"])
+            new_mask = net(x["target_tokens"], x["target_label"], control_mask=other_mask)
+            new_label = net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"],
+                            control_label=other_label)
+            assert ((new_mask - ref).abs().max() > 1e-4) == uses_mask, control_type
+            assert ((new_label - ref).abs().max() > 1e-4) == uses_label, control_type
+    label_only = make_control("label", randomise_projections=True)
+    assert label_only.mask_encoder is None
+    label_only(x["target_tokens"], x["target_label"])  # no mask needed
+
+
+def test_bad_control_inputs():
+    net, x = make_control("mask"), inputs()
+    with pytest.raises(ValueError, match="needs control_mask"):
+        net(x["target_tokens"], x["target_label"])
+    with pytest.raises(ValueError, match=r"control_mask must be \(2, 6, 8, 4\)"):
+        net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"][:, :4])
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
+        net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"] + 4)
+    with pytest.raises(ValueError, match="unknown control_type 'seg'; valid: mask, label, both"):
+        MaskGiTControlNet(make_base().init_args, control_type="seg")
+    with pytest.raises(ValueError, match="power of two"):
+        MaskGiTControlNet(make_base().init_args, downsample_factor=3)
+
+
+def test_rebuilds_from_init_args():
+    net = make_control("both", randomise_projections=True)
+    rebuilt = MaskGiTControlNet(**net.init_args).eval()
+    rebuilt.load_state_dict(net.state_dict())
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x["target_tokens"], x["target_label"], control_mask=x["control_mask"]),
+                           net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"]))

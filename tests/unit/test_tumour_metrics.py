@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from prod9_components.metrics.tumour import NanMean, control_metrics, control_sensitivity, tumour_contrast
+
+
+def _case():
+    seg = torch.zeros(8, 8, 8, dtype=torch.long)
+    seg[2:4, 2:4, 2:4] = 2
+    seg[2:3, 2:3, 2:3] = 3  # enhancing inside oedema; no necrosis
+    brain = torch.zeros(8, 8, 8, dtype=torch.bool)
+    brain[1:7, 1:7, 1:7] = True
+    image = torch.full((8, 8, 8), 0.4)
+    image[seg == 2], image[seg == 3] = 0.7, 0.9
+    return image, seg, brain
+
+
+def test_tumour_contrast_per_label():
+    image, seg, brain = _case()
+    contrast = tumour_contrast(image[None], seg, brain)
+    assert math.isnan(contrast[1])  # absent label
+    assert contrast[2] == pytest.approx(0.3) and contrast[3] == pytest.approx(0.5)
+
+
+def test_control_sensitivity_inside_minus_outside():
+    image, seg, brain = _case()
+    changed = image.clone()
+    changed[seg > 0] += 0.2
+    changed[brain & (seg == 0)] += 0.05
+    scores = control_sensitivity(changed, image, seg, brain)
+    assert scores["inside"] == pytest.approx(0.2) and scores["outside"] == pytest.approx(0.05)
+    assert scores["score"] == pytest.approx(0.15)
+    assert control_sensitivity(image, image, seg, brain)["score"] == 0.0
+    assert math.isnan(control_sensitivity(image, image, torch.zeros_like(seg), brain)["score"])
+
+
+def test_nan_mean_skips_absent_labels_and_control_metrics_attach():
+    outputs = [{"v": 1.0}, {"v": float("nan")}, {"v": 3.0}]
+    engine = Engine(lambda e, batch: batch)
+    NanMean(output_transform=lambda o: o["v"]).attach(engine, "v")
+    for name, metric in control_metrics().items():
+        metric.attach(engine, name)
+    engine.run([{**o, **{k: 0.5 for k in control_metrics()}} for o in outputs])
+    assert engine.state.metrics["v"] == 2.0 and engine.state.metrics["sensitivity"] == 0.5
+    engine.run([{"v": float("nan"), **{k: float("nan") for k in control_metrics()}}])
+    assert math.isnan(engine.state.metrics["v"])
