@@ -132,9 +132,8 @@ class MaskGiTControlNet(nn.Module):
             if control_mask.numel() and (control_mask.min() < 0 or control_mask.max() >= self.num_mask_classes):
                 raise ValueError(f"control_mask labels must be in [0, {self.num_mask_classes}), "
                                  f"got [{int(control_mask.min())}, {int(control_mask.max())}].")
-            one_hot = F.one_hot(control_mask.long(), self.num_mask_classes).movedim(-1, 1)
-            weight = self.mask_encoder.net[0].weight
-            control = self.mask_encoder(one_hot.to(weight.dtype)).flatten(2).transpose(1, 2)
+            one_hot = F.one_hot(control_mask.long(), self.num_mask_classes).movedim(-1, 1).float()
+            control = self.mask_encoder(one_hot).flatten(2).transpose(1, 2)  # (B, d*h*w, hidden)
         if self.label_embedding is not None:
             control = control + self.label_embedding(control_label)[:, None]
         return control
