@@ -4,7 +4,7 @@
 Chains the real bundles on a small demo dataset: tiny stage-1 autoencoder -> tiny in-context transformer
 (T1 -> T2 by default) -> `evaluate.json` on the held-out test split. Prints one JSON object with the translation's
 PSNR/SSIM beside the copy-the-source baseline and the stage-1 round trip (the upper bound), and exits 1 when the
-translation does not beat the baseline. About 20-30 minutes on 2 CPU cores.
+translation does not beat the baseline. About 45 minutes on 2 shared CPU cores with the defaults.
 
     python scripts/translation_check.py [--workdir outputs/translation_check] [--source T1 --target T2]
 """
