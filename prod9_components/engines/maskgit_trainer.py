@@ -27,7 +27,7 @@ class MaskGiTTrainer(Trainer):
         max_epochs: number of epochs.
         train_data_loader: yields dicts with ``"tokens"`` (B, 4, d, h, w) int64 and ``"grid_origin"`` (B, 3) (crops
             from ``RandTokenCropd``; absent for whole grids).
-        network: ``TransformerDecoderSingleStream`` (or a DDP wrapper of one).
+        network: ``TransformerDecoderSingleStream`` or ``MaskGiTControlNet`` (or a DDP wrapper of one).
         optimizer: its optimizer.
         context_builder: turns token grids into targets and context.
         schedule: masking schedule of the training mask ratio ("cosine", "linear", "sqrt", "log").
