@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from prod9_components.cli.bundle_runner import flag_overrides, main_for, report, resolved, run_bundle
+from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
 
 STAGE = "maskgit_stage1"
 
@@ -29,12 +29,6 @@ class AutoencoderCommands:
         report(f"trained: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs, "
                f"export {resolved(workflow, 'export_path')}")
 
-    def _evaluate(self, split: str, config, checkpoint, output_dir, overrides):
-        workflow = run_bundle(STAGE, "test" if split == "test" else "validate", config,
-                              {"output_dir": output_dir, "checkpoint": checkpoint, "split": split,
-                               **flag_overrides(overrides)})
-        report(f"{split} metrics of {resolved(workflow, 'checkpoint')} written to {resolved(workflow, 'metrics_path')}")
-
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  **overrides):
         """Evaluate a checkpoint on the validation split; writes <output_dir>/metrics.json.
@@ -45,7 +39,7 @@ class AutoencoderCommands:
             output_dir: run directory (default outputs/maskgit_stage1).
             overrides: any bundle id (e.g. --limit-val-batches 4, --roi-size 64 64 64).
         """
-        self._evaluate("validation", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, overrides)
 
     def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
              **overrides):
@@ -57,7 +51,7 @@ class AutoencoderCommands:
             output_dir: run directory (default outputs/maskgit_stage1).
             overrides: any bundle id.
         """
-        self._evaluate("test", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, overrides)
 
     def infer(self, input: str | None = None, output: str | None = None, config: str | None = None,
               checkpoint: str | None = None, roi_size=None, overlap: float | None = None,

@@ -76,6 +76,16 @@ def run_bundle(stage: str, verb: str, config: str | None, overrides: dict[str, A
     return workflow
 
 
+def evaluate_bundle(stage: str, split: str, config: str | None, checkpoint: str | None, output_dir: str | None,
+                    overrides: dict[str, Any]) -> None:
+    """The ``validate`` / ``test`` verb of any stage: evaluate ``checkpoint`` on ``split`` ("validation" or "test")
+    and report where metrics.json went."""
+    workflow = run_bundle(stage, "test" if split == "test" else "validate", config,
+                          {"output_dir": output_dir, "checkpoint": checkpoint, "split": split,
+                           **flag_overrides(overrides)})
+    report(f"{split} metrics of {resolved(workflow, 'checkpoint')} written to {resolved(workflow, 'metrics_path')}")
+
+
 def resolved(workflow: Any, key: str, default: Any = None) -> Any:
     """A resolved id of a finished workflow (e.g. ``output_dir``), or ``default`` when it does not exist."""
     try:

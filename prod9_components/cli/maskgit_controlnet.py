@@ -7,7 +7,7 @@ as an override (e.g. ``--epochs 5``, ``--num-control-blocks 6``).
 
 from __future__ import annotations
 
-from prod9_components.cli.bundle_runner import flag_overrides, main_for, report, resolved, run_bundle
+from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
 
 STAGE = "maskgit_stage3_controlnet"
 
@@ -37,12 +37,6 @@ class ControlNetCommands:
         out = resolved(workflow, "output_dir")
         report(f"trained {STAGE}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs")
 
-    def _evaluate(self, split: str, config, checkpoint, output_dir, overrides):
-        workflow = run_bundle(STAGE, "test" if split == "test" else "validate", config,
-                              {"output_dir": output_dir, "checkpoint": checkpoint, "split": split,
-                               **flag_overrides(overrides)})
-        report(f"{split} metrics of {resolved(workflow, 'checkpoint')} written to {resolved(workflow, 'metrics_path')}")
-
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  **overrides):
         """Evaluate on the validation split; writes <output_dir>/metrics.json.
@@ -53,7 +47,7 @@ class ControlNetCommands:
             output_dir: run directory (default outputs/maskgit_stage3).
             overrides: any bundle id, e.g. --num-steps 8.
         """
-        self._evaluate("validation", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, overrides)
 
     def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
              **overrides):
@@ -66,7 +60,7 @@ class ControlNetCommands:
             output_dir: run directory (default outputs/maskgit_stage3).
             overrides: any bundle id.
         """
-        self._evaluate("test", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, overrides)
 
     def generate(self, config: str | None = None, checkpoint: str | None = None, mask=None,
                  modality: str | None = None, output: str | None = None, num_steps: int | None = None,

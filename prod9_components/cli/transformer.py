@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prod9_components.cli.bundle_runner import flag_overrides, main_for, report, resolved, run_bundle
+from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
 
 LABEL, INCONTEXT = "maskgit_stage2_label", "maskgit_stage2_incontext"
 
@@ -69,13 +69,6 @@ class TransformerCommands:
         out = resolved(workflow, "output_dir")
         report(f"trained {stage}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs")
 
-    def _evaluate(self, verb, config, checkpoint, output_dir, overrides):
-        stage = _stage(config, checkpoint, None)
-        workflow = run_bundle(stage, verb, config, {"output_dir": output_dir, "checkpoint": checkpoint,
-                                                    "split": "test" if verb == "test" else "validation",
-                                                    **flag_overrides(overrides)})
-        report(f"{verb} metrics of {resolved(workflow, 'checkpoint')} written to {resolved(workflow, 'metrics_path')}")
-
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  **overrides):
         """Evaluate on the validation split; writes <output_dir>/metrics.json.
@@ -86,7 +79,7 @@ class TransformerCommands:
             output_dir: run directory.
             overrides: any bundle id.
         """
-        self._evaluate("validate", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(_stage(config, checkpoint, None), "validation", config, checkpoint, output_dir, overrides)
 
     def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
              **overrides):
@@ -99,7 +92,7 @@ class TransformerCommands:
             output_dir: run directory.
             overrides: any bundle id.
         """
-        self._evaluate("test", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(_stage(config, checkpoint, None), "test", config, checkpoint, output_dir, overrides)
 
     def generate(self, config: str | None = None, checkpoint: str | None = None, output: str | None = None,
                  num_samples: int = 4, num_steps: int | None = None, guidance_scale: float | None = None,
