@@ -46,3 +46,16 @@ def stage2_runs(stage1_run, tmp_path_factory) -> dict:
             "token_cache_dir": runs["token_cache_dir"]})
         runs[name] = str(out)
     return runs
+
+
+@pytest.fixture(scope="session")
+def maisi_vae_run(demo_dataset_dir, tmp_path_factory) -> dict:
+    """A tiny maisi_stage1_vae bundle trained for 2 epochs by `python -m monai.bundle run` (shared by the VAE,
+    diffusion and CLI tests): returns dataset_dir, output_dir and export_path."""
+    from tests.maisi_helpers import VAE, maisi_run
+    from tests.stage1_helpers import TEST_SPACING
+
+    out = tmp_path_factory.mktemp("maisi_stage1")
+    maisi_run(VAE, ["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
+                                                 "spacing": TEST_SPACING, "epochs": 2})
+    return {"dataset_dir": demo_dataset_dir, "output_dir": str(out), "export_path": str(out / "vae_tiny.pt")}

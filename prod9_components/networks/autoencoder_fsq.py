@@ -13,7 +13,7 @@ from prod9_components.networks.fsq import FiniteScalarQuantizer
 __all__ = ["AutoencoderFSQ"]
 
 
-def _use_torch_group_norm(module: nn.Module) -> None:
+def use_torch_group_norm(module: nn.Module) -> None:
     """Replace MAISI's group norm by torch's, in place: same maths and parameter names.
 
     MaisiGroupNorm3D normalises one group at a time in Python to save GPU memory on whole-volume passes;
@@ -23,7 +23,7 @@ def _use_torch_group_norm(module: nn.Module) -> None:
         if isinstance(child, MaisiGroupNorm3D):
             setattr(module, name, nn.GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine))
         else:
-            _use_torch_group_norm(child)
+            use_torch_group_norm(child)
 
 
 class AutoencoderFSQ(nn.Module):
@@ -108,8 +108,8 @@ class AutoencoderFSQ(nn.Module):
         )
         self.encoder = MaisiEncoder(in_channels=in_channels, out_channels=self.fsq.num_channels, **common)
         self.decoder = MaisiDecoder(in_channels=self.fsq.num_channels, out_channels=out_channels, **common)
-        _use_torch_group_norm(self.encoder)
-        _use_torch_group_norm(self.decoder)
+        use_torch_group_norm(self.encoder)
+        use_torch_group_norm(self.decoder)
 
     @property
     def downsample_factor(self) -> int:
