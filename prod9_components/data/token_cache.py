@@ -1,8 +1,8 @@
 """Stage-2 token cache: FSQ token indices of every case, encoded once with a stage-1 export, plus crops on the token grid.
 
-One ``.npz`` file per case under ``<cache_dir>/<key>/``; ``key`` hashes the export file's bytes, the preprocessing
-contract and the cache format version, so a new autoencoder (or other preprocessing) never reuses stale tokens.
-Files hold plain arrays only and load with ``np.load(allow_pickle=False)``:
+One ``.npz`` file per case under ``<cache_dir>/<key>/`` (:mod:`prod9_components.data.case_cache`); ``key`` hashes the
+export file's bytes, the preprocessing contract and the cache format version, so a new autoencoder (or other
+preprocessing) never reuses stale tokens. Each file holds:
 
     tokens      int16   (4, d, h, w)  token indices, modality order T1, T1ce, T2, FLAIR (index < 32768)
     seg         uint8   (D, H, W)     tumour mask 0..3 on the same preprocessed grid, D = d * f, ...
@@ -16,23 +16,14 @@ This module imports no network code: ``build_token_cache`` receives the function
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-import time
-import zipfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from monai.transforms import MapTransform, Randomizable
-from tqdm import tqdm
 
-from prod9_components.atomic import atomic_path, write_json
-
-logger = logging.getLogger("prod9")
+from prod9_components.data.case_cache import build_case_cache, cache_key, load_case_file
 
 TOKEN_CACHE_VERSION = 1
 CACHE_ARRAYS = {  # name -> (dtype, number of dimensions)
@@ -46,28 +37,11 @@ CACHE_ARRAYS = {  # name -> (dtype, number of dimensions)
 LABEL_PRIORITY = (3, 1, 2, 0)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def token_cache_key(
     autoencoder_path: str | os.PathLike, preprocessing: Mapping, extra: Mapping | None = None
 ) -> str:
-    """First 16 hex digits of SHA-256 over the export's hash, the preprocessing contract and the format version.
-
-    Args:
-        autoencoder_path: the stage-1 export the tokens come from (its bytes are hashed, not its name).
-        preprocessing: the preprocessing contract (``record["preprocessing"]``), JSON-able.
-        extra: anything else the tokens depend on, e.g. the sliding-window settings (``CaseTokenizer.settings``).
-    """
-    contract = {"preprocessing": dict(preprocessing), "extra": dict(extra or {}), "version": TOKEN_CACHE_VERSION}
-    text = file_sha256(autoencoder_path) + json.dumps(contract, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """:func:`~prod9_components.data.case_cache.cache_key` of a token cache (see there)."""
+    return cache_key(autoencoder_path, preprocessing, extra, TOKEN_CACHE_VERSION)
 
 
 def seg_to_token_grid(seg: np.ndarray | torch.Tensor, factor: int) -> np.ndarray:
@@ -128,22 +102,7 @@ def load_token_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
         ValueError: ``"{path}: cannot read token cache file (...)"`` for a truncated or foreign file.
     """
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-        return _check_arrays(arrays, str(path))
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"{path}: cannot read token cache file ({reason}); delete it or rebuild the cache") from None
-
-
-def _is_readable(path: Path) -> bool:
-    """Cheap check that a cache file is complete: its zip directory (written last) lists every array."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return set(CACHE_ARRAYS) <= set(npz.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # truncated (no zip directory), empty, not a zip
-        return False
+    return load_case_file(path, _check_arrays, "token")
 
 
 def build_token_cache(
@@ -153,12 +112,8 @@ def build_token_cache(
     encode_case: Callable[[Mapping], Mapping[str, np.ndarray]],
     metadata: Mapping | None = None,
 ) -> list[dict]:
-    """Encode every case not yet cached under ``<cache_dir>/<key>/`` and list the cache items.
-
-    A case file ``<case>.npz`` that exists and lists every array is reused; one that is missing, truncated or
-    unreadable is (re-)encoded with a warning line, then written atomically (temp file + rename). The first run
-    also writes ``cache.json`` (key, format version, created time, ``metadata`` - by default
-    ``encode_case.cache_metadata`` when it has one: the autoencoder path and preprocessing contract).
+    """Encode every case not yet cached under ``<cache_dir>/<key>/`` and list the cache items
+    (:func:`~prod9_components.data.case_cache.build_case_cache`).
 
     Args:
         cases: case dicts ``{"case": name, "t1": path, ...}`` (see ``data.brats``).
@@ -170,33 +125,8 @@ def build_token_cache(
     Returns:
         ``[{"case": name, "tokens": path_to_npz, **the case's other keys}]`` in the order of ``cases``.
     """
-    folder = Path(cache_dir).expanduser() / str(key)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "cache.json").is_file():
-        info = dict(metadata if metadata is not None else getattr(encode_case, "cache_metadata", {}) or {})
-        write_json({"key": str(key), "version": TOKEN_CACHE_VERSION,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}, folder / "cache.json")
-
-    items, todo = [], []
-    for case in cases:
-        name = str(case["case"])
-        if not name or os.sep in name or name.startswith("."):
-            raise ValueError(f"case name {name!r} cannot name a cache file")
-        path = folder / f"{name}.npz"
-        if not path.is_file():
-            todo.append((case, path))
-        elif not _is_readable(path):
-            logger.warning("token cache %s: unreadable (truncated?), encoding it again", path)
-            todo.append((case, path))
-        items.append({"case": name, "tokens": str(path), **{k: v for k, v in case.items() if k not in ("case", "tokens")}})
-
-    for case, path in tqdm(todo, desc="encoding tokens", unit="case", disable=not todo):
-        arrays = _check_arrays(encode_case(case), str(case["case"]))
-        # A file object: given a name without ".npz", np.savez would append one.
-        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-    logger.info("token cache %s: %d reused, %d encoded", folder, len(items) - len(todo), len(todo))
-    return items
+    return build_case_cache(cases, cache_dir, key, encode_case, _check_arrays, CACHE_ARRAYS, "tokens",
+                            TOKEN_CACHE_VERSION, metadata)
 
 
 def largest_token_grid(items: Sequence[Mapping], max_grid_size: Sequence[int] | None = None) -> list[int]:
@@ -357,12 +287,3 @@ class CenterTokenCropd(_TokenCropd):
 
     def offsets(self, grid: Sequence[int]) -> list[int]:
         return [(r - n) // 2 for n, r in zip(grid, self.roi_tokens)]
-
-
-def check_sha256(path: str | os.PathLike, expected: str, what: str = "file") -> str:
-    """Raise a one-line ValueError when ``path``'s sha256 is not ``expected`` (a stage link that changed)."""
-    actual = file_sha256(path)
-    if actual != expected:
-        raise ValueError(f"{path}: this {what} changed since the checkpoint was trained (sha256 {actual[:12]}…, "
-                         f"expected {expected[:12]}…); pass the export it was trained on")
-    return actual

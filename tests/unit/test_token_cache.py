@@ -11,12 +11,12 @@ import torch
 from monai.transforms import Compose
 
 from prod9_components.data.brats import discover_cases
+from prod9_components.data.case_cache import file_sha256
 from prod9_components.data.token_cache import (
     CenterTokenCropd,
     LoadTokensd,
     RandTokenCropd,
     build_token_cache,
-    file_sha256,
     load_token_file,
     most_frequent_token,
     pad_or_crop,
