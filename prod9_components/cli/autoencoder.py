@@ -2,29 +2,64 @@
 
 Verbs: ``train``, ``validate``, ``test``, ``infer``. Any ``--<bundle id> value`` not listed is passed to the bundle
 as an override (e.g. ``--epochs 5``, ``--network_def#num_channels '[32,64,128]'``).
+
+The verbs are those of every stage-1 autoencoder bundle: :class:`StageOneCommands` holds them once, and each
+command (this one, ``prod9-train-maisi-vae``) is a subclass that names its bundle, so ``--help`` shows that
+bundle's defaults.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
 
 STAGE = "maskgit_stage1"
+VERBS = ("train", "validate", "test", "infer")
 
 
-class AutoencoderCommands:
-    """Train, evaluate and run the MaskGiT stage-1 FSQ autoencoder (a MONAI bundle)."""
+def _with_doc(verb, doc: str):
+    """``verb`` with another docstring; ``functools.wraps`` keeps the signature fire reads the flags from."""
+
+    @functools.wraps(verb)
+    def documented(self, *args, **kwargs):
+        return verb(self, *args, **kwargs)
+
+    documented.__doc__ = doc
+    return documented
+
+
+class StageOneCommands:
+    """Train, evaluate and run the {title} (MONAI bundle ``{stage}``).
+
+    A template: each subclass names its bundle (class keywords ``stage``, ``title``, ``output_dir``,
+    ``export_path``), which fill in the fields in braces of these docstrings.
+    """
+
+    _stage: str  # a string starting with "_": fire's help does not list it
+
+    def __init_subclass__(cls, *, stage: str, title: str, output_dir: str, export_path: str, **kwargs) -> None:
+        """A command for one bundle: ``{stage}``, ``{title}``, ``{output_dir}`` and ``{export_path}`` in the
+        docstrings below are filled in, so fire's ``--help`` states that bundle's defaults."""
+        super().__init_subclass__(**kwargs)
+        cls._stage = stage
+        fields = {"stage": stage, "title": title, "output_dir": output_dir, "export_path": export_path}
+        cls.__doc__ = (cls.__doc__ or StageOneCommands.__doc__.splitlines()[0]).format(**fields)
+        for name in VERBS:
+            verb = getattr(cls, name)
+            setattr(cls, name, _with_doc(verb, verb.__doc__.format(**fields)))
 
     def train(self, config: str | None = None, output_dir: str | None = None, **overrides):
-        """Train on BRATS_DATA_DIR (or the demo dataset); writes best.ckpt, last.ckpt, logs/ and the export.
+        """Train on BRATS_DATA_DIR (or the demo dataset); writes best.ckpt, last.ckpt, logs/ and the export
+        ({export_path}).
 
         Args:
             config: bundle directory, its train.json, or a preset JSON/YAML layered on the stage's bundle.
-            output_dir: where checkpoints and TensorBoard logs go (default outputs/maskgit_stage1).
+            output_dir: where checkpoints and TensorBoard logs go (default {output_dir}).
             overrides: any bundle id, e.g. --epochs 5 --batch-size 2 --roi-size 64 64 64 --dataset-dir DIR.
         """
-        workflow = run_bundle(STAGE, "train", config, {"output_dir": output_dir, **flag_overrides(overrides)})
+        workflow = run_bundle(self._stage, "train", config, {"output_dir": output_dir, **flag_overrides(overrides)})
         out = resolved(workflow, "output_dir")
         report(f"trained: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs, "
                f"export {resolved(workflow, 'export_path')}")
@@ -36,10 +71,10 @@ class AutoencoderCommands:
         Args:
             config: bundle directory, its train.json, or a preset layered on the stage's bundle.
             checkpoint: best.ckpt or an export (default <output_dir>/best.ckpt); the network is rebuilt from it.
-            output_dir: run directory (default outputs/maskgit_stage1).
+            output_dir: run directory (default {output_dir}).
             overrides: any bundle id (e.g. --limit-val-batches 4, --roi-size 64 64 64).
         """
-        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(self._stage, "validation", config, checkpoint, output_dir, overrides)
 
     def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
              **overrides):
@@ -48,10 +83,10 @@ class AutoencoderCommands:
         Args:
             config: bundle directory, its train.json, or a preset layered on the stage's bundle.
             checkpoint: best.ckpt or an export (default <output_dir>/best.ckpt).
-            output_dir: run directory (default outputs/maskgit_stage1).
+            output_dir: run directory (default {output_dir}).
             overrides: any bundle id.
         """
-        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(self._stage, "test", config, checkpoint, output_dir, overrides)
 
     def infer(self, input: str | None = None, output: str | None = None, config: str | None = None,
               checkpoint: str | None = None, roi_size=None, overlap: float | None = None,
@@ -67,22 +102,27 @@ class AutoencoderCommands:
             roi_size: sliding-window size, e.g. --roi-size 64 64 64.
             overlap: window overlap in [0, 1) (default 0.5).
             sw_batch_size: windows per forward pass (default 1).
-            output_dir: run directory (default outputs/maskgit_stage1).
+            output_dir: run directory (default {output_dir}).
             overrides: any bundle id.
         """
         if input is not None and not os.path.isfile(input):
             raise FileNotFoundError(f"--input {input}: no such file")
         if output is not None and input is None:
             raise ValueError("--output needs --input (one input, one output file)")
-        workflow = run_bundle(STAGE, "infer", config, {
+        workflow = run_bundle(self._stage, "infer", config, {
             "input": input, "output": output, "checkpoint": checkpoint, "roi_size": roi_size, "overlap": overlap,
             "sw_batch_size": sw_batch_size, "output_dir": output_dir, **flag_overrides(overrides)})
         where = output or resolved(workflow, "infer_dir")
         report(f"reconstruction written to {where}")
 
 
+class AutoencoderCommands(StageOneCommands, stage=STAGE, title="MaskGiT stage-1 FSQ autoencoder",
+                          output_dir="outputs/maskgit_stage1", export_path="outputs/brats_autoencoder-large.pt"):
+    """Train, evaluate and run the {title} (MONAI bundle ``{stage}``)."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    main_for(AutoencoderCommands, argv)
+    main_for(AutoencoderCommands(), argv)  # an instance: fire's --help then lists the verbs
 
 
 if __name__ == "__main__":
