@@ -1,0 +1,87 @@
+"""``prod9-train-maisi-diffusion``: MAISI stage 2, rectified-flow latent diffusion (bundle ``maisi_stage2_diffusion``).
+
+Verbs: ``train``, ``validate``, ``test``, ``generate``. Any ``--<bundle id> value`` not listed is passed to the bundle
+as an override (e.g. ``--epochs 5``, ``--vae-path outputs/maisi_vae_final.pt``).
+"""
+
+from __future__ import annotations
+
+from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
+
+STAGE = "maisi_stage2_diffusion"
+
+
+class MaisiDiffusionCommands:
+    """Train, evaluate and sample the MAISI rectified-flow latent diffusion model (MONAI bundle maisi_stage2_diffusion)."""
+
+    def train(self, config: str | None = None, output_dir: str | None = None, vae_path: str | None = None,
+              **overrides):
+        """Cache the VAE latents of every case once, then train; writes best.ckpt (EMA weights), last.ckpt, logs/.
+
+        Args:
+            config: bundle directory, its train.json, or a preset JSON/YAML layered on the stage's bundle.
+            output_dir: where checkpoints and TensorBoard logs go (default outputs/maisi_stage2).
+            vae_path: the stage-1 VAE export (default outputs/maisi_vae_final.pt).
+            overrides: any bundle id, e.g. --epochs 50 --batch-size 2 --latent-cache-dir DIR --dataset-dir DIR.
+        """
+        workflow = run_bundle(STAGE, "train", config, {"output_dir": output_dir, "vae_path": vae_path,
+                                                       **flag_overrides(overrides)})
+        out = resolved(workflow, "output_dir")
+        report(f"trained: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs")
+
+    def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
+                 **overrides):
+        """Velocity loss and sample-vs-real distances on the validation split; writes <output_dir>/metrics.json.
+
+        Args:
+            config: bundle directory or preset.
+            checkpoint: a best.ckpt of this stage (default <output_dir>/best.ckpt); the network is rebuilt from it.
+            output_dir: run directory (default outputs/maisi_stage2).
+            overrides: any bundle id (e.g. --val-samples 4 --num-inference-steps 30).
+        """
+        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, overrides)
+
+    def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
+             **overrides):
+        """As validate, on the held-out test split.
+
+        Args:
+            config: bundle directory or preset.
+            checkpoint: a best.ckpt of this stage (default <output_dir>/best.ckpt).
+            output_dir: run directory (default outputs/maisi_stage2).
+            overrides: any bundle id.
+        """
+        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, overrides)
+
+    def generate(self, config: str | None = None, checkpoint: str | None = None, output: str | None = None,
+                 num_samples: int = 4, num_inference_steps: int | None = None, modality: str | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None, output_dir: str | None = None,
+                 **overrides):
+        """Sample volumes from noise: sample_0001.nii.gz, ... (sample_0001_T2.nii.gz with --modality), 1 mm RAS
+        (the VAE's spacing), decoded through the sliding window.
+
+        Args:
+            config: bundle directory or preset.
+            checkpoint: a best.ckpt of this stage (default <output_dir>/best.ckpt).
+            output: output directory (default <output_dir>/generated).
+            num_samples: how many volumes.
+            num_inference_steps: Euler steps from noise to data (default 10; 1..1000).
+            modality: T1, T1ce, T2 or FLAIR (default: unconditional, the null label).
+            guidance_scale: classifier-free guidance (1 = the conditional model, 0 = unconditional; default 1).
+            seed: sample i starts from the noise of seed + i (default 0).
+            output_dir: run directory (default outputs/maisi_stage2).
+            overrides: any bundle id.
+        """
+        workflow = run_bundle(STAGE, "generate", config, {
+            "checkpoint": checkpoint, "generate_dir": output, "num_samples": num_samples,
+            "num_inference_steps": num_inference_steps, "modality": modality, "guidance_scale": guidance_scale,
+            "seed": seed, "output_dir": output_dir, **flag_overrides(overrides)})
+        report(f"generated volumes written to {resolved(workflow, 'generate_dir')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    main_for(MaisiDiffusionCommands, argv)
+
+
+if __name__ == "__main__":
+    main()
