@@ -59,3 +59,16 @@ def maisi_vae_run(demo_dataset_dir, tmp_path_factory) -> dict:
     maisi_run(VAE, ["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
                                                  "spacing": TEST_SPACING, "epochs": 2})
     return {"dataset_dir": demo_dataset_dir, "output_dir": str(out), "export_path": str(out / "vae_tiny.pt")}
+
+
+@pytest.fixture(scope="session")
+def maisi_diffusion_run(maisi_vae_run, tmp_path_factory) -> dict:
+    """A tiny maisi_stage2_diffusion bundle trained for 2 epochs on the export of ``maisi_vae_run``: returns
+    dataset_dir, vae_path, latent_cache_dir and output_dir."""
+    from tests.maisi_helpers import DIFFUSION, maisi_run
+
+    root = tmp_path_factory.mktemp("maisi_stage2")
+    run = {"dataset_dir": maisi_vae_run["dataset_dir"], "vae_path": maisi_vae_run["export_path"],
+           "latent_cache_dir": str(root / "latent_cache"), "output_dir": str(root / "trained")}
+    maisi_run(DIFFUSION, ["train.json", "tiny.json"], run)
+    return run

@@ -1,0 +1,103 @@
+"""maisi_stage2_diffusion through `python -m monai.bundle run` and its CLI, chained on a tiny VAE trained by the suite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from prod9_components.cli.maisi_diffusion import main
+from prod9_components.data.latent_cache import load_latent_file
+from prod9_components.networks.export import atomic_save, build_network, load_record
+from tests.maisi_helpers import DIFFUSION, maisi_run
+from tests.stage1_helpers import cli
+
+TINY = str(DIFFUSION / "tiny.json")
+
+
+def test_training_writes_an_ema_record_with_everything_generation_needs(maisi_diffusion_run):
+    out = Path(maisi_diffusion_run["output_dir"])
+    record = load_record(out / "best.ckpt", stages=["maisi_stage2_diffusion"])
+    assert record["weights"] == "ema" and record["scheduler_args"]["use_timestep_transform"] is True
+    assert record["vae_path"] == str(Path(maisi_diffusion_run["vae_path"]).resolve())
+    assert all(n % 4 == 0 for n in record["latent_size"])  # the tiny UNet downsamples twice
+    last = torch.load(out / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["trainer"]["iteration"] == int(last["network"]["num_updates"]) == 8  # 2 x 4 steps
+    # best.ckpt holds the average, not the raw weights the optimizer moved
+    raw, ema = last["unet"], {k.removeprefix("module."): v for k, v in last["network"].items() if k != "num_updates"}
+    assert max(float((raw[k] - ema[k]).abs().max()) for k in raw) > 1e-6
+    # the scale factor makes the training latents' std 1
+    folder = next(Path(maisi_diffusion_run["latent_cache_dir"]).iterdir())
+    values = np.concatenate([load_latent_file(f)["latent"].ravel() for f in sorted(folder.glob("*.npz"))])
+    scale = json.loads(next(folder.glob("scale_factor_*.json")).read_text())["scale_factor"]
+    assert record["scale_factor"] == scale and 0.8 < (values * scale).std() < 1.25  # all cases, not only training
+
+
+def test_trained_samples_are_closer_to_real_intensities_than_untrained_ones(maisi_diffusion_run, tmp_path):
+    """The stated distance (Wasserstein-1 of voxel intensities, generated vs real validation volumes, the same seeds)
+    drops from the untrained network to the 2-epoch one; evaluate.json writes it to metrics.json."""
+    run = maisi_diffusion_run
+    trained = Path(run["output_dir"]) / "best.ckpt"
+    record = load_record(trained)
+    torch.manual_seed(0)
+    record["state_dict"] = type(build_network(record))(**record["network_args"]).state_dict()  # initial weights
+    atomic_save(record, tmp_path / "untrained.ckpt")
+    scores = {}
+    for name, checkpoint in (("untrained", tmp_path / "untrained.ckpt"), ("trained", trained)):
+        metrics_path = tmp_path / f"{name}.json"
+        maisi_run(DIFFUSION, ["train.json", "tiny.json", "evaluate.json"], {
+            "dataset_dir": run["dataset_dir"], "output_dir": run["output_dir"], "checkpoint": checkpoint,
+            "latent_cache_dir": run["latent_cache_dir"], "metrics_path": metrics_path})
+        scores[name] = json.loads(metrics_path.read_text())
+    for name in ("untrained", "trained"):
+        assert {"val_loss", "intensity_w1", "gradient_w1", "intensity_w1_T2"} <= set(scores[name])
+        assert all(math.isfinite(v) for k, v in scores[name].items() if k.endswith("_w1") or k == "val_loss")
+    assert scores["trained"]["val_loss"] < scores["untrained"]["val_loss"]
+    assert scores["trained"]["intensity_w1"] < 0.8 * scores["untrained"]["intensity_w1"], scores
+
+
+def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_run, tmp_path, capsys):
+    run = maisi_diffusion_run
+    checkpoint = str(Path(run["output_dir"]) / "best.ckpt")
+    record = load_record(checkpoint)
+    out = tmp_path / "generated"
+    cli("prod9-train-maisi-diffusion", "generate", "--config", TINY, "--checkpoint", checkpoint, "--output",
+        str(out), "--num-samples", "2", "--num-inference-steps", "10", "--modality", "T2")
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["sample_0001_T2.nii.gz", "sample_0002_T2.nii.gz"]
+    image = nib.load(out / files[0])
+    spacing = record["preprocessing"]["spacing"]
+    assert image.shape == tuple(4 * n for n in record["latent_size"])
+    assert np.allclose(image.affine, np.diag([*spacing, 1.0])) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    data = image.get_fdata()
+    assert np.isfinite(data).all() and 0.0 <= data.min() and data.max() <= 1.0 and data.std() > 0.01
+    other = nib.load(out / files[1]).get_fdata()
+    assert np.abs(data - other).max() > 0.01  # two seeds, two volumes
+
+    for args, message in (  # in-process: the same entry point as the console script, without its start-up time
+        (["--num-inference-steps", "0"], "num_inference_steps must be an integer in 1..1000"),
+        (["--num-inference-steps", "1001"], "num_inference_steps must be an integer in 1..1000"),
+        (["--modality", "T3"], "unknown modality 'T3'"),
+    ):
+        bad = tmp_path / "bad"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--config", TINY, "--checkpoint", checkpoint, "--output", str(bad), *args])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and stderr.strip().splitlines()[-1].startswith("error: "), stderr
+        assert message in stderr and "Traceback" not in stderr
+        assert not bad.exists()
+
+
+def test_a_vae_with_other_latent_channels_is_refused_before_training(maisi_diffusion_run, tmp_path):
+    run = maisi_diffusion_run
+    result = maisi_run(DIFFUSION, ["train.json", "tiny.json"], {
+        "dataset_dir": run["dataset_dir"], "output_dir": tmp_path / "out", "vae_path": run["vae_path"],
+        "latent_cache_dir": tmp_path / "cache", "latent_channels": 8}, check=False)
+    assert result.returncode != 0
+    assert "network argument 'latent_channels' is 4 but the config expects 8" in result.stderr
+    assert not (tmp_path / "out" / "best.ckpt").exists() and not (tmp_path / "cache").exists()

@@ -1,0 +1,92 @@
+"""MAISI latent cache: deterministic latent means keyed by the VAE file, the scale factor, padded training latents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prod9_components.data.brats import discover_cases
+from prod9_components.data.latent_cache import (
+    LoadLatentd,
+    build_latent_cache,
+    latent_cache_key,
+    latent_grid,
+    latent_items,
+    latent_scale_factor,
+    load_latent_file,
+)
+from prod9_components.data.transforms import preprocessing_contract
+from prod9_components.engines.case_encoder import CaseLatentEncoder
+from prod9_components.inference import SlidingWindowConfig
+from prod9_components.networks.export import atomic_save, network_record
+from prod9_components.networks.maisi_vae import MaisiVAE
+
+SW = SlidingWindowConfig(roi_size=(48, 48, 32))  # one window covers a preprocessed demo case at 5 mm
+
+
+def tiny_vae_export(path, seed: int):
+    torch.manual_seed(seed)
+    vae = MaisiVAE(num_channels=(8, 16), num_res_blocks=(1, 1), attention_levels=(False, False), norm_num_groups=4)
+    atomic_save(network_record(vae, preprocessing=preprocessing_contract([5, 5, 5], [0, 1]), stage="maisi_stage1_vae"),
+                path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cached(demo_dataset_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("latent_cache")
+    export = tiny_vae_export(root / "vae.pt", seed=0)
+    encoder = CaseLatentEncoder.from_export(export, SW)
+    cases = discover_cases(demo_dataset_dir)[:2]
+    key = latent_cache_key(export, encoder.preprocessing, encoder.settings)
+    items = build_latent_cache(cases, root / "cache", key, encoder)
+    return {"root": root, "export": export, "encoder": encoder, "cases": cases, "key": key, "items": items}
+
+
+def test_latents_are_the_deterministic_posterior_mean(cached):
+    encoder, case = cached["encoder"], cached["cases"][0]
+    arrays = load_latent_file(cached["items"][0]["latent"])
+    assert arrays["latent"].shape[:2] == (4, 4) and arrays["latent"].dtype == np.float32
+    assert arrays["seg"].shape == tuple(2 * n for n in arrays["latent"].shape[2:])  # 2x VAE: one grid with the mask
+    data = encoder.preprocess(case)
+    with torch.no_grad():
+        z_mu, z_sigma = encoder.autoencoder.encode(data["t2"].as_tensor()[None])
+    assert np.allclose(arrays["latent"][2], z_mu[0].numpy(), atol=1e-5)  # the mean, never a sample
+    assert float(z_sigma.mean()) > 1e-3  # a sample would differ
+    again = build_latent_cache(cached["cases"][:1], cached["root"] / "again", cached["key"], encoder)
+    assert np.array_equal(load_latent_file(again[0]["latent"])["latent"], arrays["latent"])  # bit for bit
+
+
+def test_another_vae_file_gets_another_key(cached, tmp_path):
+    other = tiny_vae_export(tmp_path / "vae.pt", seed=1)
+    assert latent_cache_key(other, cached["encoder"].preprocessing, cached["encoder"].settings) != cached["key"]
+
+
+def test_scale_factor_gives_unit_std_and_is_stored(cached):
+    items = cached["items"]
+    scale = latent_scale_factor(items)
+    values = np.concatenate([load_latent_file(i["latent"])["latent"].ravel() for i in items])
+    assert (values * scale).std() == pytest.approx(1.0, rel=1e-4)
+    stored = list((cached["root"] / "cache" / cached["key"]).glob("scale_factor_*.json"))
+    assert len(stored) == 1 and json.loads(stored[0].read_text())["cases"] == sorted(i["case"] for i in items)
+    assert latent_scale_factor(items[:1]) != scale  # another set of cases, another factor (and another file)
+
+
+def test_training_latents_are_scaled_padded_and_labelled(cached):
+    items = latent_items(cached["items"], ["T1", "FLAIR"])
+    assert [i["modality"] for i in items] == [0, 3, 0, 3]
+    size = latent_grid(cached["items"], multiple=8)
+    assert all(s % 8 == 0 for s in size)
+    out = LoadLatentd(scale_factor=2.0, latent_size=size)(items[1])
+    raw = torch.from_numpy(load_latent_file(items[1]["latent"])["latent"][3])
+    assert out["latent"].shape == (4, *size) and int(out["label"]) == 3
+    offsets = [(s - g) // 2 for s, g in zip(size, raw.shape[1:])]
+    inner = out["latent"][:, offsets[0]:offsets[0] + raw.shape[1], offsets[1]:offsets[1] + raw.shape[2],
+                          offsets[2]:offsets[2] + raw.shape[3]]
+    assert torch.equal(inner, raw * 2.0)
+    assert torch.equal(out["latent"][:, 0, 0, 0], inner[:, 0, 0, 0])  # padded by replicating the edge
+    with pytest.raises(ValueError, match="larger than the training latent size"):
+        LoadLatentd(1.0, [2, 2, 2])(items[0])
