@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """Speed and memory of each stage, printed as one JSON object per measurement.
 
-    python scripts/benchmark.py stage1|stage2|all [--device cpu|cuda] [--repeats N]
+    python scripts/benchmark.py stage1|stage2|maisi|all [--device cpu|cuda] [--repeats N] [--network small|default]
 
 Every measurement has: name, device, seconds (median of `repeats`), repeats, gflop (counted with torch's FLOP
 counter), gflops_per_s, matmul_peak_gflops (a float32 matmul measured in the same run), peak_mem_mb (CUDA: max
 allocated; CPU: peak RSS of a fresh process that ran only this measurement), and baseline_seconds + ratio where a
 MONAI reference of the same work exists. Each measurement runs in its own spawned process so peak memory is its own.
 Timings are never test assertions; they live here.
+
+Stages: ``stage1`` FSQ autoencoder (GAN train step, sliding-window encode/decode); ``stage2`` MaskGiT transformer
+(train step, sampling at 8/12/16 steps); ``maisi`` MAISI KL-VAE GAN train step, rectified-flow diffusion train step
+(vs MONAI ``DiffusionModelUNet``), generation at 10 and 30 steps including the tiled VAE decode, and the network-call
+and time ratio of the 10-step rectified-flow sampler vs a 1000-step MONAI DDPM loop on the same UNet.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 # CPU runs use a small network so a 240x240x155 sliding-window pass takes seconds, not hours; CUDA runs use the
-# bundle's default (train.json) network.
+# bundle's default (train.json) network. The MAISI VAE (4x, 4 latent channels) uses the same table.
 NETWORKS = {
     "small": {"num_channels": [16, 32, 64], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8},
     "default": {"num_channels": [64, 128, 256], "num_res_blocks": [2, 2, 2], "norm_num_groups": 32},
@@ -232,7 +237,219 @@ def stage2_sampling(device: torch.device, repeats: int, size: str) -> list[dict]
     return rows
 
 
-STAGES = {"stage1": [stage1_train_step, stage1_sliding_window], "stage2": [stage2_train_step, stage2_sampling]}
+# --- MAISI measurements ----------------------------------------------------------------------------------------
+
+# (MaisiDiffusionUNet arguments, latent grid (d, h, w), VAE sliding-window ROI). "default" is the bundle's network
+# on a 1 mm BraTS brain crop (192x192x160) at 4x; every grid is a multiple of the UNet's downsample factor.
+MAISI_UNETS = {
+    "small": ({"num_channels": [32, 64, 64], "num_res_blocks": [1, 1, 1], "attention_levels": [False, False, True],
+               "norm_num_groups": 8, "num_head_channels": 8}, (16, 16, 16), 32),
+    "default": ({"num_channels": [64, 128, 256, 256], "num_res_blocks": [2, 2, 2, 2],
+                 "attention_levels": [False, False, True, True], "norm_num_groups": 32, "num_head_channels": 32},
+                (48, 48, 40), 64),
+}
+DDPM_TIMED_STEPS = 5  # DDPM steps actually run; the 1000-step time is extrapolated from their per-call time
+
+
+def maisi_vae(device: torch.device, size: str):
+    from prod9_components.networks.maisi_vae import MaisiVAE
+
+    return MaisiVAE(latent_channels=4, use_flash_attention=device.type == "cuda", **NETWORKS[size]).to(device)
+
+
+def maisi_unet(device: torch.device, size: str):
+    """(MaisiDiffusionUNet on 4 latent channels, latent grid (d, h, w))."""
+    from prod9_components.networks.maisi_diffusion import MaisiDiffusionUNet
+
+    args, latent_size, _ = MAISI_UNETS[size]
+    network = MaisiDiffusionUNet(latent_channels=4, use_flash_attention=device.type == "cuda", **args)
+    return network.to(device), latent_size
+
+
+def rflow_scheduler():
+    """The bundle's scheduler: continuous timesteps, resolution-shifted (base 32^3 latent voxels)."""
+    from monai.networks.schedulers import RFlowScheduler
+
+    return RFlowScheduler(1000, use_discrete_timesteps=False, use_timestep_transform=True,
+                          base_img_size_numel=32768, spatial_dim=3)
+
+
+class CallCounter(torch.nn.Module):
+    """Forwards to ``network`` and counts the calls (``calls``)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network, self.calls = network, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.network(*args, **kwargs)
+
+
+def maisi_vae_train_step(device: torch.device, repeats: int, size: str) -> dict:
+    """One ``AutoencoderGANTrainer`` iteration (generator step with L1 + focal-frequency + adaptive adversarial + KL
+    loss, then discriminator step; AMP + GradScaler on CUDA as the bundle) of the MAISI KL-VAE on a 64^3 crop,
+    batch 2: image (2, 1, 64, 64, 64) -> latent (2, 4, 16, 16, 16) -> reconstruction (2, 1, 64, 64, 64)."""
+    from monai.networks.nets import PatchDiscriminator
+
+    from prod9_components.engines.autoencoder_trainer import AutoencoderGANTrainer
+    from prod9_components.losses.autoencoder_gan import AutoencoderGANLoss
+
+    torch.manual_seed(0)
+    network = maisi_vae(device, size)
+    discriminator = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1,
+                                       norm="INSTANCE").to(device)
+    images = torch.rand(2, 1, 64, 64, 64, device=device)
+    amp = device.type == "cuda"
+    trainer = AutoencoderGANTrainer(device, 1, [{"image": images}], network,
+                                    torch.optim.Adam(network.parameters(), 1e-4), discriminator,
+                                    torch.optim.Adam(discriminator.parameters(), 1e-4),
+                                    AutoencoderGANLoss(kl_weight=1e-7, disc_start=0), amp=amp)
+    trainer.state.iteration = 1  # past disc_start: adaptive weight and discriminator step included
+
+    def step():
+        trainer._iteration(trainer, {"image": images})
+
+    seconds, gflop = measure(step, device, repeats)
+    return result("maisi_vae_train_step", device, seconds, repeats, gflop, peak_mem_mb(device), network=size,
+                  batch=2, roi=[64, 64, 64], latent_channels=4, amp="float16" if amp else None,
+                  volumes_per_s=round(2 / seconds, 3))
+
+
+def maisi_diffusion_train_step(device: torch.device, repeats: int, size: str) -> dict:
+    """One rectified-flow optimizer step (velocity MSE, backward, grad clip 1.0, AdamW; bfloat16 autocast on CUDA as
+    the trainer) on latents (2, 4, d, h, w) with labels (2,), vs the same step with MONAI's ``DiffusionModelUNet`` of
+    the same channels, residual blocks, attention, heads and 5 class embeddings."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    from prod9_components.losses.rectified_flow import rectified_flow_loss
+
+    torch.manual_seed(0)
+    network, latent_size = maisi_unet(device, size)
+    scheduler = rflow_scheduler()
+    latent = torch.randn(2, 4, *latent_size, device=device)
+    labels = torch.tensor([0, 2], device=device)
+
+    def train_step(net: torch.nn.Module) -> Callable[[], None]:
+        optimizer = torch.optim.AdamW(net.parameters(), 1e-4)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = rectified_flow_loss(net, scheduler, latent, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+
+        return step
+
+    seconds, gflop = measure(train_step(network.train()), device, repeats)
+    peak = peak_mem_mb(device)  # before the baseline network exists
+    args = MAISI_UNETS[size][0]
+    baseline = DiffusionModelUNet(
+        spatial_dims=3, in_channels=4, out_channels=4, num_res_blocks=args["num_res_blocks"],
+        channels=args["num_channels"], attention_levels=args["attention_levels"],
+        norm_num_groups=args["norm_num_groups"], num_head_channels=args["num_head_channels"],
+        num_class_embeds=network.null_label + 1, include_fc=False, use_flash_attention=device.type == "cuda",
+    ).to(device).train()
+    train_step(baseline)()  # warm-up
+    baseline_seconds = median_seconds(train_step(baseline), device, repeats)
+    return result("maisi_diffusion_train_step", device, seconds, repeats, gflop, peak, baseline_seconds,
+                  network=size, batch=2, latent_size=list(latent_size),
+                  amp="bfloat16" if device.type == "cuda" else None,
+                  parameters_m=round(sum(p.numel() for p in network.parameters()) / 1e6, 2),
+                  baseline="monai DiffusionModelUNet step (same channels/res blocks/attention/heads, 5 class embeds)")
+
+
+def maisi_generation(device: torch.device, repeats: int, size: str) -> list[dict]:
+    """One T2 volume per call: noise (1, 4, d, h, w) -> 10 or 30 Euler steps (guidance 1) -> sliding-window VAE
+    decode (ROI 64, small: 32; overlap 0.5) -> image (1, 4d, 4h, 4w); bfloat16 autocast on CUDA (as stage 2).
+    ``decode_seconds`` is the decode alone."""
+    from prod9_components.engines.diffusion_generation import decode_latent, sample_volumes
+    from prod9_components.inference.sliding_window import SlidingWindowConfig
+
+    torch.manual_seed(0)
+    network, latent_size = maisi_unet(device, size)
+    network.eval()
+    vae = maisi_vae(device, size).eval()
+    scheduler = rflow_scheduler()
+    roi = MAISI_UNETS[size][2]
+    config = SlidingWindowConfig(roi_size=roi, overlap=0.5)
+    amp = {"device_type": "cuda", "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
+
+    def decode():
+        with torch.autocast(**amp):
+            decode_latent(vae, torch.randn(1, 4, *latent_size, device=device), 1.0, config)
+
+    decode()  # warm-up
+    decode_seconds = median_seconds(decode, device, repeats)
+    rows = []
+    for steps in (10, 30):
+
+        def generate():
+            with torch.autocast(**amp):
+                list(sample_volumes(network, vae, scheduler, "T2", 1, latent_size, scale_factor=1.0, num_steps=steps,
+                                    guidance_scale=1.0, sw_config=config, device=device))
+
+        seconds, gflop = measure(generate, device, repeats)
+        rows.append(result(f"maisi_generation_{steps}_steps", device, seconds, repeats, gflop, peak_mem_mb(device),
+                           network=size, latent_size=list(latent_size),
+                           image_size=[vae.downsample_factor * n for n in latent_size], num_steps=steps,
+                           sw_roi=roi, sw_overlap=0.5, decode_seconds=round(decode_seconds, 5),
+                           amp="bfloat16" if device.type == "cuda" else None, volumes_per_s=round(1 / seconds, 3)))
+    return rows
+
+
+def maisi_ddpm_call_ratio(device: torch.device, repeats: int, size: str) -> dict:
+    """Network calls and time of our 10-step rectified-flow sampler vs a 1000-step MONAI ``DDPMScheduler`` loop on the
+    same UNet, one latent (1, 4, d, h, w). ``seconds`` is the 10-step sampler; the DDPM time is extrapolated from
+    ``DDPM_TIMED_STEPS`` steps actually run (per-call time x 1000), not a full 1000-step run."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    from prod9_components.sampling.rectified_flow import sample_rectified_flow
+
+    torch.manual_seed(0)
+    unet, latent_size = maisi_unet(device, size)
+    network = CallCounter(unet.eval())
+    scheduler, ddpm = rflow_scheduler(), DDPMScheduler(1000)
+    ddpm.set_timesteps(1000)
+    noise = torch.randn(1, 4, *latent_size, device=device)
+    labels = torch.tensor([2], device=device)
+    amp = {"device_type": "cuda", "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
+
+    def rflow():
+        with torch.autocast(**amp):
+            sample_rectified_flow(network, scheduler, noise, labels, 10, 1.0, unet.null_label)
+
+    @torch.no_grad()
+    def ddpm_prefix():
+        x = noise
+        with torch.autocast(**amp):
+            for t in ddpm.timesteps[:DDPM_TIMED_STEPS]:
+                x, _ = ddpm.step(network(x, t.reshape(1).to(device), class_labels=labels).float(), int(t), x)
+
+    def calls(fn: Callable[[], None]) -> int:
+        network.calls = 0
+        fn()  # doubles as a warm-up
+        return network.calls
+
+    rflow_calls = calls(rflow)
+    ddpm_calls = len(ddpm.timesteps) * calls(ddpm_prefix) // DDPM_TIMED_STEPS
+    seconds, gflop = measure(rflow, device, repeats)
+    per_call = median_seconds(ddpm_prefix, device, repeats) / DDPM_TIMED_STEPS
+    ddpm_seconds = per_call * ddpm_calls
+    return result("maisi_ddpm_call_ratio", device, seconds, repeats, gflop, peak_mem_mb(device), network=size,
+                  latent_size=list(latent_size), amp="bfloat16" if device.type == "cuda" else None, rflow_steps=10,
+                  rflow_calls=rflow_calls, ddpm_steps=len(ddpm.timesteps), ddpm_calls=ddpm_calls,
+                  call_ratio=round(ddpm_calls / rflow_calls, 2), rflow_seconds=round(seconds, 5),
+                  ddpm_timed_steps=DDPM_TIMED_STEPS, ddpm_seconds_per_call=round(per_call, 5),
+                  ddpm_seconds_extrapolated=round(ddpm_seconds, 3), seconds_ratio=round(ddpm_seconds / seconds, 2),
+                  note=f"ddpm_seconds_extrapolated = median time of {DDPM_TIMED_STEPS} DDPM steps / "
+                       f"{DDPM_TIMED_STEPS} x ddpm_calls; the 1000-step loop is not run")
+
+
+STAGES = {"stage1": [stage1_train_step, stage1_sliding_window], "stage2": [stage2_train_step, stage2_sampling],
+          "maisi": [maisi_vae_train_step, maisi_diffusion_train_step, maisi_generation, maisi_ddpm_call_ratio]}
 
 
 def _child(fn_name: str, device: str, repeats: int, size: str, queue) -> None:
