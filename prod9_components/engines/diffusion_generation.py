@@ -24,12 +24,14 @@ def sample_latents(network: nn.Module, scheduler: RFlowScheduler, modality: str 
                    latent_size: Sequence[int], num_steps: int, guidance_scale: float = 1.0, seed: int = 0,
                    device: str | torch.device = "cpu"):
     """Yield ``num_samples`` scaled latents (1, C, *latent_size); sample ``i`` starts from the noise of seed
-    ``seed + i`` (reproducible, independent of ``num_samples``). ``modality`` None samples unconditionally."""
+    ``seed + i`` (reproducible, independent of ``num_samples``). ``modality`` None samples unconditionally (the
+    null label)."""
     check_num_steps(num_steps, scheduler)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     model = unwrap(network).eval()
-    labels = None if modality is None else torch.tensor([modality_index(modality)], device=device)
+    label = model.null_label if modality is None else modality_index(modality)
+    labels = torch.tensor([label], device=device)
     shape = (1, model.latent_channels, *[int(s) for s in latent_size])
     for i in range(num_samples):
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) + i)).to(device)

@@ -78,6 +78,10 @@ def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_r
     assert np.isfinite(data).all() and 0.0 <= data.min() and data.max() <= 1.0 and data.std() > 0.01
     other = nib.load(out / files[1]).get_fdata()
     assert np.abs(data - other).max() > 0.01  # two seeds, two volumes
+    # the same workflow as a bundle run: without a modality the sample is unconditional and its name says none
+    maisi_run(DIFFUSION, ["train.json", "tiny.json", "inference.json"], {
+        "checkpoint": checkpoint, "generate_dir": tmp_path / "bundle", "num_samples": 1, "seed": 7})
+    assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["sample_0001.nii.gz"]
 
     for args, message in (  # in-process: the same entry point as the console script, without its start-up time
         (["--num-inference-steps", "0"], "num_inference_steps must be an integer in 1..1000"),
