@@ -122,7 +122,7 @@ class AutoencoderCommands(StageOneCommands, stage=STAGE, title="MaskGiT stage-1 
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(AutoencoderCommands(), argv)  # an instance: fire's --help then lists the verbs
+    main_for(AutoencoderCommands, argv)
 
 
 if __name__ == "__main__":

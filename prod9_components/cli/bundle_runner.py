@@ -116,6 +116,8 @@ def main_for(component: Callable, argv: list[str] | None = None, name_list_flags
     if any(a in ("-h", "--help") for a in argv):  # fire's own help flag is "-- --help"; "--help" alone would run
         argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    if isinstance(component, type):  # an instance: fire's --help then lists the verbs
+        component = component()
     try:
         fire.Fire(component, command=normalise_multi_value_flags(argv, name_list_flags))
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ class MaisiVAECommands(StageOneCommands, stage=STAGE, title="MAISI stage-1 KL-VA
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(MaisiVAECommands(), argv)  # an instance: fire's --help then lists the verbs
+    main_for(MaisiVAECommands, argv)
 
 
 if __name__ == "__main__":
