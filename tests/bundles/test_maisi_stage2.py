@@ -17,6 +17,8 @@ from prod9_components.networks.export import atomic_save, build_network, load_re
 from tests.maisi_helpers import DIFFUSION, maisi_run
 from tests.stage1_helpers import cli
 
+pytestmark = pytest.mark.slow
+
 TINY = str(DIFFUSION / "tiny.json")
 
 
