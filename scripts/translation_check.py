@@ -4,7 +4,8 @@
 Chains the real bundles on a small demo dataset: tiny stage-1 autoencoder -> tiny in-context transformer
 (T1 -> T2 by default) -> `evaluate.json` on the held-out test split. Prints one JSON object with the translation's
 PSNR/SSIM beside the copy-the-source baseline and the stage-1 round trip (the upper bound), and exits 1 when the
-translation does not beat the baseline. About 45 minutes on 2 shared CPU cores with the defaults.
+translation does not beat the baseline. About 1.5 hours on 2 CPU cores with the defaults (40 cases, 100
+stage-2 epochs): translation 15.3 dB vs copy 13.8 dB PSNR on the 4 test cases.
 
     python scripts/translation_check.py [--workdir outputs/translation_check] [--source T1 --target T2]
 """
@@ -37,9 +38,10 @@ def main() -> int:
     parser.add_argument("--workdir", default="outputs/translation_check")
     parser.add_argument("--source", default="T1")
     parser.add_argument("--target", default="T2")
-    parser.add_argument("--cases", type=int, default=16, help="demo cases (70/20/10 split); 4 training cases overfit")
+    parser.add_argument("--cases", type=int, default=40,
+                        help="demo cases (70/20/10 split); with 16 the transformer overfits and loses to copying")
     parser.add_argument("--stage1-epochs", type=int, default=24)
-    parser.add_argument("--stage2-epochs", type=int, default=50, help="8 steps of 4 crops each")
+    parser.add_argument("--stage2-epochs", type=int, default=100, help="8 steps of 4 crops each")
     parser.add_argument("--levels", default="[5,5,5,5]",
                         help="FSQ levels of the tiny stage 1: a small vocabulary is learnable from a few tiny cases")
     args = parser.parse_args()
