@@ -13,9 +13,9 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from prod9_components.networks.mask_one_hot import mask_one_hot
 from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
 
 __all__ = ["CONTROL_TYPES", "MaskEncoder", "MaskGiTControlNet"]
@@ -124,15 +124,8 @@ class MaskGiTControlNet(nn.Module):
         if self.mask_encoder is not None:
             if control_mask is None:
                 raise ValueError(f"control_type {self.control_type!r} needs control_mask (B, D, H, W).")
-            factor = self.init_args["downsample_factor"]
-            expected = (batch, *(s * factor for s in grid))
-            if tuple(control_mask.shape) != expected:
-                raise ValueError(f"control_mask must be {expected} (the token grid x {factor}), "
-                                 f"got shape {tuple(control_mask.shape)}.")
-            if control_mask.numel() and (control_mask.min() < 0 or control_mask.max() >= self.num_mask_classes):
-                raise ValueError(f"control_mask labels must be in [0, {self.num_mask_classes}), "
-                                 f"got [{int(control_mask.min())}, {int(control_mask.max())}].")
-            one_hot = F.one_hot(control_mask.long(), self.num_mask_classes).movedim(-1, 1).float()
+            factor = self.init_args["downsample_factor"]  # the mask is the token grid x factor
+            one_hot = mask_one_hot(control_mask, self.num_mask_classes, (batch, *(s * factor for s in grid)))
             control = self.mask_encoder(one_hot).flatten(2).transpose(1, 2)  # (B, d*h*w, hidden)
         if self.label_embedding is not None:
             control = control + self.label_embedding(control_label)[:, None]
