@@ -151,7 +151,6 @@ class AutoencoderInferenceWrapper:
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Image (B, C_out, f * d, f * h, f * w) from a latent (B, C_latent, d, h, w)."""
-        f = self.downsample_factor
         size = latent.shape[2:]
         window = tuple(min(r, s) for r, s in zip(self.latent_roi_size, size))  # as in encode: fit small volumes
         return self._decode_inferer(window)(latent, self.autoencoder.decode)

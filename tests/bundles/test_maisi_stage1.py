@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +15,7 @@ import torch
 from prod9_components.networks.export import build_network, load_record
 from prod9_components.networks.maisi_vae import MaisiVAE
 from tests.maisi_helpers import VAE, maisi_run
-from tests.stage1_helpers import ROOT, TEST_SPACING
+from tests.stage1_helpers import TEST_SPACING
 
 pytestmark = pytest.mark.slow
 
@@ -83,11 +81,3 @@ def test_training_resumes_from_last_checkpoint(maisi_vae_run, tmp_path):
     last = torch.load(out / "last.ckpt", weights_only=True)
     assert last["epoch"] == 3 and last["trainer"]["iteration"] == 3 * 4
 
-
-def test_bundle_contract():
-    checker = ROOT.parent / "shared" / "tools" / "check_bundles.py"
-    if not checker.is_file():
-        pytest.skip("../shared/tools/check_bundles.py is not present (a user's clone)")
-    result = subprocess.run([sys.executable, str(checker), str(ROOT / "bundles")], capture_output=True, text=True)
-    problems = [line for line in result.stdout.splitlines() if line.startswith(f"{STAGE}:")]
-    assert problems == []
