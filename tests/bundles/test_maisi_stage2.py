@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from prod9_components.cli.maisi_diffusion import main
 from prod9_components.data.latent_cache import load_latent_file
 from prod9_components.networks.export import atomic_save, build_network, load_record
 from tests.maisi_helpers import DIFFUSION, maisi_run
@@ -63,7 +62,7 @@ def test_trained_samples_are_closer_to_real_intensities_than_untrained_ones(mais
     assert scores["trained"]["intensity_w1"] < 0.8 * scores["untrained"]["intensity_w1"], scores
 
 
-def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_run, tmp_path, capsys):
+def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_run, tmp_path):
     run = maisi_diffusion_run
     checkpoint = str(Path(run["output_dir"]) / "best.ckpt")
     record = load_record(checkpoint)
@@ -85,17 +84,16 @@ def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_r
         "checkpoint": checkpoint, "generate_dir": tmp_path / "bundle", "num_samples": 1, "seed": 7})
     assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["sample_0001.nii.gz"]
 
-    for args, message in (  # in-process: the same entry point as the console script, without its start-up time
+    for args, message in (
         (["--num-inference-steps", "0"], "num_inference_steps must be an integer in 1..1000"),
         (["--num-inference-steps", "1001"], "num_inference_steps must be an integer in 1..1000"),
         (["--modality", "T3"], "unknown modality 'T3'"),
     ):
         bad = tmp_path / "bad"
-        with pytest.raises(SystemExit) as exit_info:
-            main(["generate", "--config", TINY, "--checkpoint", checkpoint, "--output", str(bad), *args])
-        stderr = capsys.readouterr().err
-        assert exit_info.value.code == 2 and stderr.strip().splitlines()[-1].startswith("error: "), stderr
-        assert message in stderr and "Traceback" not in stderr
+        result = cli("prod9-train-maisi-diffusion", "generate", "--config", TINY, "--checkpoint", checkpoint,
+                     "--output", str(bad), *args, check=False, in_process=True)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
         assert not bad.exists()
 
 

@@ -106,7 +106,7 @@ def test_bad_input_is_one_clear_line(stage3_run, stage1_run, tmp_path, make_args
     args = make_args({**stage3_run, **stage1_run}, tmp_path)
     if args[0] == "generate":
         args += ["--checkpoint", str(stage3_run["stage3"] / "best.ckpt"), "--output", str(tmp_path / "gen")]
-    result = cli(CMD, *args, "--dataset-dir", stage3_run["dataset_dir"], check=False)
+    result = cli(CMD, *args, "--dataset-dir", stage3_run["dataset_dir"], check=False, in_process=True)
     assert result.returncode != 0
     assert expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "gen").exists() or not any((tmp_path / "gen").iterdir())

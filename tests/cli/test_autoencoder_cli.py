@@ -70,7 +70,7 @@ def test_default_config_rebuilds_a_tiny_checkpoint(stage1_run):
 
 def test_missing_dataset_dir_is_one_line_error(tmp_path):
     result = cli("prod9-train-autoencoder", "train", "--dataset-dir", str(tmp_path / "nowhere"), "--output-dir",
-                 str(tmp_path / "out"), check=False)
+                 str(tmp_path / "out"), check=False, in_process=True)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "nowhere" in lines[-1]
@@ -82,7 +82,7 @@ def test_checkpoint_that_is_not_a_torch_file(tmp_path, stage1_run):
     bad.write_text("not a checkpoint")
     result = cli("prod9-train-autoencoder", "infer", "--checkpoint", str(bad), "--input",
                  str(_odd_volume(tmp_path / "x.nii.gz") and tmp_path / "x.nii.gz"), "--output",
-                 str(tmp_path / "y.nii.gz"), check=False)
+                 str(tmp_path / "y.nii.gz"), check=False, in_process=True)
     assert result.returncode != 0
     assert "bad.ckpt" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "y.nii.gz").exists()
@@ -94,7 +94,7 @@ def test_export_with_other_levels_is_refused(stage1_run, tmp_path):
     other = tmp_path / "other_levels.pt"
     torch.save(record, other)
     result = cli("prod9-train-autoencoder", "test", "--checkpoint", str(other), "--output-dir",
-                 str(tmp_path / "eval"), "--dataset-dir", stage1_run["dataset_dir"], check=False)
+                 str(tmp_path / "eval"), "--dataset-dir", stage1_run["dataset_dir"], check=False, in_process=True)
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
     assert "levels" in line and "[8, 5, 5, 5]" in line

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from prod9_components.cli.maisi_vae import main
 from tests.stage1_helpers import ROOT, cli
 
 pytestmark = pytest.mark.slow
@@ -45,7 +44,7 @@ def test_test_verb_writes_metrics(maisi_vae_run, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["maskgit_stage1", "latent_channels"])
-def test_a_file_that_is_not_this_vae_is_one_line_error(maisi_vae_run, tmp_path, capsys, kind):
+def test_a_file_that_is_not_this_vae_is_one_line_error(maisi_vae_run, tmp_path, kind):
     """A record of another stage, or a VAE with other latent channels (a non-torch file: test_autoencoder_cli)."""
     bad = tmp_path / "bad.pt"
     record = torch.load(maisi_vae_run["export_path"], weights_only=True)
@@ -56,19 +55,19 @@ def test_a_file_that_is_not_this_vae_is_one_line_error(maisi_vae_run, tmp_path, 
         record["network_args"]["latent_channels"] = 8
         expected = "network argument 'latent_channels' is 8 but the config expects 4"
     torch.save(record, bad)
-    with pytest.raises(SystemExit) as exit_info:  # in-process: the console script's entry point, no start-up time
-        main(["test", "--checkpoint", str(bad), "--config", TINY, "--output-dir", str(tmp_path / "eval"),
-              "--dataset-dir", maisi_vae_run["dataset_dir"]])
-    stderr = capsys.readouterr().err
-    line = stderr.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and line.startswith("error: ") and str(bad) in line and expected in line, line
-    assert "Traceback" not in stderr
+    result = cli("prod9-train-maisi-vae", "test", "--checkpoint", str(bad), "--config", TINY,
+                 "--output-dir", str(tmp_path / "eval"), "--dataset-dir", maisi_vae_run["dataset_dir"],
+                 check=False, in_process=True)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and str(bad) in line and expected in line, line
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
 def test_missing_input_is_one_line_error(tmp_path):
     result = cli("prod9-train-maisi-vae", "infer", "--input", str(tmp_path / "missing.nii.gz"), "--output",
-                 str(tmp_path / "out.nii.gz"), check=False)
+                 str(tmp_path / "out.nii.gz"), check=False, in_process=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"error: --input {tmp_path / 'missing.nii.gz'}: no such file"
     assert not (tmp_path / "out.nii.gz").exists()

@@ -61,7 +61,7 @@ def test_label_samples_are_seeded(stage2_runs, tmp_path):
 ])
 def test_label_generate_bad_input(stage2_runs, tmp_path, args, expected):
     ckpt = str(Path(stage2_runs["label"]) / "best.ckpt")
-    result = cli(CMD, "generate", "--checkpoint", ckpt, "--output", str(tmp_path / "gen"), *args, check=False)
+    result = cli(CMD, "generate", "--checkpoint", ckpt, "--output", str(tmp_path / "gen"), *args, check=False, in_process=True)
     assert result.returncode != 0
     assert expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "gen").exists() or not any((tmp_path / "gen").iterdir())
@@ -70,7 +70,7 @@ def test_label_generate_bad_input(stage2_runs, tmp_path, args, expected):
 def test_same_source_and_target_is_refused(stage2_runs, tmp_path):
     ckpt = str(Path(stage2_runs["incontext"]) / "best.ckpt")
     result = cli(CMD, "generate", "--checkpoint", ckpt, "--input", _source(stage2_runs), "--output",
-                 str(tmp_path / "x.nii.gz"), "--target-modality", "T1", check=False)
+                 str(tmp_path / "x.nii.gz"), "--target-modality", "T1", check=False, in_process=True)
     assert result.returncode != 0
     assert "T1 is both a source and the target modality" in result.stderr
     assert not (tmp_path / "x.nii.gz").exists()
@@ -84,7 +84,7 @@ def test_export_with_another_vocabulary_is_refused(stage2_runs, tmp_path):
     torch.save(record, other)
     result = cli(CMD, "test", "--checkpoint", str(Path(stage2_runs["label"]) / "best.ckpt"), "--autoencoder-path",
                  str(other), "--output-dir", str(tmp_path / "out"), "--dataset-dir", stage2_runs["dataset_dir"],
-                 check=False)
+                 check=False, in_process=True)
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
     assert "other.pt" in line and "changed since the checkpoint was trained" in line
@@ -92,6 +92,6 @@ def test_export_with_another_vocabulary_is_refused(stage2_runs, tmp_path):
 
 
 def test_stage1_checkpoint_is_not_a_transformer(stage2_runs, tmp_path):
-    result = cli(CMD, "test", "--checkpoint", stage2_runs["autoencoder_path"], check=False)
+    result = cli(CMD, "test", "--checkpoint", stage2_runs["autoencoder_path"], check=False, in_process=True)
     assert result.returncode != 0
     assert "not a stage-2 transformer" in result.stderr.strip().splitlines()[-1]
