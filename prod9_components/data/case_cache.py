@@ -61,6 +61,26 @@ def cache_key(encoder_path: str | os.PathLike, preprocessing: Mapping, extra: Ma
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def cast_arrays(arrays: Mapping[str, np.ndarray], schema: Mapping[str, tuple], source: str,
+                what: str) -> dict[str, np.ndarray]:
+    """The arrays of ``schema`` (name -> (dtype, number of dimensions)) as numpy arrays of those dtypes.
+
+    Raises:
+        ValueError: naming ``source`` when an array is missing or has another number of dimensions.
+    """
+    missing = [name for name in schema if name not in arrays]
+    if missing:
+        raise ValueError(f"{source}: {what} arrays lack {', '.join(missing)}")
+    out = {}
+    for name, (dtype, ndim) in schema.items():
+        value = arrays[name]
+        value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        if value.ndim != ndim:
+            raise ValueError(f"{source}: '{name}' should have {ndim} dimensions, got shape {value.shape}")
+        out[name] = value.astype(dtype, copy=False)
+    return out
+
+
 def load_case_file(path: str | os.PathLike, check: CheckArrays, what: str) -> dict[str, np.ndarray]:
     """Read one cache file (no pickle) and check its arrays.
 

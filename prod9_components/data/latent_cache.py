@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from monai.transforms import MapTransform
 
 from prod9_components.atomic import write_json
-from prod9_components.data.case_cache import build_case_cache, cache_key, load_case_file
+from prod9_components.data.case_cache import build_case_cache, cache_key, cast_arrays, load_case_file
 from prod9_components.data.modalities import MODALITIES, modality_index
 
 LATENT_CACHE_VERSION = 1
@@ -46,16 +46,7 @@ def latent_cache_key(vae_path: str | os.PathLike, preprocessing: Mapping, extra:
 
 def _check_arrays(arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """Cast to the stored dtypes and check names and shapes; returns the arrays to store."""
-    missing = [name for name in LATENT_ARRAYS if name not in arrays]
-    if missing:
-        raise ValueError(f"{source}: latent arrays lack {', '.join(missing)}")
-    out = {}
-    for name, (dtype, ndim) in LATENT_ARRAYS.items():
-        value = arrays[name]
-        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if value.ndim != ndim:
-            raise ValueError(f"{source}: '{name}' should have {ndim} dimensions, got shape {value.shape}")
-        out[name] = value.astype(dtype, copy=False)
+    out = cast_arrays(arrays, LATENT_ARRAYS, source, "latent")
     if out["latent"].shape[0] != len(MODALITIES) or not np.isfinite(out["latent"]).all():
         raise ValueError(f"{source}: expected finite latents of {len(MODALITIES)} modalities, got shape "
                          f"{out['latent'].shape}")

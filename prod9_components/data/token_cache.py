@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, Randomizable
 
-from prod9_components.data.case_cache import build_case_cache, cache_key, load_case_file
+from prod9_components.data.case_cache import build_case_cache, cache_key, cast_arrays, load_case_file
 
 TOKEN_CACHE_VERSION = 1
 CACHE_ARRAYS = {  # name -> (dtype, number of dimensions)
@@ -76,18 +76,11 @@ def most_frequent_token(tokens: np.ndarray | torch.Tensor) -> int:
 
 def _check_arrays(arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """Cast to the stored dtypes and check names and shapes; returns the arrays to store."""
-    missing = [name for name in CACHE_ARRAYS if name not in arrays]
-    if missing:
-        raise ValueError(f"{source}: token arrays lack {', '.join(missing)}")
-    out = {}
-    for name, (dtype, ndim) in CACHE_ARRAYS.items():
-        value = arrays[name]
-        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if value.ndim != ndim:
-            raise ValueError(f"{source}: '{name}' should have {ndim} dimensions, got shape {value.shape}")
-        if name == "tokens" and value.size and (value.min() < 0 or value.max() > np.iinfo(np.int16).max):
-            raise ValueError(f"{source}: token indices {value.min()}..{value.max()} do not fit int16")
-        out[name] = value.astype(dtype, copy=False)
+    out = cast_arrays(arrays, {**CACHE_ARRAYS, "tokens": (np.int64, 4)}, source, "token")  # range check first
+    tokens = out["tokens"]
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int16).max):
+        raise ValueError(f"{source}: token indices {tokens.min()}..{tokens.max()} do not fit int16")
+    out["tokens"] = tokens.astype(np.int16)
     if out["tokens"].shape[0] != 4 or out["intensity"].shape != (4, 2):
         raise ValueError(f"{source}: expected 4 modalities, got tokens {out['tokens'].shape}, "
                          f"intensity {out['intensity'].shape}")

@@ -12,8 +12,7 @@ from torch import nn
 from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
 from prod9_components.data.token_cache import pad_or_crop
 from prod9_components.engines.diffusion_generation import sample_volumes
-from prod9_components.handlers.checkpoint import is_rank_zero
-from prod9_components.handlers.tensorboard_images import mid_slice_grid
+from prod9_components.handlers.tensorboard_images import MidSliceWriter
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.distribution_distance import intensity_distances
 
@@ -64,7 +63,7 @@ class DiffusionSamplesHandler:
         self.num_samples, self.num_steps, self.guidance_scale = int(num_samples), int(num_steps), guidance_scale
         self.seed, self.sw_config, self.intensity_range = int(seed), sw_config, intensity_range
         self.log_dir, self.tag = log_dir, tag
-        self._writer = None
+        self._slices = MidSliceWriter(log_dir)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -79,16 +78,6 @@ class DiffusionSamplesHandler:
             for metric, value in intensity_distances([s.cpu() for s in samples], real).items():
                 engine.state.metrics[f"{metric}_{name}"] = value
                 scores[metric].append(value)
-            self._log(engine, name, samples)
+            self._slices.write(f"{self.tag}_{name}", samples, engine.state.epoch)
         for metric, values in scores.items():
             engine.state.metrics[metric] = sum(values) / len(values)
-
-    def _log(self, engine: Engine, modality: str, samples: list[torch.Tensor]) -> None:
-        if self.log_dir is None or not is_rank_zero():
-            return
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=self.log_dir)
-        self._writer.add_image(f"{self.tag}_{modality}", mid_slice_grid(samples), engine.state.epoch, dataformats="HW")
-        self._writer.flush()

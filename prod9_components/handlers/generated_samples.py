@@ -11,8 +11,7 @@ from torch import nn
 
 from prod9_components.data.modalities import modality_name
 from prod9_components.engines.maskgit_generation import sample_volumes
-from prod9_components.handlers.checkpoint import is_rank_zero
-from prod9_components.handlers.tensorboard_images import mid_slice_grid
+from prod9_components.handlers.tensorboard_images import MidSliceWriter
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.image_quality import ms_ssim
 from prod9_components.networks.export import unwrap
@@ -50,7 +49,7 @@ class GeneratedSamplesHandler:
         self.token_grid, self.volume_grid = list(token_grid), volume_grid
         self.num_samples, self.seed, self.sw_config = int(num_samples), int(seed), sw_config
         self.log_dir, self.tag = log_dir, tag
-        self._writer = None
+        self._slices = MidSliceWriter(log_dir)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -66,15 +65,5 @@ class GeneratedSamplesHandler:
             score = float(torch.cat(pairs).mean())
             engine.state.metrics[f"sample_ms_ssim_{modality}"] = score
             scores.append(score)
-            self._log(engine, modality, samples)
+            self._slices.write(f"{self.tag}_{modality}", samples, engine.state.epoch)
         engine.state.metrics["sample_ms_ssim"] = sum(scores) / len(scores)
-
-    def _log(self, engine: Engine, modality: str, samples: list[torch.Tensor]) -> None:
-        if self.log_dir is None or not is_rank_zero():
-            return
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=self.log_dir)
-        self._writer.add_image(f"{self.tag}_{modality}", mid_slice_grid(samples), engine.state.epoch, dataformats="HW")
-        self._writer.flush()

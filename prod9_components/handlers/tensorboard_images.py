@@ -34,6 +34,29 @@ def mid_slice_grid(volumes: list[torch.Tensor | np.ndarray], value_range: tuple[
     return np.clip((grid - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+class MidSliceWriter:
+    """Writes :func:`mid_slice_grid` images to TensorBoard, from rank 0 only, opening the log on first use.
+
+    Args:
+        log_dir: TensorBoard log directory; None writes nothing.
+    """
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.log_dir = log_dir
+        self._writer = None
+
+    def write(self, tag: str, volumes: list[torch.Tensor], step: int,
+              value_range: tuple[float, float] = (0.0, 1.0)) -> None:
+        if self.log_dir is None or not is_rank_zero():
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        self._writer.add_image(tag, mid_slice_grid(volumes, value_range), step, dataformats="HW")
+        self._writer.flush()
+
+
 class MidSliceImageHandler:
     """After each evaluation, write mid slices of the first volume's ``keys`` (rows) to TensorBoard.
 
@@ -50,7 +73,7 @@ class MidSliceImageHandler:
         self.keys = tuple(keys)
         self.tag = tag
         self.value_range = tuple(value_range)
-        self._writer = None
+        self._slices = MidSliceWriter(log_dir)
         self._first: list[torch.Tensor] | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -71,12 +94,5 @@ class MidSliceImageHandler:
         self._first = [item[k][0 if item is output else slice(None)].detach().cpu() for k in self.keys]
 
     def _write(self, engine: Engine) -> None:
-        if self._first is None or not is_rank_zero():
-            return
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=self.log_dir)
-        grid = mid_slice_grid(self._first, self.value_range)
-        self._writer.add_image(self.tag, grid, engine.state.epoch, dataformats="HW")
-        self._writer.flush()
+        if self._first is not None:
+            self._slices.write(self.tag, self._first, engine.state.epoch, self.value_range)
