@@ -32,9 +32,11 @@ _EXPORTS = {
         "training_crop",
     ),
     "case_cache": ("check_sha256", "file_sha256"),
+    "control_latents": ("LoadControlLatentd", "control_items"),
     "latent_cache": (
         "LoadLatentd",
         "build_latent_cache",
+        "check_latent_size",
         "latent_cache_key",
         "latent_grid",
         "latent_items",

@@ -108,6 +108,16 @@ def latent_grid(items: Sequence[Mapping], multiple: int) -> list[int]:
     return [-(-n // multiple) * multiple for n in largest]
 
 
+def check_latent_size(items: Sequence[Mapping], latent_size: Sequence[int], source: str) -> list[int]:
+    """``latent_size`` (the grid a diffusion model was trained and samples at, from its checkpoint ``source``) if
+    every cached latent of ``items`` fits in it, else a one-line ValueError naming both sizes."""
+    needed = latent_grid(items, 1)
+    if any(n > int(s) for n, s in zip(needed, latent_size)):
+        raise ValueError(f"{source}: the diffusion model was trained on latent size {list(latent_size)}, but these "
+                         f"cases need {needed} (another spacing or VAE?); train stage 2 on this data first")
+    return [int(s) for s in latent_size]
+
+
 def pad_latent(latent: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Centre-pad ``latent`` (C, d, h, w) to ``size`` by replicating its edges (the background's latent), or raise
     when it is larger."""

@@ -7,6 +7,7 @@ invertible transform, so ``monai.transforms.Invertd`` maps an output back to the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 
 import nibabel as nib
@@ -20,6 +21,7 @@ from monai.transforms import (
     LoadImage,
     MapTransform,
     Orientationd,
+    ResampleToMatch,
     RandSpatialCropd,
     ResizeWithPadOrCropd,
     Spacingd,
@@ -79,6 +81,31 @@ class LoadVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.load(d[key], key in self.label_keys)
+        return d
+
+
+class MatchLabelGridd(MapTransform):
+    """Resample label volumes (nearest neighbour) onto the grid of ``reference_key`` when their shape or affine
+    differs from it (e.g. a user's mask saved on another grid than the image it goes with); a no-op otherwise.
+    Logs one line per resampled file, so the change is never silent."""
+
+    def __init__(self, keys, reference_key: str, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key = reference_key
+        self._resample = ResampleToMatch(mode="nearest")
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        reference = d[self.reference_key]
+        for key in self.key_iterator(d):
+            label = d[key]
+            if label.shape[1:] == reference.shape[1:] and np.allclose(
+                    np.asarray(label.affine, np.float64), np.asarray(reference.affine, np.float64), atol=1e-3):
+                continue
+            logging.getLogger("prod9").warning(
+                f"{_source_name(label, str(key))}: grid {tuple(label.shape[1:])} differs from "
+                f"{_source_name(reference, self.reference_key)} {tuple(reference.shape[1:])}; resampled onto it")
+            d[key] = self._resample(label, reference).round().to(label.dtype)
         return d
 
 
@@ -173,8 +200,8 @@ def preprocessing(
 ) -> list:
     """The deterministic preprocessing, as a FLAT list (CacheDataset caches nothing behind a nested Compose).
 
-    Output: images float32 (1, X, Y, Z) in ``intensity_range``, labels (1, X, Y, Z) in {0, 1, 2, 3}, on a
-    RAS grid of ``spacing`` mm, cropped to the first image's foreground (+``margin`` voxels) and padded to a
+    Output: images float32 (1, X, Y, Z) in ``intensity_range``, labels (1, X, Y, Z) in {0, 1, 2, 3} (first
+    resampled onto the first image's grid if theirs differs), on a RAS grid of ``spacing`` mm, cropped to the first image's foreground (+``margin`` voxels) and padded to a
     multiple of ``k_divisible`` (images with the range minimum, labels with 0).
     """
     image_keys, label_keys = list(image_keys), list(label_keys)
@@ -184,6 +211,7 @@ def preprocessing(
     background = float(intensity_range[0])
     transforms = [
         LoadVolumed(keys, label_keys=label_keys),
+        *([MatchLabelGridd(label_keys, image_keys[0])] if label_keys else []),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=tuple(spacing), mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)),
         RobustIntensityScaled(image_keys, output_range=tuple(intensity_range)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from monai.engines import Evaluator
@@ -26,21 +26,34 @@ class RectifiedFlowEvaluator(Evaluator):
         seed: seed of the validation noise and timesteps.
         epoch_length / key_val_metric / additional_metrics / val_handlers: as in MONAI's ``Evaluator``.
         amp: bfloat16 autocast on CUDA only.
+        control_keys: batch key -> network keyword argument of each ControlNet condition (as the trainer's).
     """
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, network: nn.Module,
                  scheduler: RFlowScheduler, seed: int = 0, epoch_length: int | None = None,
                  key_val_metric: dict | None = None, additional_metrics: dict | None = None,
                  metric_cmp_fn: Callable | None = None, val_handlers: Sequence | None = None,
-                 amp: bool = False) -> None:
+                 amp: bool = False, control_keys: Mapping[str, str] | None = None) -> None:
         amp = bool(amp) and torch.device(device).type == "cuda"
         kwargs = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
                          key_val_metric=key_val_metric, additional_metrics=additional_metrics,
                          val_handlers=val_handlers, amp=amp, decollate=False, **kwargs)
         self.network, self.scheduler, self.seed = network, scheduler, int(seed)
+        self.control_keys = dict(control_keys or {})
 
     def _iteration(self, engine: RectifiedFlowEvaluator, batchdata: dict) -> dict:
+        engine.state.output = self.outputs(engine, batchdata)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def controls(self, batchdata: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        """The network's condition arguments of a batch."""
+        return {arg: batchdata[key].to(device) for key, arg in self.control_keys.items()}
+
+    def outputs(self, engine: RectifiedFlowEvaluator, batchdata: dict) -> dict:
+        """``{"val_loss"}`` of one batch; subclasses add what their handlers read."""
         latent = batchdata["latent"].to(engine.state.device)
         labels = batchdata["label"].to(engine.state.device).long()
         generator = torch.Generator().manual_seed(self.seed * 100_003 + engine.state.iteration)
@@ -49,8 +62,6 @@ class RectifiedFlowEvaluator(Evaluator):
         timesteps = (uniform * self.scheduler.num_train_timesteps).to(latent.device)
         with engine.mode(self.network), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
                                                                        enabled=self.amp):
-            loss = rectified_flow_loss(self.network, self.scheduler, latent, labels, noise, timesteps)
-        engine.state.output = {"val_loss": loss}
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+            loss = rectified_flow_loss(self.network, self.scheduler, latent, labels, noise, timesteps,
+                                       **self.controls(batchdata, latent.device))
+        return {"val_loss": loss}

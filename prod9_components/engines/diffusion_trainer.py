@@ -1,16 +1,19 @@
-"""Ignite trainer of a rectified-flow latent diffusion model (MAISI stage 2) with label dropout and EMA weights."""
+"""Ignite trainer of a rectified-flow latent diffusion model (MAISI stages 2 and 3) with label dropout, EMA weights
+and, for a ControlNet, its spatial conditions and the optional region-specific contrastive loss."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
-from prod9_components.losses.rectified_flow import rectified_flow_loss
+from prod9_components.losses.rectified_flow import noisy_latent
+from prod9_components.losses.region_contrastive import region_contrastive_loss, tumour_region
 from prod9_components.networks.ema import ExponentialMovingAverage
 from prod9_components.networks.export import unwrap
 
@@ -21,6 +24,12 @@ class RectifiedFlowTrainer(Trainer):
     Each batch holds ``"latent"`` (B, C, d, h, w), already scaled to unit std, and ``"label"`` (B,) modality ids.
     With probability ``label_dropout`` a sample's label becomes the network's null label, which trains the
     unconditional model classifier-free guidance needs. After each step the EMA copy (if any) follows.
+
+    A ControlNet (:class:`~prod9_components.networks.maisi_controlnet.MaisiControlNet`) gets its conditions from
+    the batch through ``control_keys`` (e.g. ``{"seg": "control_mask", "source": "control_image"}``); only its
+    trainable parameters should be in ``optimizer``. With ``contrastive_weight > 0`` the same noisy latents also go
+    through the network with the tumour removed from the mask (one batched forward) and
+    :func:`~prod9_components.losses.region_contrastive.region_contrastive_loss` is added.
 
     Args:
         device: where the networks live.
@@ -35,13 +44,17 @@ class RectifiedFlowTrainer(Trainer):
         train_handlers: Ignite/MONAI handlers.
         amp: bfloat16 autocast (CUDA only: on CPU bfloat16 matmul is hundreds of times slower).
         grad_clip: max gradient norm, None to disable.
+        control_keys: batch key -> network keyword argument of each spatial condition.
+        contrastive_weight / contrastive_margin: the region-specific contrastive loss (needs ``control_mask``).
     """
 
     def __init__(self, device: torch.device | str, max_epochs: int, train_data_loader: Iterable, network: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: RFlowScheduler,
                  ema: ExponentialMovingAverage | None = None, label_dropout: float = 0.1,
                  epoch_length: int | None = None, non_blocking: bool = False,
-                 train_handlers: Sequence | None = None, amp: bool = False, grad_clip: float | None = 1.0) -> None:
+                 train_handlers: Sequence | None = None, amp: bool = False, grad_clip: float | None = 1.0,
+                 control_keys: Mapping[str, str] | None = None, contrastive_weight: float = 0.0,
+                 contrastive_margin: float = 0.05) -> None:
         amp = bool(amp) and torch.device(device).type == "cuda"
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
                          epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp,
@@ -50,6 +63,11 @@ class RectifiedFlowTrainer(Trainer):
             raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
         self.network, self.optimizer, self.scheduler, self.ema = network, optimizer, scheduler, ema
         self.label_dropout, self.grad_clip = float(label_dropout), grad_clip
+        self.control_keys = dict(control_keys or {})
+        self.contrastive_weight, self.contrastive_margin = float(contrastive_weight), float(contrastive_margin)
+        if self.contrastive_weight and "control_mask" not in self.control_keys.values():
+            raise ValueError("the region-specific contrastive loss needs a mask condition (control_keys naming "
+                             "control_mask)")
 
     def _iteration(self, engine: RectifiedFlowTrainer, batchdata: dict) -> dict:
         latent = batchdata["latent"].to(engine.state.device, non_blocking=engine.non_blocking)
@@ -57,9 +75,23 @@ class RectifiedFlowTrainer(Trainer):
         dropped = torch.rand(labels.shape, device=labels.device) < self.label_dropout
         labels = torch.where(dropped, torch.full_like(labels, unwrap(self.network).null_label), labels)
 
+        controls = {arg: batchdata[key].to(engine.state.device) for key, arg in self.control_keys.items()}
+
         self.network.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            loss = rectified_flow_loss(self.network, self.scheduler, latent, labels)
+            noisy, timesteps, target = noisy_latent(self.scheduler, latent)
+            if self.contrastive_weight:  # the same inputs with the tumour removed, in one forward (DDP-safe)
+                mask = controls["control_mask"]
+                doubled = {k: torch.cat([v, torch.zeros_like(v) if k == "control_mask" else v])
+                           for k, v in controls.items()}
+                velocity, without = self.network(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
+                                                 class_labels=torch.cat([labels, labels]), **doubled).chunk(2)
+                contrastive = region_contrastive_loss(velocity, without, tumour_region(mask, tuple(latent.shape[2:])),
+                                                      self.contrastive_margin)
+            else:
+                velocity = self.network(noisy, timesteps, class_labels=labels, **controls)
+            velocity_loss = F.mse_loss(velocity.float(), target.float())
+            loss = velocity_loss + self.contrastive_weight * contrastive if self.contrastive_weight else velocity_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
@@ -68,6 +100,8 @@ class RectifiedFlowTrainer(Trainer):
         if self.ema is not None:
             self.ema.update(self.network)
 
-        engine.state.output = {"loss": loss.detach()}
+        engine.state.output = {"loss": loss.detach(), "velocity_loss": velocity_loss.detach()}
+        if self.contrastive_weight:
+            engine.state.output["contrastive_loss"] = contrastive.detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from prod9_components.engines.maskgit_evaluator import MaskGiTEvaluator
-from prod9_components.metrics.tumour import TUMOUR_LABELS, control_sensitivity, tumour_contrast
+from prod9_components.metrics.tumour import control_scores
 from prod9_components.networks.export import unwrap
 
 
@@ -40,20 +40,4 @@ class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
         pred, without = sample(seg), sample(torch.zeros_like(seg))
         label = self.images(batchdata, device)[inputs["rows"], inputs["target_label"]].unsqueeze(1)
         output = {"pred": pred, "pred_without_mask": without, "label": label, "seg": seg[:, None].float() / 3}
-        # Per-row scores, averaged over the rows of this batch (one row per case and target modality).
-        rows = []
-        for b in range(len(seg)):
-            brain = label[b] > 0
-            generated, real = tumour_contrast(pred[b], seg[b], brain), tumour_contrast(label[b], seg[b], brain)
-            sensitivity = control_sensitivity(pred[b], without[b], seg[b], brain)
-            row = {"sensitivity": sensitivity["score"], "change_inside": sensitivity["inside"],
-                   "change_outside": sensitivity["outside"]}
-            for value, name in TUMOUR_LABELS.items():
-                row[f"contrast_{name}"] = generated[value]
-                row[f"real_contrast_{name}"] = real[value]
-                row[f"contrast_error_{name}"] = abs(generated[value] - real[value])
-            rows.append(row)
-        for key in rows[0]:
-            values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
-            output[key] = float(values.nanmean()) if not values.isnan().all() else float("nan")
-        return output
+        return {**output, **control_scores(pred, without, label, seg)}

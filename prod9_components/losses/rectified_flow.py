@@ -13,6 +13,15 @@ def velocity_target(latent: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return latent - noise
 
 
+def noisy_latent(scheduler: RFlowScheduler, latent: torch.Tensor, noise: torch.Tensor | None = None,
+                 timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, timesteps, velocity target)`` of clean latents (B, C, d, h, w): noise and timesteps (B,) are drawn by
+    the scheduler when None (uniform or logit-normal, optionally resolution-shifted)."""
+    noise = torch.randn_like(latent) if noise is None else noise
+    timesteps = scheduler.sample_timesteps(latent) if timesteps is None else timesteps
+    return scheduler.add_noise(latent, noise, timesteps), timesteps, velocity_target(latent, noise)
+
+
 def rectified_flow_loss(network: nn.Module, scheduler: RFlowScheduler, latent: torch.Tensor,
                         labels: torch.Tensor | None, noise: torch.Tensor | None = None,
                         timesteps: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
@@ -20,8 +29,7 @@ def rectified_flow_loss(network: nn.Module, scheduler: RFlowScheduler, latent: t
 
     Args:
         network: ``network(x_t, timesteps, class_labels=labels, **model_kwargs)`` -> velocity.
-        scheduler: MONAI ``RFlowScheduler`` (timestep sampling - uniform or logit-normal, optionally
-            resolution-shifted - and ``add_noise``).
+        scheduler: MONAI ``RFlowScheduler`` (timestep sampling and ``add_noise``), see :func:`noisy_latent`.
         latent: clean scaled latents x_0 (B, C, d, h, w).
         labels: (B,) class labels (already with the null label where dropped), or None.
         noise / timesteps: drawn here when None (given for reproducible validation).
@@ -29,8 +37,6 @@ def rectified_flow_loss(network: nn.Module, scheduler: RFlowScheduler, latent: t
     Returns:
         scalar float32 loss.
     """
-    noise = torch.randn_like(latent) if noise is None else noise
-    timesteps = scheduler.sample_timesteps(latent) if timesteps is None else timesteps
-    noisy = scheduler.add_noise(latent, noise, timesteps)
+    noisy, timesteps, target = noisy_latent(scheduler, latent, noise, timesteps)
     velocity = network(noisy, timesteps, class_labels=labels, **model_kwargs)
-    return F.mse_loss(velocity.float(), velocity_target(latent, noise).float())
+    return F.mse_loss(velocity.float(), target.float())

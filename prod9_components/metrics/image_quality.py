@@ -266,3 +266,32 @@ class MSSSIMMetric(MultiScaleSSIMMetric):
         # Our own size check first: MONAI's message does not name the input size.
         _check_ms_ssim_size(y.shape, self.kernel_size[0], len(self.weights))
         return super()._compute_metric(y_pred.float(), y.float())
+
+
+
+def _pair(first: str, region: str | None = None):
+    """``output -> (output[first], output["label"])``, both zeroed outside ``output[region]`` when given."""
+    def transform(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if region is None:
+            return output[first], output["label"]
+        return output[first] * output[region], output["label"] * output[region]
+    return transform
+
+
+def translation_metrics() -> dict:
+    """The BraSyn-style scores of a translation, as Ignite metric handlers for an evaluator's
+    ``additional_metrics``: ``psnr`` / ``ssim`` of ``pred`` vs ``label`` in the brain, ``psnr_tumour`` /
+    ``ssim_tumour`` inside ``tumour``, and the same PSNR/SSIM of ``roundtrip`` (the autoencoder's upper bound) and
+    ``source`` (the copy-the-source baseline)."""
+    from monai.handlers import IgniteMetricHandler  # ignite is only needed where evaluators run
+
+    return {
+        "psnr": IgniteMetricHandler(BrainPSNRMetric(), output_transform=_pair("pred")),
+        "ssim": IgniteMetricHandler(BrainSSIMMetric(), output_transform=_pair("pred")),
+        "psnr_tumour": IgniteMetricHandler(BrainPSNRMetric(), output_transform=_pair("pred", "tumour")),
+        "ssim_tumour": IgniteMetricHandler(BrainSSIMMetric(), output_transform=_pair("pred", "tumour")),
+        "roundtrip_psnr": IgniteMetricHandler(BrainPSNRMetric(), output_transform=_pair("roundtrip")),
+        "roundtrip_ssim": IgniteMetricHandler(BrainSSIMMetric(), output_transform=_pair("roundtrip")),
+        "copy_source_psnr": IgniteMetricHandler(BrainPSNRMetric(), output_transform=_pair("source")),
+        "copy_source_ssim": IgniteMetricHandler(BrainSSIMMetric(), output_transform=_pair("source")),
+    }

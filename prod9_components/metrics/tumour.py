@@ -16,7 +16,8 @@ import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-__all__ = ["CONTROL_METRICS", "TUMOUR_LABELS", "NanMean", "control_metrics", "control_sensitivity", "tumour_contrast"]
+__all__ = ["CONTROL_METRICS", "TUMOUR_LABELS", "NanMean", "control_metrics", "control_scores", "control_sensitivity",
+           "tumour_contrast"]
 
 TUMOUR_LABELS = {1: "necrosis", 2: "oedema", 3: "enhancing"}
 # Output keys of MaskGiTControlNetEvaluator (and the MAISI one): reported as metrics of the same names.
@@ -54,6 +55,33 @@ def control_sensitivity(with_mask: torch.Tensor, without_mask: torch.Tensor, seg
     inside = float(change[tumour].mean()) if tumour.any() else math.nan
     outside = float(change[healthy].mean()) if healthy.any() else math.nan
     return {"inside": inside, "outside": outside, "score": inside - outside}
+
+
+def control_scores(pred: torch.Tensor, without: torch.Tensor, real: torch.Tensor, seg: torch.Tensor) -> dict[str, float]:
+    """Every :data:`CONTROL_METRICS` score of a batch, each averaged over its samples skipping NaN (a label absent
+    from a case); the brain is ``real > 0``.
+
+    Args:
+        pred: (B, 1, D, H, W) generated with the mask; without: the same noise with an empty mask.
+        real: (B, 1, D, H, W) the real image of the generated modality; seg: (B, D, H, W) or (B, 1, D, H, W) labels.
+    """
+    rows = []
+    for b in range(len(seg)):
+        brain = real[b] > 0
+        generated, truth = tumour_contrast(pred[b], seg[b], brain), tumour_contrast(real[b], seg[b], brain)
+        sensitivity = control_sensitivity(pred[b], without[b], seg[b], brain)
+        row = {"sensitivity": sensitivity["score"], "change_inside": sensitivity["inside"],
+               "change_outside": sensitivity["outside"]}
+        for value, name in TUMOUR_LABELS.items():
+            row[f"contrast_{name}"] = generated[value]
+            row[f"real_contrast_{name}"] = truth[value]
+            row[f"contrast_error_{name}"] = abs(generated[value] - truth[value])
+        rows.append(row)
+    scores = {}
+    for key in CONTROL_METRICS:
+        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+        scores[key] = float(values.nanmean()) if not values.isnan().all() else math.nan
+    return scores
 
 
 class NanMean(Metric):

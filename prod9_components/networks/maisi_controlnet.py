@@ -41,7 +41,7 @@ class MaisiControlNet(nn.Module):
 
     Shapes:
         x (B, C, d, h, w), timesteps (B,), class_labels (B,): as the base UNet.
-        control_mask: (B, D, H, W) int labels, D = f * d (mask types); control_image: (B, 1, D, H, W) in the VAE's
+        control_mask: (B, D, H, W) or (B, 1, D, H, W) int labels, D = f * d (mask types); control_image: (B, 1, D, H, W) in the VAE's
         intensity range (image types); control_label: (B,) label the ControlNet sees (default ``class_labels``).
         output: velocity (B, C, d, h, w).
     """
@@ -113,6 +113,8 @@ class MaisiControlNet(nn.Module):
         if self.uses_mask:
             if control_mask is None:
                 raise ValueError(f"condition_type {self.condition_type!r} needs control_mask (B, D, H, W).")
+            if control_mask.dim() == 5 and control_mask.shape[1] == 1:
+                control_mask = control_mask[:, 0]
             parts.append(mask_one_hot(control_mask, self.init_args["num_mask_classes"], size))
         if self.uses_image:
             if control_image is None or tuple(control_image.shape) != (size[0], 1, *size[1:]):

@@ -1,0 +1,106 @@
+"""``prod9-train-maisi-controlnet``: MAISI stage 3, a ControlNet on the frozen stage-2 latent diffusion model
+(bundle ``maisi_stage3_controlnet``).
+
+Verbs: ``train``, ``validate``, ``test``, ``generate``. Any ``--<bundle id> value`` not listed is passed to the bundle
+as an override (e.g. ``--epochs 5``, ``--contrastive-weight 0.1``).
+"""
+
+from __future__ import annotations
+
+from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
+
+STAGE = "maisi_stage3_controlnet"
+
+
+def _paths(value) -> list[str] | None:
+    if value is None:
+        return None
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+class MaisiControlNetCommands:
+    """Train, evaluate and sample the MAISI ControlNet (MONAI bundle maisi_stage3_controlnet)."""
+
+    def train(self, config: str | None = None, output_dir: str | None = None, diffusion_path: str | None = None,
+              condition_type: str | None = None, source_modality: str | None = None, **overrides):
+        """Train the ControlNet on the rectified-flow velocity loss; the stage-2 UNet stays frozen. Writes best.ckpt,
+        last.ckpt and logs/ (latents come from the stage-2 latent cache, encoded once).
+
+        Args:
+            config: bundle directory, its train.json, or a preset layered on the bundle.
+            output_dir: checkpoints and TensorBoard logs (default outputs/maisi_stage3).
+            diffusion_path: the stage-2 best.ckpt (default outputs/maisi_stage2/best.ckpt); the VAE is the one it
+                names.
+            condition_type: mask (tumour mask, default), image (a source modality: translation), label (the target
+                modality only), both or all (mask + source image).
+            source_modality: the modality translated from, for image, both and all (e.g. T1).
+            overrides: any bundle id, e.g. --epochs 50 --contrastive-weight 0.1 --contrastive-margin 0.05.
+        """
+        workflow = run_bundle(STAGE, "train", config, {
+            "output_dir": output_dir, "diffusion_path": diffusion_path, "condition_type": condition_type,
+            "source_modality": source_modality, **flag_overrides(overrides)})
+        out = resolved(workflow, "output_dir")
+        report(f"trained {STAGE}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs")
+
+    def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
+                 **overrides):
+        """Evaluate on the validation split; writes <output_dir>/metrics.json.
+
+        Args:
+            config: bundle directory or preset.
+            checkpoint: best.ckpt of a stage-3 run (default <output_dir>/best.ckpt); everything is rebuilt from it.
+            output_dir: run directory (default outputs/maisi_stage3).
+            overrides: any bundle id, e.g. --num-inference-steps 30.
+        """
+        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, overrides)
+
+    def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
+             **overrides):
+        """Evaluate on the held-out test split: velocity loss; with a source image PSNR/SSIM of the translation (whole
+        brain and tumour) beside the VAE round trip and copy-the-source; with a mask the tumour contrast errors and
+        control sensitivity (the keys MaskGiT stage 3 reports).
+
+        Args:
+            config: bundle directory or preset.
+            checkpoint: best.ckpt of a stage-3 run (default <output_dir>/best.ckpt).
+            output_dir: run directory (default outputs/maisi_stage3).
+            overrides: any bundle id.
+        """
+        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, overrides)
+
+    def generate(self, config: str | None = None, checkpoint: str | None = None, mask=None, source=None,
+                 source_modality: str | None = None, modality: str | None = None, output: str | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 seed: int | None = None, output_dir: str | None = None, **overrides):
+        """Sample volumes steered by tumour masks and/or source images: <case>_<MOD>.nii.gz and the mask used,
+        <case>_mask.nii.gz, on the model's grid (RAS, the VAE's spacing).
+
+        Args:
+            config: bundle directory or preset.
+            checkpoint: best.ckpt of a stage-3 run (default <output_dir>/best.ckpt).
+            mask: BraTS segmentation file(s), any label convention (4 -> 3); resampled onto the source's grid when
+                theirs differ; default: every test-split case's mask (and source image).
+            source: source image file(s) of --source-modality, one per mask, in the same order.
+            source_modality: the modality of --source; must be the one the ControlNet was trained with.
+            modality: the modality to generate (default: the first trained modality other than the source).
+            output: output directory (default <output_dir>/generated).
+            num_inference_steps: Euler steps (default 10; 1..1000).
+            guidance_scale: classifier-free guidance of the modality label (default 1 = off).
+            seed: sample i starts from the noise of seed + i (default 0).
+            output_dir: run directory (default outputs/maisi_stage3).
+            overrides: any bundle id.
+        """
+        workflow = run_bundle(STAGE, "generate", config, {
+            "checkpoint": checkpoint, "generate_dir": output, "mask": _paths(mask), "source": _paths(source),
+            "source_modality": source_modality, "modality": modality, "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale, "seed": seed, "output_dir": output_dir,
+            **flag_overrides(overrides)})
+        report(f"controlled samples written to {resolved(workflow, 'generate_dir')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    main_for(MaisiControlNetCommands, argv, name_list_flags=("--mask", "--source"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Ignite evaluator of a MAISI ControlNet: the velocity loss under control, plus what the control does to samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from prod9_components.engines.diffusion_evaluator import RectifiedFlowEvaluator
+from prod9_components.engines.diffusion_generation import decode_latent
+from prod9_components.inference.sliding_window import SlidingWindowConfig
+from prod9_components.metrics.tumour import control_scores
+from prod9_components.networks.export import unwrap
+from prod9_components.sampling.rectified_flow import check_num_steps, sample_rectified_flow
+
+
+class ControlNetEvaluator(RectifiedFlowEvaluator):
+    """``val_loss`` of base + control on every held-out item and, with a ``vae``, one whole volume per item sampled
+    from seeded noise under the item's conditions and decoded, for the metric handlers:
+
+    - always: ``pred`` (B, 1, D, H, W) the sample, ``label`` the real target image (batch ``"image"``), ``tumour``
+      ({0, 1}) and ``seg`` (labels / 3) for region metrics and TensorBoard;
+    - with a source image (``control_image``): ``source`` (the copy-the-source baseline) and ``roundtrip`` (the VAE
+      decode of the real target's cached latent: the upper bound), so PSNR/SSIM of each against ``label`` compare
+      the translation BraSyn style;
+    - with a mask (``control_mask``): ``pred_without_mask`` (the same noise, an empty mask) and every
+      :data:`~prod9_components.metrics.tumour.CONTROL_METRICS` score, the keys MaskGiT stage 3 reports.
+
+    Args:
+        vae: the stage-1 VAE (None: ``val_loss`` only); scale_factor: the latents' scale.
+        num_steps: Euler steps of each sample; sw_config / intensity_range: as the VAE decode's.
+        the rest: as :class:`~prod9_components.engines.diffusion_evaluator.RectifiedFlowEvaluator`.
+    """
+
+    def __init__(self, *args, vae: nn.Module | None = None, scale_factor: float = 1.0, num_steps: int = 10,
+                 sw_config: SlidingWindowConfig | None = None, intensity_range: Sequence[float] = (0.0, 1.0),
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.vae, self.scale_factor, self.num_steps = vae, float(scale_factor), check_num_steps(num_steps, self.scheduler)
+        self.sw_config, self.intensity_range = sw_config, tuple(intensity_range)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, D, H, W) of scaled latents (B, C, d, h, w), one tiled decode each."""
+        return torch.stack([decode_latent(self.vae, latent[None], self.scale_factor, self.sw_config,
+                                          self.intensity_range) for latent in latents])
+
+    def outputs(self, engine: ControlNetEvaluator, batchdata: dict) -> dict:
+        output = super().outputs(engine, batchdata)
+        if self.vae is None:
+            return output
+        device = engine.state.device
+        latent = batchdata["latent"].to(device)
+        labels = batchdata["label"].to(device).long()
+        controls = self.controls(batchdata, device)
+        network = unwrap(self.network)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(self.seed + engine.state.iteration))
+
+        def sample(conditions: dict) -> torch.Tensor:
+            with engine.mode(network), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                sampled = sample_rectified_flow(network, self.scheduler, noise.to(latent), labels, self.num_steps,
+                                                **conditions)
+            return self.decode(sampled.float())
+
+        pred, real = sample(controls), batchdata["image"].to(device).float()
+        seg = batchdata["seg"].to(device)
+        output.update(pred=pred, label=real, tumour=(seg > 0).float(), seg=seg.float() / 3)
+        if "control_image" in controls:
+            output.update(source=controls["control_image"].float(), roundtrip=self.decode(latent))
+        if "control_mask" in controls:
+            without = sample({**controls, "control_mask": torch.zeros_like(controls["control_mask"])})
+            output.update(pred_without_mask=without, **control_scores(pred, without, real, seg))
+        return output
