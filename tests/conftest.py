@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from prod9_components.data.demo import make_demo_dataset
@@ -71,4 +73,18 @@ def maisi_diffusion_run(maisi_vae_run, tmp_path_factory) -> dict:
     run = {"dataset_dir": maisi_vae_run["dataset_dir"], "vae_path": maisi_vae_run["export_path"],
            "latent_cache_dir": str(root / "latent_cache"), "output_dir": str(root / "trained")}
     maisi_run(DIFFUSION, ["train.json", "tiny.json"], run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def maisi_controlnet_run(maisi_diffusion_run, tmp_path_factory) -> dict:
+    """A tiny maisi_stage3_controlnet bundle (mask + T1 source image -> other modalities, contrastive loss on)
+    trained for 2 epochs on the diffusion model of ``maisi_diffusion_run``: returns its ids plus diffusion_path."""
+    from tests.maisi_helpers import CONTROLNET, maisi_run
+
+    run = {"dataset_dir": maisi_diffusion_run["dataset_dir"], "latent_cache_dir": maisi_diffusion_run["latent_cache_dir"],
+           "output_dir": str(tmp_path_factory.mktemp("maisi_stage3")),
+           "diffusion_path": str(Path(maisi_diffusion_run["output_dir"]) / "best.ckpt")}
+    maisi_run(CONTROLNET, ["train.json", "tiny.json"], {**run, "condition_type": "both", "source_modality": "T1",
+                                                        "contrastive_weight": 0.1})
     return run

@@ -8,6 +8,7 @@ from tests.stage1_helpers import ROOT, bundle_run
 
 VAE = ROOT / "bundles" / "maisi_stage1_vae" / "configs"
 DIFFUSION = ROOT / "bundles" / "maisi_stage2_diffusion" / "configs"
+CONTROLNET = ROOT / "bundles" / "maisi_stage3_controlnet" / "configs"
 
 
 def maisi_run(configs: Path, names: list[str], overrides: dict, **kwargs):

@@ -163,3 +163,30 @@ def test_preprocessing_contract_is_json():
         "spacing": [1.0, 1.0, 1.5],
         "intensity": {"method": "robust_percentile", "lower": 0.5, "upper": 99.5, "range": [-1.0, 1.0]},
     }
+
+
+def test_a_mask_on_another_grid_is_resampled_onto_its_image(lps_volume, tmp_path, caplog):
+    """A user's mask saved at 1 mm beside a 2 mm image: preprocessing resamples it (nearest) onto the image's grid
+    first, says so in one log line, and the labels land where they were in world space."""
+    from prod9_components.data.transforms import MatchLabelGridd
+
+    labels = lps_volume["labels"]
+    fine = np.repeat(np.repeat(np.repeat(labels, 2, 0), 2, 1), 2, 2)  # each 2 mm voxel -> 2x2x2 voxels of 1 mm
+    affine = LPS_AFFINE.copy()
+    affine[:3, :3] /= 2
+    affine[:3, 3] -= LPS_AFFINE[:3, :3] @ np.full(3, 0.25)  # 1 mm voxel centres inside the 2 mm voxels
+    nib.save(nib.Nifti1Image(fine, affine), str(tmp_path / "seg_1mm.nii.gz"))
+    load = LoadVolumed(["image", "seg"], label_keys=["seg"])
+    data = load({"image": lps_volume["image"], "seg": str(tmp_path / "seg_1mm.nii.gz")})
+    with caplog.at_level("WARNING", logger="prod9"):
+        matched = MatchLabelGridd(["seg"], "image")(data)["seg"]
+    assert matched.shape == (1, *labels.shape) and "seg_1mm.nii.gz: grid (66, 82, 50) differs" in caplog.text
+    assert np.array_equal(matched[0].numpy(), labels)  # every label back on its voxel
+    same = load({"image": lps_volume["image"], "seg": lps_volume["seg"]})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="prod9"):
+        assert MatchLabelGridd(["seg"], "image")(same)["seg"] is same["seg"]  # the same grid: untouched
+    assert not caplog.text
+    out = Compose(preprocessing(("image",), ("seg",), spacing=(2.0, 2.0, 2.0), k_divisible=1))(
+        {"image": lps_volume["image"], "seg": str(tmp_path / "seg_1mm.nii.gz")})
+    assert out["seg"].shape == out["image"].shape

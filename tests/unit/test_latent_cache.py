@@ -90,3 +90,37 @@ def test_training_latents_are_scaled_padded_and_labelled(cached):
     assert torch.equal(out["latent"][:, 0, 0, 0], inner[:, 0, 0, 0])  # padded by replicating the edge
     with pytest.raises(ValueError, match="larger than the training latent size"):
         LoadLatentd(1.0, [2, 2, 2])(items[0])
+
+
+def test_control_items_put_mask_and_source_on_the_latent_cells(cached):
+    """Stage-3 items: the mask and the source are padded by f x the latent's padding (odd padding included), so
+    latent cell i still covers image voxels f*i .. f*i + f - 1; unused images are dropped."""
+    from prod9_components.data.control_latents import LoadControlLatentd, control_items
+
+    items = control_items(cached["items"], ["T1", "T2"], "T1")
+    assert [(i["modality"], i["source_modality"]) for i in items] == [(2, 0), (2, 0)]  # T1 -> T1 is skipped
+    data = cached["encoder"].preprocess(cached["cases"][0])
+    latent = load_latent_file(items[0]["latent"])["latent"][2]
+    grid = latent.shape[1:]
+    size = [g + 3 for g in grid]  # 1 cell before, 2 after along every axis
+    out = LoadControlLatentd(2.0, size, 2, background=0.0, keep_target_image=True)({**items[0], **data})
+    assert not {"t1", "t1ce", "t2", "flair", "t1_intensity"} & set(out) and int(out["label"]) == 2
+    assert out["latent"].shape == (4, *size) and torch.equal(out["latent"][:, 1:-2, 1:-2, 1:-2],
+                                                             2.0 * torch.from_numpy(latent))
+    inside = (slice(None), slice(2, -4), slice(2, -4), slice(2, -4))  # f x 1 before, f x 2 after
+    for key, real in (("seg", data["seg"]), ("source", data["t1"]), ("image", data["t2"])):
+        assert out[key].shape == (1, *[2 * s for s in size])
+        assert torch.equal(out[key][inside], real.as_tensor().to(out[key].dtype))
+        border = out[key].clone()
+        border[inside] = 0
+        assert not border.any()  # the padding is background (0) for images and masks
+    assert out["seg"].dtype == torch.int64 and int(out["seg"].max()) > 0
+
+    shifted = {**items[0], **data, "t2": data["t2"][:, :-2]}  # a grid the cached latent was not encoded from
+    with pytest.raises(ValueError, match=r"case .*: preprocessed grid .* is not 2 x the cached latent grid"):
+        LoadControlLatentd(2.0, size, 2)(shifted)
+    with pytest.raises(ValueError, match="reads a source image: set source_modality"):
+        control_items(cached["items"], ["T2"], None)
+    with pytest.raises(ValueError, match="no target modality is left once the source T2 is removed"):
+        control_items(cached["items"], ["T2"], "T2")
+    assert "source_modality" not in control_items(cached["items"], ["T2"], "T1", uses_source=False)[0]

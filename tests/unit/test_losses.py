@@ -164,3 +164,27 @@ def test_monai_perceptual_without_local_weights_raises_clear_error():
         AutoencoderGANLoss(perceptual="monai", perceptual_kwargs={"network_type": "resnet50"})
     with pytest.raises(ValueError, match="perceptual must be one of"):
         AutoencoderGANLoss(perceptual="vgg")
+
+
+def test_region_contrastive_loss_is_zero_without_tumour_and_a_hinge_inside_it():
+    from prod9_components.losses.region_contrastive import region_contrastive_loss, tumour_region
+
+    velocity = torch.randn(2, 4, 4, 4, 4, requires_grad=True)
+    seg = torch.zeros(2, 1, 16, 16, 16, dtype=torch.int64)
+    no_tumour = tumour_region(seg, (4, 4, 4))
+    assert float(region_contrastive_loss(velocity, velocity.detach() + 1.0, no_tumour, margin=5.0)) == 0.0
+
+    seg[0, 0, 0:4, 0:4, 0:4] = 2  # one latent cell of sample 0 (4x downsampling)
+    seg[0, 0, 5, 5, 5] = 1  # a single voxel still marks its cell
+    region = tumour_region(seg, (4, 4, 4))
+    assert region.shape == (2, 1, 4, 4, 4) and int(region.sum()) == 2 and region[0, 0, 0, 0, 0] == 1
+    without = velocity.detach().clone()
+    without[0, :, 0, 0, 0] += 0.02  # mean |difference| 0.01 over the two cells
+    loss = region_contrastive_loss(velocity, without, region, margin=0.05)
+    assert math.isclose(float(loss), (0.05 - 0.01) / 2, rel_tol=1e-4)  # sample 1 has no tumour: 0
+    loss.backward()
+    assert velocity.grad[0, :, 0, 0, 0].abs().sum() > 0 and not velocity.grad[1].any()
+    far = velocity.detach() + 1.0  # differs by more than the margin everywhere: no penalty
+    assert float(region_contrastive_loss(velocity, far, region, margin=0.05)) == 0.0
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        region_contrastive_loss(velocity, far, region, margin=-1.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.networks.schedulers import RFlowScheduler
 
-from prod9_components.losses.rectified_flow import rectified_flow_loss
+from prod9_components.engines.diffusion_trainer import RectifiedFlowTrainer
 from prod9_components.networks.maisi_controlnet import CONDITION_TYPES, MaisiControlNet
 from prod9_components.networks.maisi_diffusion import MaisiDiffusionUNet
 from prod9_components.sampling.rectified_flow import sample_rectified_flow
@@ -52,8 +52,10 @@ def test_zero_initialised_controlnet_leaves_the_base_prediction_unchanged(condit
     assert torch.equal(net.controlnet.conv_in.conv.weight, base.conv_in.conv.weight)
 
 
-@pytest.mark.parametrize("condition_type", ["mask", "image", "label", "all"])
+@pytest.mark.parametrize("condition_type", CONDITION_TYPES)
 def test_training_moves_the_controlnet_only_and_generation_uses_the_condition(condition_type):
+    """Three steps of the stage-3 trainer (batch conditions through control_keys, AdamW with weight decay over the
+    trainable parameters, the contrastive loss on for mask types) leave the base bit-identical."""
     base = trained_like_base()
     net = MaisiControlNet.from_base(base, condition_type=condition_type)
     frozen = {k: v.clone() for k, v in net.base.state_dict().items()}
@@ -62,19 +64,22 @@ def test_training_moves_the_controlnet_only_and_generation_uses_the_condition(co
     optimizer = torch.optim.AdamW(net.trainable_parameters(), lr=1e-2, weight_decay=0.1)
     assert all(not p.requires_grad for p in net.base.parameters())
     data = inputs()
-    kwargs = {k: data[k] for k in ("control_mask", "control_image")}
     latent = torch.randn(2, 4, *GRID, generator=torch.Generator().manual_seed(2))
-    for _ in range(3):
-        net.train()
-        loss = rectified_flow_loss(net, scheduler, latent, data["class_labels"], **kwargs)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        assert torch.isfinite(loss)
+    batch = {"latent": latent, "label": data["class_labels"], "seg": data["control_mask"][:, None],
+             "source": data["control_image"]}
+    control_keys = {**({"seg": "control_mask"} if net.uses_mask else {}),
+                    **({"source": "control_image"} if net.uses_image else {})}
+    trainer = RectifiedFlowTrainer("cpu", 3, [batch], net, optimizer, scheduler, label_dropout=0.0,
+                                   control_keys=control_keys, contrastive_weight=1.0 if net.uses_mask else 0.0)
+    trainer.run()
+    assert torch.isfinite(trainer.state.output["loss"])
+    if net.uses_mask:  # a 0.05 margin the untrained residuals cannot meet: the hinge is active
+        assert 0.0 < float(trainer.state.output["contrastive_loss"]) <= 0.05
     assert all(torch.equal(frozen[k], v) for k, v in net.base.state_dict().items())  # bit for bit
     assert max(float((control_before[k] - v).abs().max()) for k, v in net.controlnet.state_dict().items()) > 1e-4
     # after training the residuals are no longer zero: the control changes the prediction
     net.eval()
+    kwargs = {arg: batch[key] for key, arg in control_keys.items()}
     noise = torch.randn(2, 4, *GRID, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         controlled = sample_rectified_flow(net, scheduler, noise, data["class_labels"], 3, **kwargs)

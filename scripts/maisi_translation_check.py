@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Does a short CPU training of the MAISI ControlNet with source-image conditioning beat copying the source?
+(issue 6's check)
+
+Chains the real bundles on a small demo dataset: tiny KL-VAE -> tiny rectified-flow diffusion -> ControlNet with
+``condition_type image`` (T1 -> T2 by default) -> `evaluate.json` on the held-out test split. Prints one JSON object
+with the translation's PSNR/SSIM beside the copy-the-source baseline and the VAE round trip (the upper bound), and
+exits 1 when the translation does not beat the baseline. Each stage's output is reused when present (delete the
+workdir to start over), except the ControlNet, which is always trained afresh.
+
+    python scripts/maisi_translation_check.py [--workdir outputs/maisi_translation_check] [--source T1 --target T2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from translation_check import ROOT, bundle_run
+
+BUNDLES = ROOT / "bundles"
+VAE, DIFFUSION, CONTROLNET = (BUNDLES / name / "configs" for name in
+                              ("maisi_stage1_vae", "maisi_stage2_diffusion", "maisi_stage3_controlnet"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="outputs/maisi_translation_check")
+    parser.add_argument("--source", default="T1")
+    parser.add_argument("--target", default="T2")
+    parser.add_argument("--cases", type=int, default=40, help="demo cases (70/20/10 split)")
+    parser.add_argument("--vae-epochs", type=int, default=24, help="16 steps each")
+    parser.add_argument("--diffusion-epochs", type=int, default=60, help="16 steps each")
+    parser.add_argument("--controlnet-epochs", type=int, default=60, help="every training case once each")
+    parser.add_argument("--num-inference-steps", type=int, default=10)
+    args = parser.parse_args()
+    work = (ROOT / args.workdir).resolve()
+
+    from prod9_components.data.demo import make_demo_dataset
+
+    data = work / "demo_data"
+    make_demo_dataset(data, num_cases=args.cases, seed=0, shape=(48, 48, 32))  # 5 mm voxels; reused when present
+    common = {"dataset_dir": data, "latent_cache_dir": work / "latent_cache"}
+    vae_path = work / "vae" / "vae_tiny.pt"
+    if not vae_path.is_file():
+        bundle_run([VAE / "train.json", VAE / "tiny.json"], dataset_dir=data, output_dir=work / "vae",
+                   spacing=[4.0, 4.0, 4.0], epochs=args.vae_epochs, limit_train_batches=16, val_interval=4,
+                   limit_val_batches=4, **{"loss#disc_start": 100000})
+    diffusion_path = work / "diffusion" / "best.ckpt"
+    if not diffusion_path.is_file():
+        bundle_run([DIFFUSION / "train.json", DIFFUSION / "tiny.json"], **common, output_dir=work / "diffusion",
+                   vae_path=vae_path, epochs=args.diffusion_epochs, limit_train_batches=16, val_interval=20,
+                   limit_val_batches=8)
+    stage3 = {**common, "output_dir": work / "controlnet"}
+    shutil.rmtree(work / "controlnet", ignore_errors=True)  # a fresh ControlNet, never resumed from an older run
+    bundle_run([CONTROLNET / "train.json", CONTROLNET / "tiny.json"], **stage3, diffusion_path=diffusion_path,
+               condition_type="image", source_modality=args.source, modalities=[args.target],
+               epochs=args.controlnet_epochs, limit_train_batches="None", val_interval=10, limit_val_batches=8,
+               generate_during_validation=False)
+    bundle_run([CONTROLNET / "train.json", CONTROLNET / "tiny.json", CONTROLNET / "evaluate.json"], **stage3,
+               split="test", num_inference_steps=args.num_inference_steps)
+
+    metrics = json.loads((work / "controlnet" / "metrics.json").read_text())
+    report = {k: metrics[k] for k in ("psnr", "copy_source_psnr", "roundtrip_psnr", "ssim", "copy_source_ssim",
+                                      "roundtrip_ssim", "psnr_tumour", "val_loss", "num_cases")}
+    report["beats_copy_baseline"] = metrics["psnr"] > metrics["copy_source_psnr"]
+    print(json.dumps(report))
+    return 0 if report["beats_copy_baseline"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""maisi_stage3_controlnet through `python -m monai.bundle run` and its CLI, chained VAE -> diffusion -> ControlNet on
+tiny networks trained by the suite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from prod9_components.data.case_cache import file_sha256
+from prod9_components.networks.export import atomic_save, load_record
+from tests.maisi_helpers import CONTROLNET, maisi_run
+from tests.stage1_helpers import cli
+
+pytestmark = pytest.mark.slow
+
+TINY = str(CONTROLNET / "tiny.json")
+
+
+def test_training_keeps_the_diffusion_unet_frozen_and_records_what_generation_needs(maisi_controlnet_run):
+    run = maisi_controlnet_run
+    record = load_record(Path(run["output_dir"]) / "best.ckpt", stages=["maisi_stage3_controlnet"])
+    base = load_record(run["diffusion_path"])
+    assert (record["condition_type"], record["source_modality"]) == ("both", "T1")
+    assert record["latent_size"] == base["latent_size"] and record["scale_factor"] == base["scale_factor"]
+    assert record["diffusion_sha256"] == file_sha256(run["diffusion_path"]) and record["vae_path"] == base["vae_path"]
+    weights = record["state_dict"]
+    assert all(torch.equal(weights[f"base.{k}"], v) for k, v in base["state_dict"].items())  # bit for bit
+    # the zero-initialised residual projections and conditioning output layer have moved
+    assert weights["controlnet.controlnet_mid_block.conv.weight"].abs().max() > 0
+    assert weights["controlnet.controlnet_cond_embedding.conv_out.conv.weight"].abs().max() > 0
+    last = torch.load(Path(run["output_dir"]) / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["trainer"]["iteration"] == 8  # 2 epochs x 4 steps
+
+
+def test_evaluate_reports_translation_and_tumour_scores_on_one_table(maisi_controlnet_run, tmp_path):
+    """BraSyn-style PSNR/SSIM beside the VAE round trip and copy-the-source, and MaskGiT stage 3's tumour keys."""
+    run = maisi_controlnet_run
+    metrics_path = tmp_path / "metrics.json"
+    maisi_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
+        "dataset_dir": run["dataset_dir"], "output_dir": run["output_dir"], "latent_cache_dir": run["latent_cache_dir"],
+        "metrics_path": metrics_path, "split": "test"})
+    metrics = json.loads(metrics_path.read_text())
+    translation = ("psnr", "ssim", "psnr_tumour", "ssim_tumour", "roundtrip_psnr", "roundtrip_ssim",
+                   "copy_source_psnr", "copy_source_ssim")
+    control = ("sensitivity", "change_inside", "change_outside", "contrast_error_oedema", "real_contrast_oedema")
+    assert all(math.isfinite(metrics[k]) for k in ("val_loss", *translation, *control)), metrics
+    assert metrics["num_cases"] == 2 and metrics["split"] == "test"  # one test case x 2 of its 3 targets
+    assert metrics["condition_type"] == "both" and metrics["source_modality"] == "T1"
+    assert metrics["psnr"] != metrics["copy_source_psnr"] != metrics["roundtrip_psnr"]
+    assert metrics["change_inside"] > 0  # the trained mask branch changes the sample inside the tumour
+
+
+def _test_case(run) -> dict:
+    return json.loads((Path(run["output_dir"]) / "datalist.json").read_text())["test"][0]
+
+
+def test_cli_generates_from_a_mask_on_another_grid_and_a_source(maisi_controlnet_run, tmp_path):
+    run = maisi_controlnet_run
+    checkpoint = str(Path(run["output_dir"]) / "best.ckpt")
+    record = load_record(checkpoint)
+    case = _test_case(run)
+    seg = nib.load(case["seg"])
+    cropped = tmp_path / "mask.nii.gz"  # two background slices fewer, origin moved: the same world positions
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj)[2:], seg.affine @ np.array(
+        [[1, 0, 0, 2], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)), str(cropped))
+    outputs = {}
+    for name, mask in (("cropped", cropped), ("original", case["seg"])):
+        outputs[name] = tmp_path / name
+        result = cli("prod9-train-maisi-controlnet", "generate", "--config", TINY, "--checkpoint", checkpoint,
+                     "--mask", str(mask), "--source", case["t1"], "--source-modality", "T1", "--modality", "T2",
+                     "--num-inference-steps", "4", "--output", str(outputs[name]), in_process=name == "original")
+        assert result.returncode == 0, result.stderr
+    files = sorted(p.name for p in outputs["cropped"].iterdir())
+    assert files == ["mask_T2.nii.gz", "mask_mask.nii.gz"]
+    image, mask = nib.load(outputs["cropped"] / files[0]), nib.load(outputs["cropped"] / files[1])
+    assert image.shape == mask.shape == tuple(4 * n for n in record["latent_size"])
+    assert np.allclose(image.affine, mask.affine) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    data = image.get_fdata()
+    assert np.isfinite(data).all() and 0.0 <= data.min() and data.max() <= 1.0 and data.std() > 0.01
+    labels = np.asarray(mask.dataobj)
+    assert mask.get_data_dtype() == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3} and labels.max() > 0
+    # the mask on its other grid was resampled onto the source's: the same mask and, from the same seed, the same sample
+    original = outputs["original"]
+    assert np.array_equal(labels, np.asarray(nib.load(next(original.glob("*_mask.nii.gz"))).dataobj))
+    assert np.allclose(data, nib.load(next(original.glob("*_T2.nii.gz"))).get_fdata(), atol=1e-5)
+
+    for args, message in (
+        (["--mask", case["seg"], "--source", case["t1"], "--modality", "T1"],
+         "the source modality T1 equals the target modality"),
+        (["--mask", case["seg"], "--source", case["t2"], "--source-modality", "T2"],
+         "this ControlNet was trained to translate from T1, not T2"),
+        (["--mask", case["seg"]], "this ControlNet is steered by --source too"),
+        (["--mask", case["seg"], "--source", case["t1"], case["t1"]], "got 1 mask(s) but 2 source image(s)"),
+        (["--mask", str(tmp_path / "missing.nii.gz"), "--source", case["t1"]], "missing.nii.gz: no such mask file"),
+    ):
+        bad = tmp_path / "bad"
+        result = cli("prod9-train-maisi-controlnet", "generate", "--config", TINY, "--checkpoint", checkpoint,
+                     "--output", str(bad), *args, check=False, in_process=True)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and not bad.exists()
+
+
+def test_a_diffusion_checkpoint_of_another_latent_size_is_refused(maisi_controlnet_run, tmp_path):
+    run = maisi_controlnet_run
+    record = load_record(run["diffusion_path"])
+    record["latent_size"] = [4, 4, 4]  # e.g. trained at a coarser spacing
+    atomic_save(record, tmp_path / "small.ckpt")
+    result = cli("prod9-train-maisi-controlnet", "train", "--config", TINY, "--diffusion-path",
+                 str(tmp_path / "small.ckpt"), "--output-dir", str(tmp_path / "out"), "--dataset-dir",
+                 run["dataset_dir"], "--latent-cache-dir", run["latent_cache_dir"], check=False, in_process=True)
+    assert result.returncode == 2 and "was trained on latent size [4, 4, 4], but these cases need" in result.stderr
+    assert not (tmp_path / "out" / "best.ckpt").exists()
