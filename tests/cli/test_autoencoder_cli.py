@@ -116,7 +116,8 @@ def test_both_multi_value_spellings_normalise_the_same():
 
 @pytest.mark.parametrize("command, flag", [(["prod9-train-autoencoder", "infer"], "--input"),
                                            (["prod9-train-transformer", "generate"], "--input"),
-                                           (["prod9-train-maskgit-controlnet", "generate"], "--mask")])
+                                           (["prod9-train-maskgit-controlnet", "generate"], "--mask"),
+                                           (["prod9-train-maisi-controlnet", "generate"], "--source")])
 def test_help_prints_flags_and_runs_nothing(command, flag):
     result = cli(*command, "--help")
     text = result.stdout + result.stderr
