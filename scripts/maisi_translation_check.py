@@ -17,7 +17,6 @@ import argparse
 import json
 import shutil
 import sys
-from pathlib import Path
 
 from translation_check import ROOT, bundle_run
 
