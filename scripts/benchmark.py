@@ -2,6 +2,10 @@
 """Speed and memory of each stage, printed as one JSON object per measurement.
 
     python scripts/benchmark.py stage1|stage2|maisi|all [--device cpu|cuda] [--repeats N] [--network small|default]
+                                [--output benchmarks/results.json]
+
+``all`` also writes ``benchmarks/results.json`` (the machine, the command and every row) and the markdown table
+``benchmarks/results.md`` beside it (``--output`` picks another path; any stage can write one).
 
 Every measurement has: name, device, seconds (median of `repeats`), repeats, gflop (counted with torch's FLOP
 counter), gflops_per_s, matmul_peak_gflops (a float32 matmul measured in the same run), peak_mem_mb (CUDA: max
@@ -21,6 +25,8 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
+import platform
 import resource
 import statistics
 import sys
@@ -457,6 +463,51 @@ def _child(fn_name: str, device: str, repeats: int, size: str, queue) -> None:
     queue.put(fn(torch.device(device), repeats, size))
 
 
+def machine(device: str) -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import monai
+
+    info = {"cpu": cpu, "cpu_cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "monai": monai.__version__, "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+TABLE_COLUMNS = ("stage", "name", "seconds", "volumes_per_s", "gflops_per_s", "matmul_peak_gflops", "peak_mem_mb",
+                 "baseline_seconds", "ratio")
+
+
+def markdown_table(report: dict) -> str:
+    """The rows of a results report as a markdown table, the machine on top."""
+    m = report["machine"]
+    lines = [f"Measured {report['created']} on {m['cpu']} ({m['cpu_cores_available']} cores"
+             + (f", {m['gpu']}" if "gpu" in m else "") + f"), torch {m['torch']}, MONAI {m['monai']}: "
+             f"`{report['command']}`. Ratios are ours / the MONAI reference, both measured in the same run.", "",
+             "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in report["results"]:
+        lines.append("| " + " | ".join("" if row.get(k) is None else str(row[k]) for k in TABLE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[dict], path: str, device: str, argv: list[str]) -> None:
+    """``path`` (JSON: machine, command, rows) and the markdown table beside it (``.md``), atomically."""
+    from prod9_components.atomic import atomic_path, write_json
+
+    report = {"created": time.strftime("%Y-%m-%d"), "command": " ".join(["python scripts/benchmark.py", *argv]),
+              "machine": machine(device), "results": rows}
+    write_json(report, path)
+    with atomic_path(os.path.splitext(path)[0] + ".md") as tmp:
+        with open(tmp, "w") as f:
+            f.write(markdown_table(report))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="prod9 speed and memory benchmarks (JSON lines on stdout)")
     parser.add_argument("stage", choices=[*STAGES, "all"], help="which stage to measure")
@@ -465,12 +516,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed repetitions per measurement (median; default 3 on cuda, 1 on cpu)")
     parser.add_argument("--network", choices=list(NETWORKS), default=None,
                         help="network size (default: 'default' on cuda, 'small' on cpu)")
+    parser.add_argument("--output", default=None,
+                        help="also write the rows to this JSON file and a markdown table beside it "
+                             "(default for 'all': benchmarks/results.json)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    output = args.output or ("benchmarks/results.json" if args.stage == "all" else None)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     size = args.network or ("default" if args.device == "cuda" else "small")
     repeats = args.repeats or (3 if args.device == "cuda" else 1)
     ctx = mp.get_context("spawn")
+    report = []
     for stage in STAGES if args.stage == "all" else [args.stage]:
         for fn in STAGES[stage]:
             queue = ctx.Queue()
@@ -479,7 +536,10 @@ def main(argv: list[str] | None = None) -> None:
             rows = queue.get()
             process.join()
             for row in rows if isinstance(rows, list) else [rows]:
-                print(json.dumps({"stage": stage, **row}), flush=True)
+                report.append({"stage": stage, **row})
+                print(json.dumps(report[-1]), flush=True)
+    if output:
+        write_report(report, output, args.device, argv)
 
 
 if __name__ == "__main__":
