@@ -76,6 +76,8 @@ def condition_items(masks, sources, uses_mask: bool, uses_image: bool, source_mo
             raise ValueError(f"this ControlNet is steered by {flag} too: pass one per volume")
         if given and not used:
             raise ValueError(f"this ControlNet takes no {flag} (see its condition_type)")
+    if not masks and not sources:
+        raise ValueError("nothing to generate from: pass --mask and/or --source files, or neither for the test split")
     if masks and sources and len(masks) != len(sources):
         raise ValueError(f"got {len(masks)} mask(s) but {len(sources)} source image(s): pass them in pairs")
     names = [Path(p).name.split(".nii")[0] for p in (masks or sources)]
