@@ -57,17 +57,17 @@ def test_stage1_trains_on_two_gloo_processes(bundle, demo_dataset_dir, tmp_path)
     check_ranks(out, result)
 
 
-def test_maskgit_stage2_trains_on_two_gloo_processes(stage1_run, tmp_path):
+def test_maskgit_stage2_trains_on_two_gloo_processes(stage2_runs, tmp_path):
     out = tmp_path / "run"
-    result = torchrun("maskgit_stage2_label", out, {
-        "dataset_dir": stage1_run["dataset_dir"], "autoencoder_path": stage1_run["export_path"],
-        "token_cache_dir": tmp_path / "tokens", "limit_train_batches": 2})
+    result = torchrun("maskgit_stage2_label", out, {  # the suite's token cache: no encoding on two ranks
+        "dataset_dir": stage2_runs["dataset_dir"], "autoencoder_path": stage2_runs["autoencoder_path"],
+        "token_cache_dir": stage2_runs["token_cache_dir"], "limit_train_batches": 2})
     check_ranks(out, result)
 
 
-def test_maisi_stage2_trains_on_two_gloo_processes(maisi_vae_run, tmp_path):
+def test_maisi_stage2_trains_on_two_gloo_processes(maisi_diffusion_run, tmp_path):
     out = tmp_path / "run"
-    result = torchrun("maisi_stage2_diffusion", out, {
-        "dataset_dir": maisi_vae_run["dataset_dir"], "vae_path": maisi_vae_run["export_path"],
-        "latent_cache_dir": tmp_path / "latents", "limit_train_batches": 2})
+    result = torchrun("maisi_stage2_diffusion", out, {  # the suite's latent cache
+        "dataset_dir": maisi_diffusion_run["dataset_dir"], "vae_path": maisi_diffusion_run["vae_path"],
+        "latent_cache_dir": maisi_diffusion_run["latent_cache_dir"], "limit_train_batches": 2})
     check_ranks(out, result)
