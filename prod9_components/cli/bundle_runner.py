@@ -62,6 +62,13 @@ def config_files(stage: str, verb: str, config: str | None = None) -> tuple[Path
     return bundle, files
 
 
+def path_list(value) -> list[str] | None:
+    """A flag that takes one path or several (fire gives a str or a tuple) as a list of str; None stays None."""
+    if value is None:
+        return None
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
 def run_bundle(stage: str, verb: str, config: str | None, overrides: dict[str, Any]) -> Any:
     """Create, run and finalize the bundle workflow; return it so callers can read resolved ids."""
     from monai.bundle.scripts import create_workflow

@@ -7,15 +7,11 @@ as an override (e.g. ``--epochs 5``, ``--contrastive-weight 0.1``).
 
 from __future__ import annotations
 
-from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
+from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
+                                                 resolved, run_bundle)
 
 STAGE = "maisi_stage3_controlnet"
 
-
-def _paths(value) -> list[str] | None:
-    if value is None:
-        return None
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
 class MaisiControlNetCommands:
@@ -91,7 +87,7 @@ class MaisiControlNetCommands:
             overrides: any bundle id.
         """
         workflow = run_bundle(STAGE, "generate", config, {
-            "checkpoint": checkpoint, "generate_dir": output, "mask": _paths(mask), "source": _paths(source),
+            "checkpoint": checkpoint, "generate_dir": output, "mask": path_list(mask), "source": path_list(source),
             "source_modality": source_modality, "modality": modality, "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale, "seed": seed, "output_dir": output_dir,
             **flag_overrides(overrides)})

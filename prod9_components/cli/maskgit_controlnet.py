@@ -7,15 +7,11 @@ as an override (e.g. ``--epochs 5``, ``--num-control-blocks 6``).
 
 from __future__ import annotations
 
-from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
+from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
+                                                 resolved, run_bundle)
 
 STAGE = "maskgit_stage3_controlnet"
 
-
-def _paths(value) -> list[str] | None:
-    if value is None:
-        return None
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
 class ControlNetCommands:
@@ -81,7 +77,7 @@ class ControlNetCommands:
         """
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
         ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_steps": num_steps,
-               "guidance_scale": guidance_scale, "modality": modality, "mask": _paths(mask),
+               "guidance_scale": guidance_scale, "modality": modality, "mask": path_list(mask),
                "output" if single_file else "generate_dir": output, **flag_overrides(overrides)}
         workflow = run_bundle(STAGE, "generate", config, ids)
         report(f"mask-controlled samples written to {output if single_file else resolved(workflow, 'generate_dir')}")
