@@ -73,11 +73,14 @@ def run_bundle(stage: str, verb: str, config: str | None, overrides: dict[str, A
     """Create, run and finalize the bundle workflow; return it so callers can read resolved ids."""
     from monai.bundle.scripts import create_workflow
 
+    from prod9_components.tracking import tracking_settings
+
     bundle, files = config_files(stage, verb, config)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.setdefault("bundle_root", str(bundle))
+    tracking = tracking_settings(overrides.pop("tracking", None), evaluation=verb in ("validate", "test"))
     workflow = create_workflow(config_file=files, meta_file=str(bundle / "configs" / "metadata.json"),
-                               logging_file=str(bundle / "configs" / "logging.conf"), **overrides)
+                               logging_file=str(bundle / "configs" / "logging.conf"), tracking=tracking, **overrides)
     workflow.run()
     workflow.finalize()
     return workflow

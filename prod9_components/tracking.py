@@ -1,0 +1,69 @@
+"""MLflow experiment tracking for ``--tracking mlflow``: MONAI's default settings, fitted to prod9's bundles.
+
+Kept from MONAI: a local SQLite store ``<output_dir>/mlruns.db`` (MLflow 3 dropped the plain-directory store;
+``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlruns.db`` browses it), rank 0 only, the executed config
+written beside the checkpoints. Changed:
+
+- the training loss is read as ``output['loss']``: MONAI's ``from_engine(['loss'], first=True)`` expects a
+  decollated list of per-sample dicts, prod9's trainers output one dict per batch;
+- the artifacts are named by file: MONAI joins the config path onto the *text* of ``output_dir``, which breaks
+  when ``output_dir`` is a plain path (as in every prod9 bundle); a training run logs the executed config and
+  ``datalist.json``, an evaluation run the executed config and ``metrics.json``, and closes its run;
+- the experiment is named after the bundle directory (``maskgit_stage1`` ...), not ``monai_experiment``.
+
+The ``prod9-train-*`` commands apply these settings for ``--tracking mlflow``. For ``python -m monai.bundle run``,
+write them to a file and pass the file: ``python -m prod9_components.tracking > mlflow.json`` (add ``--evaluate``
+for evaluate.json) then ``--tracking mlflow.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+
+from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+__all__ = ["mlflow_settings", "tracking_settings"]
+
+# The config this run executed: patch_bundle_tracking has just written it as <output_dir>/config_<timestamp>.json.
+EXECUTED_CONFIG = ("[os.path.join(@output_dir, f) for f in sorted(os.listdir(@output_dir)) "
+                   "if f.startswith('config_') and f.endswith('.json')][-1:]")
+
+
+def mlflow_settings(evaluation: bool = False) -> dict:
+    """Settings for MONAI's ``tracking`` argument (see module docstring).
+
+    Args:
+        evaluation: for evaluate.json runs (``validate`` / ``test``): the evaluator logs the artifacts and closes
+            the run. During training the trainer does both, after the last validation.
+    """
+    settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
+    configs = settings["configs"]
+    configs["experiment_name"] = "$os.path.basename(os.path.normpath(@bundle_root))"
+    configs["trainer"]["output_transform"] = "$lambda output: output['loss']"
+    configs["trainer"]["artifacts"] = f"${EXECUTED_CONFIG} + [os.path.join(@output_dir, 'datalist.json')]"
+    if evaluation:
+        configs["validator"]["artifacts"] = f"${EXECUTED_CONFIG} + [@metrics_path]"
+        configs["validator"]["close_on_complete"] = True
+    return settings
+
+
+def tracking_settings(tracking: str | dict | None, evaluation: bool = False) -> str | dict | None:
+    """What to hand MONAI's workflow for a ``--tracking`` value: prod9's settings for ``"mlflow"``, anything else
+    (a settings file, a dict, None) unchanged.
+
+    Raises:
+        ModuleNotFoundError: ``"mlflow"`` without MLflow installed (before any data is loaded).
+    """
+    if tracking != "mlflow":
+        return tracking
+    if importlib.util.find_spec("mlflow") is None:
+        raise ModuleNotFoundError("--tracking mlflow needs MLflow: pip install mlflow "
+                                  "(or: pip install -e '.[tracking]')")
+    return mlflow_settings(evaluation)
+
+
+if __name__ == "__main__":
+    print(json.dumps(mlflow_settings(evaluation="--evaluate" in sys.argv[1:]), indent=2))
