@@ -33,6 +33,7 @@ _EXPORTS = {
     ),
     "case_cache": ("check_sha256", "file_sha256"),
     "control_latents": ("LoadControlLatentd", "control_items"),
+    "sharding": ("item_number", "validation_shard"),
     "latent_cache": (
         "LoadLatentd",
         "build_latent_cache",

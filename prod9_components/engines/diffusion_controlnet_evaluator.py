@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from prod9_components.data.sharding import item_number
 from prod9_components.engines.diffusion_evaluator import RectifiedFlowEvaluator
 from prod9_components.engines.diffusion_generation import decode_latent
 from prod9_components.inference.sliding_window import SlidingWindowConfig
@@ -54,7 +55,8 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
         labels = batchdata["label"].to(device).long()
         controls = self.controls(batchdata, device)
         network = unwrap(self.network)
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(self.seed + engine.state.iteration))
+        seed = self.seed + item_number(engine.state.iteration, batchdata)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
 
         def sample(conditions: dict) -> torch.Tensor:
             with engine.mode(network), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):

@@ -10,11 +10,12 @@ from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
+from prod9_components.data.sharding import item_number
 from prod9_components.losses.rectified_flow import rectified_flow_loss
 
 
 class RectifiedFlowEvaluator(Evaluator):
-    """``val_loss`` of every held-out latent at noise and uniform timesteps drawn from ``seed`` and the iteration, so every
+    """``val_loss`` of every held-out latent at noise and uniform timesteps drawn from ``seed`` and the item, so every
     validation sees the same noisy inputs and epochs compare. Samples and distribution distances come from a
     handler (:class:`~prod9_components.handlers.diffusion_samples.DiffusionSamplesHandler`).
 
@@ -56,7 +57,8 @@ class RectifiedFlowEvaluator(Evaluator):
         """``{"val_loss"}`` of one batch; subclasses add what their handlers read."""
         latent = batchdata["latent"].to(engine.state.device)
         labels = batchdata["label"].to(engine.state.device).long()
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + engine.state.iteration)
+        item = item_number(engine.state.iteration, batchdata)  # not the iteration: same noise on any number of ranks
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + item)
         noise = torch.randn(latent.shape, generator=generator).to(latent)
         uniform = torch.rand(latent.shape[0], generator=generator)
         timesteps = (uniform * self.scheduler.num_train_timesteps).to(latent.device)

@@ -1,5 +1,6 @@
 """2-process gloo `torchrun` runs of stage 1 and stage 2 of both families: every bundle's multi_gpu_train.json
-trains, the ranks see disjoint shards of the training data every epoch, and only rank 0 writes checkpoints."""
+trains, the ranks see disjoint shards of the training data every epoch, they validate disjoint shards of the
+validation split and end with the same (reduced) metrics, and only rank 0 writes checkpoints."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.stage1_helpers import ROOT, TEST_SPACING
+from tests.stage1_helpers import ROOT, TEST_SPACING, cli
 
 pytestmark = pytest.mark.slow
 
 PROBE = {"probe": {"_target_": "tests.dist_probe.SeenItems", "output_dir": "@output_dir"},
-         "run": ["$@probe.attach(@train#trainer)", "$@train#trainer.run()"]}
+         "run": ["$@probe.attach(@train#trainer)", "$@probe.attach(@validate#evaluator, 'validate')",
+                 "$@train#trainer.run()"]}
 
 
 def torchrun(bundle: str, out: Path, overrides: dict) -> subprocess.CompletedProcess:
@@ -36,8 +38,9 @@ def torchrun(bundle: str, out: Path, overrides: dict) -> subprocess.CompletedPro
     return result
 
 
-def check_ranks(out: Path, result: subprocess.CompletedProcess) -> None:
-    seen = [json.loads((out / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
+def check_ranks(out: Path, result: subprocess.CompletedProcess, key_metric: str) -> dict:
+    """Check what every test here checks; return the validation metrics (rank 0's)."""
+    seen = [json.loads((out / f"seen_train_rank{r}.json").read_text())["items"] for r in (0, 1)]
     assert seen[0].keys() == seen[1].keys() == {"1", "2"}
     for epoch in ("1", "2"):
         first, second = set(seen[0][epoch]), set(seen[1][epoch])
@@ -48,13 +51,33 @@ def check_ranks(out: Path, result: subprocess.CompletedProcess) -> None:
     assert sorted(p.name for p in out.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
+    validated = [json.loads((out / f"seen_validate_rank{r}.json").read_text()) for r in (0, 1)]
+    shards = [set(v["items"]["2"]) for v in validated]  # validated once, after epoch 2
+    if len(shards[0] | shards[1]) >= 2:
+        assert shards[0] and shards[1] and not shards[0] & shards[1]  # each rank validates its own share
+    else:  # fewer items than ranks: every rank validates everything (an empty rank would hang the gather)
+        assert shards[0] == shards[1]
+    metrics = [v["metrics"] for v in validated]
+    assert key_metric in metrics[1]
+    for name in metrics[1]:  # reduced across ranks: the same numbers on both, though each saw other items
+        assert metrics[0][name] == pytest.approx(metrics[1][name], rel=1e-6, abs=1e-9), name
+    return metrics[0]
+
 
 @pytest.mark.parametrize("bundle", ["maskgit_stage1", "maisi_stage1_vae"])
 def test_stage1_trains_on_two_gloo_processes(bundle, demo_dataset_dir, tmp_path):
     out = tmp_path / "run"
     result = torchrun(bundle, out, {"dataset_dir": demo_dataset_dir, "spacing": TEST_SPACING,
-                                    "limit_train_batches": 2, "limit_val_batches": 1})
-    check_ranks(out, result)
+                                    "limit_train_batches": 2, "limit_val_batches": 2})
+    metrics = check_ranks(out, result, "psnr")
+    # The sharded, reduced validation of the final weights equals one process validating the whole split.
+    command = {"maskgit_stage1": "prod9-train-autoencoder", "maisi_stage1_vae": "prod9-train-maisi-vae"}[bundle]
+    tiny = ROOT / "bundles" / bundle / "configs" / "tiny.json"
+    cli(command, "validate", "--config", str(tiny), "--checkpoint", str(out / "best.ckpt"), "--output-dir",
+        str(tmp_path / "single"), "--dataset-dir", demo_dataset_dir, "--spacing", TEST_SPACING)
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    for name in ("psnr", "ssim"):
+        assert single[name] == pytest.approx(metrics[name], rel=1e-5), name
 
 
 def test_maskgit_stage2_trains_on_two_gloo_processes(stage2_runs, tmp_path):
@@ -62,7 +85,7 @@ def test_maskgit_stage2_trains_on_two_gloo_processes(stage2_runs, tmp_path):
     result = torchrun("maskgit_stage2_label", out, {  # the suite's token cache: no encoding on two ranks
         "dataset_dir": stage2_runs["dataset_dir"], "autoencoder_path": stage2_runs["autoencoder_path"],
         "token_cache_dir": stage2_runs["token_cache_dir"], "limit_train_batches": 2})
-    check_ranks(out, result)
+    check_ranks(out, result, "val_loss")
 
 
 def test_maisi_stage2_trains_on_two_gloo_processes(maisi_diffusion_run, tmp_path):
@@ -70,4 +93,4 @@ def test_maisi_stage2_trains_on_two_gloo_processes(maisi_diffusion_run, tmp_path
     result = torchrun("maisi_stage2_diffusion", out, {  # the suite's latent cache
         "dataset_dir": maisi_diffusion_run["dataset_dir"], "vae_path": maisi_diffusion_run["vae_path"],
         "latent_cache_dir": maisi_diffusion_run["latent_cache_dir"], "limit_train_batches": 2})
-    check_ranks(out, result)
+    check_ranks(out, result, "val_loss")
