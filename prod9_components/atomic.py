@@ -5,6 +5,7 @@ A crash, a kill or a full disk leaves either the old file or the new one, never 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -28,8 +29,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
         suffix: temp-file suffix, for writers that pick a format by extension (e.g. ``.nii.gz``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as error:  # name the folder, not a temp file the user never asked for
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise PermissionError(f"cannot write {path.name} into {path.parent}: {error.strerror}") from None
     os.close(fd)
     try:
         yield tmp

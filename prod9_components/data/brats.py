@@ -53,12 +53,16 @@ def discover_cases(dataset_dir: str | os.PathLike) -> list[dict]:
     Sub-directories without any NIfTI file and hidden ones (e.g. a half-written demo case) are not cases.
 
     Raises:
-        FileNotFoundError: ``dataset_dir`` is missing or not a directory.
+        FileNotFoundError: ``dataset_dir`` is missing or not a directory, or a case or volume is a broken link.
         ValueError: no case found, a file is ambiguous, or cases lack modalities (all listed at once).
     """
     root = Path(dataset_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory {str(root)!r} does not exist or is not a directory")
+    broken = sorted(str(p.relative_to(root)) for p in [*root.iterdir(), *root.glob("*/*")]
+                    if p.is_symlink() and not p.exists() and not p.name.startswith("."))
+    if broken:  # a case or a volume that points nowhere would otherwise be skipped or reported as missing
+        raise FileNotFoundError(f"{root}: broken symbolic link(s): {', '.join(broken)}")
     cases, incomplete, duplicated = [], [], []
     for case_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(f for f in case_dir.iterdir() if f.is_file() and _strip_nifti_suffix(f.name))
