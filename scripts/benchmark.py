@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Speed and memory of each stage, printed as one JSON object per measurement.
 
-    python scripts/benchmark.py stage1|stage2|maisi|all [--device cpu|cuda] [--repeats N] [--network small|default]
-                                [--output benchmarks/results.json]
+    python scripts/benchmark.py stage1|stage2|maisi|variants|all [--device cpu|cuda] [--repeats N]
+                                [--network small|default] [--output benchmarks/results.json]
 
 ``all`` also writes ``benchmarks/results.json`` (the machine, the command and every row) and the markdown table
 ``benchmarks/results.md`` beside it (``--output`` picks another path; any stage can write one).
@@ -16,7 +16,10 @@ Timings are never test assertions; they live here.
 Stages: ``stage1`` FSQ autoencoder (GAN train step, sliding-window encode/decode); ``stage2`` MaskGiT transformer
 (train step, sampling at 8/12/16 steps); ``maisi`` MAISI KL-VAE GAN train step, rectified-flow diffusion train step
 (vs MONAI ``DiffusionModelUNet``), generation at 10 and 30 steps including the tiled VAE decode, and the network-call
-and time ratio of the 10-step rectified-flow sampler vs a 1000-step MONAI DDPM loop on the same UNet.
+and time ratio of the 10-step rectified-flow sampler vs a 1000-step MONAI DDPM loop on the same UNet; ``variants``
+both stage-2 training steps (MaskGiT transformer, MAISI UNet) in float32, bfloat16 autocast and ``torch.compile``
+(bfloat16 on CUDA only), each against float32 eager; ``all`` includes them on CUDA only (compiling takes minutes on
+a CPU: measured there, on 2 cores, torch.compile gave the transformer step no gain after 79 s of compiling).
 """
 
 from __future__ import annotations
@@ -146,8 +149,7 @@ def stage1_sliding_window(device: torch.device, repeats: int, size: str) -> dict
     volume = torch.rand(1, 1, 240, 240, 155, device=device)
     # A CPU pass at overlap 0.5 takes minutes per repeat (196 windows); 0.25 (75 windows) keeps it shorter.
     overlap = 0.5 if device.type == "cuda" else 0.25
-    config = SlidingWindowConfig(roi_size=(64, 64, 64), overlap=overlap,
-                                 sw_batch_size=4 if device.type == "cuda" else 1)
+    config = SlidingWindowConfig(roi_size=(64, 64, 64), overlap=overlap, sw_batch_size=4)  # the bundles' default
     wrapper = AutoencoderInferenceWrapper(network, config)
     baseline = SlidingWindowInferer(roi_size=(64, 64, 64), overlap=overlap, sw_batch_size=config.sw_batch_size,
                                     mode="gaussian")
@@ -380,7 +382,7 @@ def maisi_generation(device: torch.device, repeats: int, size: str) -> list[dict
     vae = maisi_vae(device, size).eval()
     scheduler = rflow_scheduler()
     roi = MAISI_UNETS[size][2]
-    config = SlidingWindowConfig(roi_size=roi, overlap=0.5)
+    config = SlidingWindowConfig(roi_size=roi, overlap=0.5, sw_batch_size=4)  # the bundles' default
     amp = {"device_type": "cuda", "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
 
     def decode():
@@ -454,8 +456,92 @@ def maisi_ddpm_call_ratio(device: torch.device, repeats: int, size: str) -> dict
                        f"{DDPM_TIMED_STEPS} x ddpm_calls; the 1000-step loop is not run")
 
 
+# --- precision and compilation variants --------------------------------------------------------------------------
+
+# bfloat16 only on CUDA: on CPUs without bfloat16 matrix units it is hundreds of times slower than float32.
+VARIANTS = {"cuda": ("float32", "bfloat16", "compile+bfloat16"), "cpu": ("float32", "compile")}
+
+
+def variant_rows(name: str, build: Callable[[bool, bool], Callable[[], None]], device: torch.device, repeats: int,
+                 **extra) -> list[dict]:
+    """Time the training step ``build(bfloat16, compiled)`` makes under each of this device's ``VARIANTS``.
+
+    Every variant builds its own network; ratios are against float32 eager (the first), whose FLOP count every row
+    carries (the same math). ``first_call_seconds`` is the warm-up call, which includes ``torch.compile``.
+    """
+    rows: list[dict] = []
+    eager_seconds = gflop = None
+    for variant in VARIANTS[device.type]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step = build("bfloat16" in variant, variant.startswith("compile"))
+        first = None
+        if gflop is None:
+            eager_seconds, gflop = measure(step, device, repeats)
+            seconds = eager_seconds
+        else:
+            start = time.perf_counter()
+            step()
+            sync(device)
+            first = round(time.perf_counter() - start, 2)
+            seconds = median_seconds(step, device, repeats)
+        reference = None if variant == "float32" else eager_seconds
+        rows.append(result(f"{name}_{variant}", device, seconds, repeats, gflop, peak_mem_mb(device), reference,
+                           variant=variant, first_call_seconds=first,
+                           baseline=None if reference is None else "float32 eager, same step", **extra))
+    return rows
+
+
+def train_step_variants(device: torch.device, repeats: int, size: str) -> list[dict]:
+    """The two stage-2 training steps - MaskGiT transformer (batch 4, label mode) and MAISI rectified-flow UNet
+    (batch 2) - in float32, bfloat16 autocast and ``torch.compile`` (CUDA: compile + bfloat16)."""
+    from prod9_components.losses.masked_token import masked_token_loss
+    from prod9_components.losses.rectified_flow import rectified_flow_loss
+    from prod9_components.sampling.schedules import sample_training_mask
+
+    def transformer_step(bfloat16: bool, compiled: bool) -> Callable[[], None]:
+        torch.manual_seed(0)
+        network, grid = transformer(device, size)
+        model = torch.compile(network) if compiled else network
+        optimizer = torch.optim.AdamW(network.parameters(), 3e-4)
+        target, labels = torch.randint(15360, (4, *grid), device=device), torch.full((4,), 2, device=device)
+
+        def step():
+            mask = sample_training_mask(target.shape).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
+                logits = model(target.masked_fill(mask, network.mask_token_id), labels, None, None)
+            loss = masked_token_loss(logits.float(), target, mask)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    def unet_step(bfloat16: bool, compiled: bool) -> Callable[[], None]:
+        torch.manual_seed(0)
+        network, latent_size = maisi_unet(device, size)
+        model = torch.compile(network.train()) if compiled else network.train()
+        optimizer = torch.optim.AdamW(network.parameters(), 1e-4)
+        scheduler = rflow_scheduler()
+        latent, labels = torch.randn(2, 4, *latent_size, device=device), torch.tensor([0, 2], device=device)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
+                loss = rectified_flow_loss(model, scheduler, latent, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+            optimizer.step()
+
+        return step
+
+    return (variant_rows("stage2_train_step", transformer_step, device, repeats, network=size, batch=4)
+            + variant_rows("maisi_diffusion_train_step", unet_step, device, repeats, network=size, batch=2))
+
+
 STAGES = {"stage1": [stage1_train_step, stage1_sliding_window], "stage2": [stage2_train_step, stage2_sampling],
-          "maisi": [maisi_vae_train_step, maisi_diffusion_train_step, maisi_generation, maisi_ddpm_call_ratio]}
+          "maisi": [maisi_vae_train_step, maisi_diffusion_train_step, maisi_generation, maisi_ddpm_call_ratio],
+          "variants": [train_step_variants]}
 
 
 def _child(fn_name: str, device: str, repeats: int, size: str, queue) -> None:
@@ -489,7 +575,8 @@ def markdown_table(report: dict) -> str:
     m = report["machine"]
     lines = [f"Measured {report['created']} on {m['cpu']} ({m['cpu_cores_available']} cores"
              + (f", {m['gpu']}" if "gpu" in m else "") + f"), torch {m['torch']}, MONAI {m['monai']}: "
-             f"`{report['command']}`. Ratios are ours / the MONAI reference, both measured in the same run.", "",
+             f"`{report['command']}`. ratio = seconds / baseline_seconds, both measured in the same run: the "
+             "baseline is the MONAI reference of the same work, or for the variant rows the float32 eager step.", "",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for row in report["results"]:
         lines.append("| " + " | ".join("" if row.get(k) is None else str(row[k]) for k in TABLE_COLUMNS) + " |")
@@ -528,7 +615,9 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (3 if args.device == "cuda" else 1)
     ctx = mp.get_context("spawn")
     report = []
-    for stage in STAGES if args.stage == "all" else [args.stage]:
+    # torch.compile takes minutes per network on a CPU and buys little there: `all` runs the variants on CUDA only.
+    stages = [s for s in STAGES if s != "variants" or args.device == "cuda"] if args.stage == "all" else [args.stage]
+    for stage in stages:
         for fn in STAGES[stage]:
             queue = ctx.Queue()
             process = ctx.Process(target=_child, args=(fn.__name__, args.device, repeats, size, queue))

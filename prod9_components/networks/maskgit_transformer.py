@@ -183,7 +183,8 @@ class TransformerDecoderSingleStream(nn.Module):
         axes = []
         for a, (table, size, limit) in enumerate(zip(self.axis_positions, grid, self.max_grid_size)):
             index = (origin[:, a, None] + torch.arange(size, device=origin.device)).clamp(min=0)  # (B, size)
-            if int(index.max()) >= limit:
+            # Checked in eager mode only: under torch.compile a data-dependent branch would break the graph.
+            if not torch.compiler.is_compiling() and int(index.max()) >= limit:
                 raise ValueError(f"token grid {grid} at origin {origin.tolist()} exceeds max_grid_size "
                                  f"{self.max_grid_size}; build the model with a larger max_grid_size.")
             axes.append(table(index))  # (B, size, hidden)
