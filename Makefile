@@ -18,8 +18,9 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests
 
+# All seven stages, tiny, on CPU (outputs/demo/); e.g. make demo DEMO_ARGS="--stages maisi" for one family.
 demo: $(VENV)/.installed
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 benchmark: $(VENV)/.installed
 	$(PY) scripts/benchmark.py all

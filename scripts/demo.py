@@ -1,94 +1,359 @@
 #!/usr/bin/env python
-"""The CPU demo: demo data -> train a tiny MaskGiT stage-1 autoencoder -> validate -> reconstruct -> PNG.
+"""The CPU demo: all seven stages, tiny, on the embedded demo dataset, each ending in one PNG sheet.
 
-Runs the same commands a user types (``prod9-train-autoencoder ...``) on the embedded demo dataset (built from
-nilearn's MNI152 anatomy on first use) and finishes in minutes on 2 CPU cores. Outputs go to ``outputs/demo/``.
+MaskGiT: FSQ autoencoder -> label-conditional and in-context (T1 -> T2) transformers -> tumour-mask ControlNet.
+MAISI:   KL-VAE -> rectified-flow latent diffusion -> tumour-mask ControlNet.
+
+Every step is a command a user types (``prod9-train-autoencoder train ...``, ``prod9-train-transformer generate
+...``), so the demo also proves the console scripts work. Each stage trains its bundle's ``configs/tiny.json`` for a
+few epochs, evaluates the test split where that is cheap (``metrics.json``), reconstructs / generates / translates /
+controls with the trained model and draws real vs model mid slices (axial, coronal, sagittal) into
+``<output-dir>/<stage>.png``. Stages run one after another; a later stage reads the files of the one before it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "bundles" / "maskgit_stage1" / "configs" / "tiny.json"
 
 
-def run(args: list[str]) -> None:
-    print("$ " + " ".join(args), flush=True)
-    subprocess.run(args, check=True, cwd=ROOT)
+@dataclass(frozen=True)
+class Row:
+    """One row of a sheet: its label and the NIfTI it shows (``{placeholders}`` as in :class:`Stage`).
+
+    ``mask``: a segmentation drawn as a contour over the image. ``crop_as``: an image on the same voxel grid whose
+    brain crop this row takes (model outputs have a faint background, so their own crop would differ).
+    """
+
+    label: str
+    image: str
+    mask: str | None = None
+    crop_as: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One demo stage. Arguments are templates filled by :func:`fill`: ``{out}`` the demo folder, ``{stage}`` this
+    stage's folder, ``{<stage name>}`` another stage's folder, ``{data}`` the dataset, ``{mm}`` the voxel size,
+    ``{test[t2]}`` etc. the first test-split case (from this stage's ``datalist.json``)."""
+
+    name: str  # the bundle, and the folder under the demo's output directory
+    family: str  # "maskgit" or "maisi"
+    command: str  # console script
+    train: tuple[str, ...]  # flags of `train` beyond the ones every stage gets (see train_command)
+    epochs: int
+    batches: int  # training batches per epoch
+    use: tuple[str, ...]  # the generation verb and its flags
+    rows: tuple[Row, ...]
+    title: str
+    metrics: tuple[str, ...] = ()  # metrics.json keys to report; empty: no `test` (sampling many volumes: too slow)
+    needs: str | None = None  # the stage whose outputs this one reads
+
+
+STAGES = (
+    Stage("maskgit_stage1", "maskgit", "prod9-train-autoencoder",
+          train=("--spacing", "{mm}", "{mm}", "{mm}"), epochs=5, batches=24,
+          use=("infer", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t2]}",
+               "--output", "{stage}/reconstruction_T2.nii.gz", "--roi-size", "32", "32", "32", "--overlap", "0.5"),
+          rows=(Row("real T2", "{test[t2]}"),
+                Row("reconstructed", "{stage}/reconstruction_T2.nii.gz", crop_as="{test[t2]}")),
+          title="MaskGiT stage 1 (FSQ autoencoder): real T2 (top) vs its reconstruction (bottom)",
+          metrics=("psnr", "ssim", "codebook_usage")),
+    Stage("maskgit_stage2_label", "maskgit", "prod9-train-transformer",
+          train=("--autoencoder-path", "{maskgit_stage1}/autoencoder_tiny.pt",
+                 "--token-cache-dir", "{maskgit_stage1}/token_cache",
+                 "--validate#samples#modalities", "['T2']"),  # validation samples T2 only: 4x fewer to decode
+          epochs=4, batches=20, needs="maskgit_stage1",
+          use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
+               "--output", "{stage}/generated"),
+          rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
+          title="MaskGiT stage 2, label-conditional: a real T2 (top) vs a T2 generated from the label alone (bottom)"),
+    Stage("maskgit_stage2_incontext", "maskgit", "prod9-train-transformer",
+          train=("--source-modality", "T1", "--target-modality", "T2", "--autoencoder-path",
+                 "{maskgit_stage1}/autoencoder_tiny.pt", "--token-cache-dir", "{maskgit_stage1}/token_cache"),
+          epochs=4, batches=20, needs="maskgit_stage1",
+          use=("generate", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t1]}",
+               "--output", "{stage}/translated_T2.nii.gz"),
+          rows=(Row("real T1 (source)", "{test[t1]}"), Row("real T2", "{test[t2]}", crop_as="{test[t1]}"),
+                Row("translated T2", "{stage}/translated_T2.nii.gz", crop_as="{test[t1]}")),
+          title="MaskGiT stage 2, in-context: real T1 source (top), real T2 (middle), T2 translated from T1 (bottom)",
+          metrics=("psnr", "copy_source_psnr", "roundtrip_psnr")),
+    Stage("maskgit_stage3_controlnet", "maskgit", "prod9-train-maskgit-controlnet",
+          train=("--transformer-path", "{maskgit_stage2_label}/best.ckpt", "--control-type", "mask",
+                 "--token-cache-dir", "{maskgit_stage1}/token_cache", "--sample-during-validation", "False"),
+          epochs=3, batches=20, needs="maskgit_stage2_label",
+          use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
+               "--output", "{stage}/generated"),
+          rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
+                Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
+                    mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
+          title="MaskGiT stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
+                "(bottom; red: the mask)"),
+    Stage("maisi_stage1_vae", "maisi", "prod9-train-maisi-vae",
+          train=("--spacing", "{mm}", "{mm}", "{mm}"), epochs=5, batches=24,
+          use=("infer", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t2]}",
+               "--output", "{stage}/reconstruction_T2.nii.gz", "--roi-size", "32", "32", "32", "--overlap", "0.5"),
+          rows=(Row("real T2", "{test[t2]}"),
+                Row("reconstructed", "{stage}/reconstruction_T2.nii.gz", crop_as="{test[t2]}")),
+          title="MAISI stage 1 (KL-VAE): real T2 (top) vs its reconstruction (bottom)",
+          metrics=("psnr", "ssim")),
+    Stage("maisi_stage2_diffusion", "maisi", "prod9-train-maisi-diffusion",
+          train=("--vae-path", "{maisi_stage1_vae}/vae_tiny.pt",
+                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache"),
+          epochs=12, batches=20, needs="maisi_stage1_vae",  # small latents: an epoch takes seconds
+          use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
+               "--num-inference-steps", "10", "--output", "{stage}/generated"),
+          rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
+          title="MAISI stage 2, latent diffusion: a real T2 (top) vs a T2 generated from noise in 10 steps (bottom)"),
+    Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
+          train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask",
+                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache"),
+          epochs=3, batches=20, needs="maisi_stage2_diffusion",
+          use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
+               "--num-inference-steps", "10", "--output", "{stage}/generated"),
+          rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
+                Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
+                    mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
+          title="MAISI stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
+                "(bottom; red: the mask)"),
+)
+FAMILIES = ("maskgit", "maisi")
+
+
+class DemoError(RuntimeError):
+    """A failed step, reported in one line."""
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs of the tiny autoencoder")
-    parser.add_argument("--batches", type=int, default=30, help="training batches per epoch")
-    parser.add_argument("--spacing", type=float, default=2.0,
-                        help="voxel size in mm (2 keeps the CPU demo fast; the bundles default to 1)")
-    args = parser.parse_args()
-    out = Path(args.output_dir)
-    stage1 = out / "maskgit_stage1"
-    bindir = Path(sys.executable).parent
-    started = time.time()
+    args = parse_args()
+    started, results = time.time(), []
+    try:
+        stages = select_stages(args.stages)
+        context = {"out": str(args.output_dir), "data": dataset_dir(), "mm": str(args.spacing),
+                   **{s.name: str(args.output_dir / s.name) for s in STAGES}}
+    except Exception as error:  # a bad --stages, or no dataset: one line
+        sys.exit(f"demo: {error}")
+    for stage in stages:
+        try:
+            results.append(run_stage(stage, context))
+        except DemoError as error:
+            sys.exit(f"demo failed at {stage.name}: {error}")
+        except KeyboardInterrupt:
+            sys.exit(f"demo interrupted at {stage.name}")
+        except Exception as error:  # the demo's own steps (sheet, metrics): one line, no traceback
+            sys.exit(f"demo failed at {stage.name}: {type(error).__name__}: {error}")
+    print_summary(results, time.time() - started, args.output_dir)
 
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"),
+                        help="where everything is written, one folder per stage (default outputs/demo)")
+    parser.add_argument("--stages", nargs="+", default=["all"], metavar="STAGE",
+                        help="'all' (default), a family ('maskgit', 'maisi') or stage names "
+                             f"({', '.join(s.name for s in STAGES)}); a stage reads the outputs of the stage before "
+                             "it, so that one must have run (now or earlier) into the same --output-dir")
+    parser.add_argument("--spacing", type=float, default=4.0,
+                        help="voxel size in mm of both stage-1 models; later stages inherit it (default 4: what a "
+                             "CPU trains in minutes; the bundles default to 1)")
+    return parser.parse_args()
+
+
+def select_stages(names: list[str]) -> list[Stage]:
+    """The stages named (``all``, a family, or stage names; spaces or commas between them), in pipeline order."""
+    names = [name for arg in names for name in arg.split(",") if name]
+    known = [s.name for s in STAGES]
+    unknown = [n for n in names if n not in {*known, *FAMILIES, "all"}]
+    if unknown:
+        raise DemoError(f"unknown stage {unknown[0]!r}; choose all, {', '.join(FAMILIES)} or {', '.join(known)}")
+    return [s for s in STAGES if "all" in names or s.family in names or s.name in names]
+
+
+def dataset_dir() -> str:
+    """The embedded demo dataset (built on first use), or BRATS_DATA_DIR when set."""
     from prod9_components.data import resolve_dataset_dir
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    dataset_dir = resolve_dataset_dir()
-    common = ["--config", str(TINY), "--output-dir", str(stage1)]
-    spacing = ["--spacing", *[str(args.spacing)] * 3]
-    # Validate twice (whole volumes through the sliding window are the slow part on a CPU).
-    run([str(bindir / "prod9-train-autoencoder"), "train", *common, "--epochs", str(args.epochs),
-         "--limit-train-batches", str(args.batches), "--val-interval", str(max(1, args.epochs // 2)),
-         "--limit-val-batches", "1", "--dataset-dir", dataset_dir, *spacing])
-    run([str(bindir / "prod9-train-autoencoder"), "test", *common, "--dataset-dir", dataset_dir])
-
-    splits = json.loads((stage1 / "datalist.json").read_text())
-    source = splits["test"][0]["t2"]
-    recon = out / "reconstruction_t2.nii.gz"
-    run([str(bindir / "prod9-train-autoencoder"), "infer", *common, "--input", source, "--output", str(recon),
-         "--roi-size", "32", "32", "32", "--overlap", "0.5"])
-
-    png = out / "input_vs_reconstruction.png"
-    write_comparison_png(source, str(recon), png)
-    metrics = json.loads((stage1 / "metrics.json").read_text())
-    print(f"demo finished in {time.time() - started:.0f} s: model {stage1}/best.ckpt, TensorBoard logs "
-          f"{stage1}/logs (tensorboard --logdir {stage1}/logs), reconstruction {recon}, comparison {png}; "
-          f"test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}")
+    return resolve_dataset_dir()
 
 
-def write_comparison_png(source: str, reconstruction: str, png: Path) -> None:
-    """Axial/coronal/sagittal mid slices: input (top row) vs reconstruction (bottom row)."""
+def fill(templates, context: dict) -> list[str]:
+    """Fill ``{placeholders}`` of each argument from ``context``."""
+    return [t.format(**context) for t in templates]
+
+
+def run_stage(stage: Stage, context: dict) -> dict:
+    """Train, evaluate and use one stage, then draw its sheet; returns what the summary reports."""
+    started = time.time()
+    folder = Path(context[stage.name])
+    print(f"\n=== {stage.name} ===", flush=True)
+    if stage.needs and not (Path(context[stage.needs]) / "best.ckpt").is_file():
+        raise DemoError(f"needs {context[stage.needs]}/best.ckpt: run the {stage.needs} stage first")
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh run: the bundles would resume from an old last.ckpt
+    run_command(stage, train_command(stage, context))
+    context = {**context, "stage": str(folder), "test": first_test_case(folder)}
+    if stage.metrics:
+        run_command(stage, ["test", "--config", tiny_config(stage), "--output-dir", str(folder),
+                            "--dataset-dir", context["data"]])
+    run_command(stage, fill(stage.use, context))
+    png = Path(context["out"]) / f"{stage.name}.png"
+    write_sheet([load_row(row, context) for row in stage.rows], stage.title, png)
+    return {"stage": stage.name, "seconds": time.time() - started, "loss": loss_curve(folder / "logs"),
+            "metrics": read_metrics(folder, stage.metrics), "png": str(png)}
+
+
+def tiny_config(stage: Stage) -> str:
+    return str(ROOT / "bundles" / stage.name / "configs" / "tiny.json")
+
+
+def train_command(stage: Stage, context: dict) -> list[str]:
+    """`train` with the bundle's tiny config, a small budget and one validation (at the end: it picks best.ckpt)."""
+    return ["train", "--config", tiny_config(stage), "--output-dir", context[stage.name],
+            "--dataset-dir", context["data"], "--epochs", str(stage.epochs),
+            "--limit-train-batches", str(stage.batches), "--val-interval", str(stage.epochs),
+            "--limit-val-batches", "1", *fill(stage.train, {**context, "stage": context[stage.name]})]
+
+
+def run_command(stage: Stage, args: list[str]) -> None:
+    """Run the stage's console script (from this venv) with ``args``, streaming its output."""
+    command = [str(Path(sys.executable).parent / stage.command), *args]
+    print("$ " + shlex.join([stage.command, *args]), flush=True)  # copy-pasteable into a shell
+    try:
+        result = subprocess.run(command, check=False)  # a failure is reported below, in one line
+    except OSError as error:  # e.g. the console script is not installed
+        raise DemoError(f"cannot run {stage.command}: {error}") from None
+    if result.returncode != 0:
+        raise DemoError(f"`{stage.command} {args[0]}` exited with {result.returncode} (command and output above)")
+
+
+def first_test_case(folder: Path) -> dict:
+    """The first test-split case (paths per modality) from the datalist the training run wrote."""
+    return json.loads((folder / "datalist.json").read_text())["test"][0]
+
+
+def read_metrics(folder: Path, keys: tuple[str, ...]) -> dict:
+    """``keys`` of the stage's metrics.json (written by `test`)."""
+    if not keys:
+        return {}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def loss_curve(log_dir: Path) -> tuple[str, float, float] | None:
+    """The training loss from the TensorBoard events: its name and its mean over the first and the last fifth of
+    the iterations (single iterations are noisy: random crops, mask ratios, timesteps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    # The autoencoders' total adds the adversarial term once their discriminator starts: show recon_loss.
+    tag = next((t for t in ("recon_loss", "loss", "train_loss") if t in tags), None)
+    if tag is None:
+        return None
+    values = [e.value for e in events.Scalars(tag)]
+    n = max(1, len(values) // 5)
+    return tag.removeprefix("train_"), sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def load_row(row: Row, context: dict):
+    """A row's image (and mask) on the model's grid: the preprocessing every stage uses (RAS, ``{mm}`` voxels,
+    intensities scaled to [0, 1], cropped to the brain), so real 1 mm volumes and model outputs line up."""
+    from monai.transforms import Compose
+
+    from prod9_components.data import preprocessing
+
+    files = {"image": row.image, "seg": row.mask, "reference": row.crop_as}
+    files = {key: path.format(**context) for key, path in files.items() if path}
+    missing = [path for path in files.values() if not Path(path).is_file()]
+    if missing:
+        raise DemoError(f"{missing[0]} was not written")
+    images = ["reference", "image"] if row.crop_as else ["image"]  # the crop follows the first image
+    mm = float(context["mm"])
+    item = Compose(preprocessing(images, ["seg"] if row.mask else [], spacing=(mm, mm, mm), k_divisible=1))(files)
+    return row.label, item["image"][0].numpy(), item["seg"][0].numpy() if row.mask else None
+
+
+def write_sheet(rows: list, title: str, png: Path) -> None:
+    """Axial, coronal and sagittal slices, one row per ``(label, volume, mask or None)``, labelled on the left.
+
+    Slices cross the middle of each volume or, where a row has a tumour mask, the middle of the tumour, drawn as a
+    red contour. Written atomically (temp file, then rename).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import nibabel as nib
     import numpy as np
 
     from prod9_components.handlers.tensorboard_images import mid_slice_grid
 
-    volumes = [np.asarray(nib.as_closest_canonical(nib.load(p)).dataobj, dtype=np.float32) for p in
-               (source, reconstruction)]
-    high = float(np.percentile(volumes[0][volumes[0] > 0], 99.5))
-    grid = mid_slice_grid(volumes, value_range=(0.0, high))
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    shape = np.max([volume.shape for _, volume, _ in rows], axis=0)
+    centres = [slice_centre(volume, mask) for _, volume, mask in rows]
+    volumes = [centre_on(volume, c, shape) for (_, volume, _), c in zip(rows, centres)]
+    masks = [centre_on(mask if mask is not None else np.zeros_like(volume), c, shape) > 0
+             for (_, volume, mask), c in zip(rows, centres)]
+    grid, outline = mid_slice_grid(volumes), mid_slice_grid([m.astype(np.float32) for m in masks])
+
+    fig, ax = plt.subplots(figsize=(9, 2.4 * len(rows) + 0.6), dpi=120)
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-    ax.set_title("input (top) vs reconstruction (bottom): axial, coronal, sagittal")
-    ax.axis("off")
+    if outline.max() > 0:
+        ax.contour(outline, levels=[0.5], colors="red", linewidths=0.8)
+    row_height = grid.shape[0] / len(rows)
+    ax.set_yticks([(i + 0.5) * row_height for i in range(len(rows))], [label for label, _, _ in rows])
+    ax.set_xticks([(i + 0.5) * grid.shape[1] / 3 for i in range(3)], ["axial", "coronal", "sagittal"])
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=9)
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp, bbox_inches="tight")
-    os.replace(tmp, png)
     plt.close(fig)
+    os.replace(tmp, png)
+
+
+def slice_centre(volume, mask):
+    """The voxel the slices cross: the tumour's centre of mass where there is a mask with a tumour, else the
+    volume's middle."""
+    import numpy as np
+
+    if mask is not None and mask.any():
+        return np.round(np.argwhere(mask > 0).mean(axis=0)).astype(int)
+    return np.array(volume.shape) // 2
+
+
+def centre_on(volume, centre, shape):
+    """The ``shape`` window of ``volume`` whose middle (where :func:`mid_slice_grid` slices) is voxel ``centre``;
+    zero where the window leaves the volume."""
+    import numpy as np
+
+    start = np.asarray(centre) - np.asarray(shape) // 2
+    low, high = np.maximum(start, 0), np.minimum(start + shape, volume.shape)
+    window = np.zeros(shape, volume.dtype)
+    window[tuple(slice(a - s, b - s) for a, b, s in zip(low, high, start))] = volume[
+        tuple(slice(a, b) for a, b in zip(low, high))]
+    return window
+
+
+def print_summary(results: list[dict], seconds: float, output_dir: Path) -> None:
+    """Per stage: time, training loss first -> last, key test metrics and the sheet; then the total time."""
+    print("\n=== demo summary ===")
+    for r in results:
+        loss = "train {} {:.3f} -> {:.3f}".format(*r["loss"]) if r["loss"] else "no training loss logged"
+        metrics = "".join(f", {key} {value:.3f}" for key, value in r["metrics"].items())
+        print(f"{r['stage']:<26} {r['seconds']:4.0f} s  {loss}{'; test' if metrics else ''}{metrics[1:]}")
+        print(f"{'':<26} sheet {r['png']}")
+    print(f"total {seconds:.0f} s ({seconds / 60:.1f} min). TensorBoard: tensorboard --logdir {output_dir}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""The demo's PNG sheet: one row per volume, slices through the tumour where a row has a mask, written atomically."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "demo.py"
+
+
+def _demo():
+    """scripts/demo.py as a module (scripts/ is not a package); registered first, as dataclasses need."""
+    if "demo_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("demo_script", SCRIPT)
+        sys.modules["demo_script"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["demo_script"])
+    return sys.modules["demo_script"]
+
+
+def _brain(shape=(20, 24, 16), seed=0) -> np.ndarray:
+    """An ellipsoid of noisy tissue in [0, 1] on a zero background."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    inside = (grid**2).sum(axis=0) < 0.8
+    return (inside * np.random.default_rng(seed).uniform(0.3, 1.0, shape)).astype(np.float32)
+
+
+def test_centre_on_moves_the_chosen_voxel_to_where_the_mid_slices_cut():
+    demo = _demo()
+    volume = np.zeros((10, 12, 8), np.float32)
+    volume[7, 3, 5] = 1.0
+    window = demo.centre_on(volume, np.array([7, 3, 5]), (10, 12, 8))
+    assert window.shape == (10, 12, 8)
+    assert window[5, 6, 4] == 1.0 and window.sum() == 1.0  # the voxel moved to the middle
+    np.testing.assert_array_equal(demo.centre_on(volume, np.array([5, 6, 4]), (10, 12, 8)), volume)  # already there
+    mask = np.zeros((10, 12, 8), np.uint8)
+    mask[6:9, 2:5, 4:7] = 2
+    assert demo.slice_centre(volume, mask).tolist() == [7, 3, 5]  # the tumour's centre of mass
+    assert demo.slice_centre(volume, None).tolist() == [5, 6, 4]  # no mask: the middle
+
+
+def test_sheet_has_one_row_per_volume_and_draws_the_mask(tmp_path):
+    demo = _demo()
+    real, generated = _brain(seed=0), 0.5 * _brain(seed=1)
+    mask = np.zeros(real.shape, np.uint8)
+    mask[8:13, 14:19, 6:10] = 1
+    png = tmp_path / "sheet.png"
+    demo.write_sheet([("real", real, None), ("generated", generated, mask)], "real vs generated", png)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sheet.png"]  # the temp file was renamed away
+    image = imread(png)[..., :3]
+    height, width, _ = image.shape
+    assert 300 < height < width  # two rows of three views, wider than high
+    red = (image[..., 0] > 0.8) & (image[..., 1] < 0.3) & (image[..., 2] < 0.3)
+    rows = np.nonzero(red.any(axis=1))[0]
+    assert red.sum() > 20 and rows.min() > height / 2  # the contour is drawn, and only on the masked (lower) row
+    grey = image.mean(axis=2)
+    top, bottom = grey[: height // 2], grey[height // 2:]
+    assert top.mean() > bottom.mean() + 0.02  # the dimmer generated volume is the lower row
+
+
+def test_stage_selection_keeps_pipeline_order():
+    demo = _demo()
+
+    def names(selection):
+        return [s.name for s in demo.select_stages(selection)]
+
+    assert names(["maisi"]) == ["maisi_stage1_vae", "maisi_stage2_diffusion", "maisi_stage3_controlnet"]
+    assert names(["maskgit_stage3_controlnet", "maskgit_stage1"]) == ["maskgit_stage1", "maskgit_stage3_controlnet"]
+    assert names(["maskgit_stage1,maisi_stage1_vae"]) == ["maskgit_stage1", "maisi_stage1_vae"]
+    assert len(names(["all"])) == 7
+    with pytest.raises(demo.DemoError, match="unknown stage 'maskgit_stage4'"):
+        demo.select_stages(["maskgit_stage4"])
+
+
+def test_every_stage_template_fills_and_reads_an_earlier_stage():
+    demo = _demo()
+    context = {"out": "o", "data": "d", "mm": "4.0", "stage": "o/s", **{s.name: f"o/{s.name}" for s in demo.STAGES},
+               "test": {"case": "c", **{k: f"c_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair", "seg")}}}
+    order = [s.name for s in demo.STAGES]
+    for stage in demo.STAGES:
+        assert demo.train_command(stage, context)[:3] == ["train", "--config", demo.tiny_config(stage)]
+        assert Path(demo.tiny_config(stage)).is_file()
+        demo.fill(stage.use, context)
+        for row in stage.rows:
+            demo.fill([t for t in (row.image, row.mask, row.crop_as) if t], context)
+        assert stage.needs is None or order.index(stage.needs) < order.index(stage.name)
