@@ -324,13 +324,31 @@ def maisi_vae_train_step(device: torch.device, repeats: int, size: str) -> dict:
                   volumes_per_s=round(2 / seconds, 3))
 
 
+def rflow_train_step(model: torch.nn.Module, network: torch.nn.Module, scheduler, latent: torch.Tensor,
+                     labels: torch.Tensor, bfloat16: bool) -> Callable[[], None]:
+    """One rectified-flow optimizer step as the trainer takes it (velocity MSE, backward, grad clip 1.0, AdamW).
+    ``model`` runs the forward (``network`` itself, or ``torch.compile(network)``); ``network`` owns the weights."""
+    from prod9_components.losses.rectified_flow import rectified_flow_loss
+
+    optimizer = torch.optim.AdamW(network.parameters(), 1e-4)
+
+    def step():
+        with torch.autocast(latent.device.type, dtype=torch.bfloat16, enabled=bfloat16):
+            loss = rectified_flow_loss(model, scheduler, latent, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
 def maisi_diffusion_train_step(device: torch.device, repeats: int, size: str) -> dict:
     """One rectified-flow optimizer step (velocity MSE, backward, grad clip 1.0, AdamW; bfloat16 autocast on CUDA as
     the trainer) on latents (2, 4, d, h, w) with labels (2,), vs the same step with MONAI's ``DiffusionModelUNet`` of
     the same channels, residual blocks, attention, heads and 5 class embeddings."""
     from monai.networks.nets import DiffusionModelUNet
 
-    from prod9_components.losses.rectified_flow import rectified_flow_loss
 
     torch.manual_seed(0)
     network, latent_size = maisi_unet(device, size)
@@ -339,17 +357,7 @@ def maisi_diffusion_train_step(device: torch.device, repeats: int, size: str) ->
     labels = torch.tensor([0, 2], device=device)
 
     def train_step(net: torch.nn.Module) -> Callable[[], None]:
-        optimizer = torch.optim.AdamW(net.parameters(), 1e-4)
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = rectified_flow_loss(net, scheduler, latent, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
-
-        return step
+        return rflow_train_step(net, net, scheduler, latent, labels, bfloat16=device.type == "cuda")
 
     seconds, gflop = measure(train_step(network.train()), device, repeats)
     peak = peak_mem_mb(device)  # before the baseline network exists
@@ -496,7 +504,6 @@ def train_step_variants(device: torch.device, repeats: int, size: str) -> list[d
     """The two stage-2 training steps - MaskGiT transformer (batch 4, label mode) and MAISI rectified-flow UNet
     (batch 2) - in float32, bfloat16 autocast and ``torch.compile`` (CUDA: compile + bfloat16)."""
     from prod9_components.losses.masked_token import masked_token_loss
-    from prod9_components.losses.rectified_flow import rectified_flow_loss
     from prod9_components.sampling.schedules import sample_training_mask
 
     def transformer_step(bfloat16: bool, compiled: bool) -> Callable[[], None]:
@@ -521,19 +528,8 @@ def train_step_variants(device: torch.device, repeats: int, size: str) -> list[d
         torch.manual_seed(0)
         network, latent_size = maisi_unet(device, size)
         model = torch.compile(network.train()) if compiled else network.train()
-        optimizer = torch.optim.AdamW(network.parameters(), 1e-4)
-        scheduler = rflow_scheduler()
         latent, labels = torch.randn(2, 4, *latent_size, device=device), torch.tensor([0, 2], device=device)
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
-                loss = rectified_flow_loss(model, scheduler, latent, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-            optimizer.step()
-
-        return step
+        return rflow_train_step(model, network, rflow_scheduler(), latent, labels, bfloat16)
 
     return (variant_rows("stage2_train_step", transformer_step, device, repeats, network=size, batch=4)
             + variant_rows("maisi_diffusion_train_step", unet_step, device, repeats, network=size, batch=2))
