@@ -1,8 +1,9 @@
 """Ignite evaluator for autoencoders: whole volumes through the sliding window.
 
 One pass encodes the volume tile by tile and decodes it again; the output carries the reconstruction (``pred``),
-the target (``label``, the input itself) and, for FSQ autoencoders, the token ``indices`` that codebook metrics
-count. The same evaluator serves validation during training, ``validate``/``test`` and ``infer`` (with
+the target (``label``, the input itself), the trivial baseline it must beat (``pool_baseline``: the input
+average-pooled by the network's downsampling factor and interpolated back) and, for FSQ autoencoders, the token
+``indices`` that codebook metrics count. The same evaluator serves validation during training, ``validate``/``test`` and ``infer`` (with
 postprocessing that inverts the preprocessing and writes NIfTI).
 """
 
@@ -16,6 +17,7 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
+from prod9_components.metrics.baselines import pool_baseline
 from prod9_components.networks.export import unwrap
 
 
@@ -60,7 +62,8 @@ class AutoencoderEvaluator(Evaluator):
         images = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
         autoencoder = unwrap(self.network)
         wrapper = AutoencoderInferenceWrapper(autoencoder, self.sw_config)
-        output = {"image": images, "label": images}
+        output = {"image": images, "label": images,
+                  "pool_baseline": pool_baseline(images, int(autoencoder.downsample_factor))}
         with engine.mode(autoencoder), torch.no_grad(), torch.autocast("cuda", enabled=self.amp):
             latent = wrapper.encode(images)
             output["pred"] = wrapper.decode(latent)[(...,) + tuple(slice(0, s) for s in images.shape[2:])].float()

@@ -4,7 +4,8 @@ Every held-out case gives ``val_loss`` and ``token_accuracy`` at masks drawn fro
 seed (so epochs compare). With a sampler and the stage-1 autoencoder it also translates whole volumes, the BraSyn
 way: sample the target modality from the source tokens, decode it, and hand ``pred`` (translation), ``label`` (the
 real target image), ``roundtrip`` (stage-1 round trip of the real target: the upper bound), ``source`` (the source
-image itself: the copy baseline to beat) and ``tumour`` (mask) to the metric handlers.
+image itself: the copy baseline), ``histogram_source`` / ``regression_source`` (the translation baselines fitted on the
+training split, when given) and ``tumour`` (mask) to the metric handlers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from prod9_components.data.modalities import MODALITIES
 from prod9_components.data.sharding import item_number
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
+from prod9_components.engines.translation_baselines import baseline_predictions
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 from prod9_components.losses.masked_token import masked_token_loss
 from prod9_components.networks.export import unwrap
@@ -42,6 +44,10 @@ class MaskGiTEvaluator(Evaluator):
         epoch_length / key_val_metric / additional_metrics / val_handlers: as in MONAI's ``Evaluator``.
         amp: bfloat16 autocast on CUDA only.
         control_mask_key: batch key of the tumour mask a ControlNet is steered by (``"seg"``), else None.
+        translation_baselines: target modality index -> fitted
+            :class:`~prod9_components.metrics.baselines.TranslationBaselines` (see
+            :func:`~prod9_components.engines.translation_baselines.fit_translation_baselines`); translation then also
+            outputs ``histogram_source`` and ``regression_source``.
     """
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, network: nn.Module,
@@ -50,7 +56,8 @@ class MaskGiTEvaluator(Evaluator):
                  sw_config: SlidingWindowConfig | None = None, epoch_length: int | None = None,
                  key_val_metric: dict | None = None, additional_metrics: dict | None = None,
                  metric_cmp_fn: Callable | None = None, val_handlers: Sequence | None = None,
-                 amp: bool = False, control_mask_key: str | None = None) -> None:
+                 amp: bool = False, control_mask_key: str | None = None,
+                 translation_baselines: dict | None = None) -> None:
         amp = bool(amp) and torch.device(device).type == "cuda"
         kwargs = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
@@ -64,6 +71,7 @@ class MaskGiTEvaluator(Evaluator):
         self.autoencoder = autoencoder
         self.sw_config = sw_config or SlidingWindowConfig()
         self.control_mask_key = control_mask_key
+        self.translation_baselines = translation_baselines
 
     @property
     def translates(self) -> bool:
@@ -115,9 +123,13 @@ class MaskGiTEvaluator(Evaluator):
         images = self.images(batchdata, device)
         rows, first_source = inputs["rows"], inputs["source_labels"][:, 0]
         label = images[rows, inputs["target_label"]].unsqueeze(1)
-        return {
+        output = {
             "pred": pred, "label": label, "roundtrip": roundtrip,
             "source": images[rows, first_source].unsqueeze(1),
             "tumour": (batchdata["seg"].to(device)[rows] > 0).float(),
             "sampled_token_accuracy": (sampled == inputs["target_tokens"]).float().mean(),
         }
+        if self.translation_baselines is not None:
+            sources = images[rows][:, self.context_builder.sources]  # every source: evaluation uses all of them
+            output.update(baseline_predictions(self.translation_baselines, sources, inputs["target_label"]))
+        return output

@@ -278,20 +278,53 @@ def _pair(first: str, region: str | None = None):
     return transform
 
 
+TRANSLATION_BASELINES = ("copy_source", "histogram_source", "regression_source")
+TRANSLATION_SCORES = ("psnr", "ssim", "psnr_tumour", "ssim_tumour")
+
+
 def translation_metrics() -> dict:
-    """The BraSyn-style scores of a translation, as Ignite metric handlers for an evaluator's
-    ``additional_metrics``: ``psnr`` / ``ssim`` of ``pred`` vs ``label`` in the brain, ``psnr_tumour`` /
-    ``ssim_tumour`` inside ``tumour``, and the same PSNR/SSIM of ``roundtrip`` (the autoencoder's upper bound) and
-    ``source`` (the copy-the-source baseline)."""
+    """The BraSyn-style scores of a translation beside its trivial baselines (DESIGN §9), as Ignite metrics for an
+    evaluator's ``additional_metrics``, reading the evaluator's output keys:
+
+    - ``psnr`` / ``ssim`` of ``pred`` vs ``label`` in the brain, ``psnr_tumour`` / ``ssim_tumour`` inside ``tumour``;
+    - the same four scores of each baseline: ``copy_source_*`` (the source itself, key ``source``),
+      ``histogram_source_*`` and ``regression_source_*`` (the source histogram-matched to, and a polynomial of the
+      source intensities fitted on, the training split's target: :mod:`~prod9_components.metrics.baselines`);
+    - ``roundtrip_psnr`` / ``roundtrip_ssim`` of ``roundtrip`` (the autoencoder's round trip: the upper bound);
+    - last, ``beats_baselines`` (1.0 when the translation beats the best baseline on all four scores) with
+      ``best_baseline_<score>`` and ``margin_<score>``.
+    """
     from monai.handlers import IgniteMetricHandler  # ignite is only needed where evaluators run
 
+    from prod9_components.metrics.baselines import BaselineVerdict
+
+    metric = {"psnr": BrainPSNRMetric, "ssim": BrainSSIMMetric}
+    metrics = {}
+    for prefix, key in (("", "pred"), *((f"{b}_", "source" if b == "copy_source" else b)
+                                        for b in TRANSLATION_BASELINES)):
+        for score in TRANSLATION_SCORES:
+            kind, _, region = score.partition("_")
+            metrics[prefix + score] = IgniteMetricHandler(metric[kind](),
+                                                          output_transform=_pair(key, "tumour" if region else None))
+    for kind in ("psnr", "ssim"):
+        metrics[f"roundtrip_{kind}"] = IgniteMetricHandler(metric[kind](), output_transform=_pair("roundtrip"))
+    metrics["beats_baselines"] = BaselineVerdict(TRANSLATION_SCORES, TRANSLATION_BASELINES)
+    return metrics
+
+
+def reconstruction_baseline_metrics() -> dict:
+    """An autoencoder's trivial baseline (DESIGN §9) for an evaluator's ``additional_metrics``, placed after its
+    ``psnr`` / ``ssim`` / ``ms_ssim``: the same three scores of ``pool_baseline`` (the input average-pooled by the
+    downsampling factor, trilinear back), then ``beats_baselines`` with ``best_baseline_<score>`` and
+    ``margin_<score>``."""
+    from monai.handlers import IgniteMetricHandler, from_engine
+
+    from prod9_components.metrics.baselines import BaselineVerdict
+
+    pair = from_engine(["pool_baseline", "label"])
     return {
-        "psnr": IgniteMetricHandler(BrainPSNRMetric(), output_transform=_pair("pred")),
-        "ssim": IgniteMetricHandler(BrainSSIMMetric(), output_transform=_pair("pred")),
-        "psnr_tumour": IgniteMetricHandler(BrainPSNRMetric(), output_transform=_pair("pred", "tumour")),
-        "ssim_tumour": IgniteMetricHandler(BrainSSIMMetric(), output_transform=_pair("pred", "tumour")),
-        "roundtrip_psnr": IgniteMetricHandler(BrainPSNRMetric(), output_transform=_pair("roundtrip")),
-        "roundtrip_ssim": IgniteMetricHandler(BrainSSIMMetric(), output_transform=_pair("roundtrip")),
-        "copy_source_psnr": IgniteMetricHandler(BrainPSNRMetric(), output_transform=_pair("source")),
-        "copy_source_ssim": IgniteMetricHandler(BrainSSIMMetric(), output_transform=_pair("source")),
+        "pool_baseline_psnr": IgniteMetricHandler(BrainPSNRMetric(), output_transform=pair),
+        "pool_baseline_ssim": IgniteMetricHandler(BrainSSIMMetric(), output_transform=pair),
+        "pool_baseline_ms_ssim": IgniteMetricHandler(MSSSIMMetric(), output_transform=pair),
+        "beats_baselines": BaselineVerdict(("psnr", "ssim", "ms_ssim"), ("pool_baseline",)),
     }

@@ -53,6 +53,10 @@ def test_evaluate_writes_finite_image_metrics(maisi_vae_run, tmp_path):
     assert 5.0 < metrics["psnr"] < 60.0
     assert -1.0 <= metrics["ssim"] <= 1.0 and 0.0 <= metrics["ms_ssim"] <= 1.0
     assert "codebook_usage" not in metrics  # a VAE has no codes
+    for score in ("psnr", "ssim", "ms_ssim"):  # beside the pool-by-4 baseline, on the same volumes
+        assert math.isfinite(metrics[f"pool_baseline_{score}"])
+        assert metrics[f"margin_{score}"] == pytest.approx(metrics[score] - metrics[f"pool_baseline_{score}"], abs=1e-6)
+    assert metrics["beats_baselines"] in (0.0, 1.0)
 
 
 def test_inference_reconstructs_a_volume_on_its_own_grid(maisi_vae_run, tmp_path):

@@ -38,6 +38,13 @@ def test_train_evaluate_infer_chain(stage1_run):
         assert isinstance(metrics[key], float), key
     assert 5.0 < metrics["psnr"] < 60.0
     assert 0.0 < metrics["codebook_usage"] <= 1.0 and metrics["perplexity"] >= 1.0
+    # The trivial baseline on the same volumes: average-pool by the downsampling (4), trilinear back.
+    for score in ("psnr", "ssim", "ms_ssim"):
+        best = metrics[f"pool_baseline_{score}"]
+        assert metrics[f"best_baseline_{score}"] == best
+        assert metrics[f"margin_{score}"] == pytest.approx(metrics[score] - best, abs=1e-6)
+    assert 10.0 < metrics["pool_baseline_psnr"] < 40.0
+    assert metrics["beats_baselines"] == float(all(metrics[f"margin_{s}"] > 0 for s in ("psnr", "ssim", "ms_ssim")))
 
     # inference.json reconstructs the test split into NIfTI files with the inputs' geometry.
     bundle_run(["train.json", "inference.json"], {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out})

@@ -40,9 +40,18 @@ def test_incontext_chain(stage2_runs):
     metrics = json.loads((Path(out) / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_cases"] == 1
     for key in ("val_loss", "token_accuracy", "psnr", "ssim", "psnr_tumour", "ssim_tumour", "roundtrip_psnr",
-                "roundtrip_ssim", "copy_source_psnr", "copy_source_ssim"):
+                "roundtrip_ssim"):
         assert isinstance(metrics[key], float), key
     assert metrics["val_loss"] > 0 and 0 <= metrics["token_accuracy"] <= 1
+    # Three baselines on the same volumes; the verdict is against the best of them, per score.
+    baselines = ("copy_source", "histogram_source", "regression_source")
+    for score in ("psnr", "ssim", "psnr_tumour", "ssim_tumour"):
+        best = max(metrics[f"{b}_{score}"] for b in baselines)
+        assert metrics[f"best_baseline_{score}"] == best
+        assert metrics[f"margin_{score}"] == pytest.approx(metrics[score] - best, abs=1e-6)
+    # A cubic of T1 fitted on the training cases inverts the T1 -> T2 contrast: it beats copying the source.
+    assert metrics["regression_source_psnr"] > metrics["copy_source_psnr"] + 2
+    assert metrics["beats_baselines"] in (0.0, 1.0)
 
     stage2_run(INCONTEXT, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_steps": 2})
     splits = json.loads((Path(out) / "datalist.json").read_text())
@@ -67,6 +76,15 @@ def test_label_chain(stage2_runs):
     # Diversity: MS-SSIM between samples (2 here) per modality, one score per modality and their mean.
     diversity = [metrics[f"sample_ms_ssim_{m}"] for m in record["target_modalities"]]
     assert all(0 < d < 1 for d in diversity) and metrics["sample_ms_ssim"] == pytest.approx(np.mean(diversity))
+    # Every generation score beside its real reference (the test case vs the training cases), per modality and mean.
+    for key in ("brain_dice", "real_brain_dice", "intensity_w1", "real_intensity_w1", "gradient_w1", "real_gradient_w1",
+                "sample_ms_ssim", "real_ms_ssim", "nearest_training_distance", "real_nearest_training_distance",
+                "memorised_fraction"):
+        for name in ("", *(f"_{m}" for m in record["target_modalities"])):
+            assert np.isfinite(metrics[key + name]), key + name
+    assert 0 <= metrics["brain_dice"] <= 1 and 0 <= metrics["memorised_fraction"] <= 1
+    assert 0.7 < metrics["real_brain_dice"] <= 1 and 0 < metrics["real_ms_ssim"] < 1
+    assert metrics["real_nearest_training_distance"] > 0 and metrics["real_intensity_w1"] > 0
 
     stage2_run(LABEL, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_samples": 2,
                                                          "modality": "FLAIR", "num_steps": 3})
