@@ -1,67 +1,60 @@
-"""Diffusion samples at every evaluation: mid slices to TensorBoard and their distance to real volumes."""
+"""Diffusion samples at every evaluation: mid slices to TensorBoard and their scores against real volumes."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
 from ignite.engine import Engine, Events
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
-from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
-from prod9_components.data.token_cache import pad_or_crop
+from prod9_components.data.modalities import modality_index, modality_name
 from prod9_components.engines.diffusion_generation import sample_volumes
+from prod9_components.handlers.generated_samples import SampleScorer, real_volumes
 from prod9_components.handlers.tensorboard_images import MidSliceWriter
 from prod9_components.inference.sliding_window import SlidingWindowConfig
-from prod9_components.metrics.distribution_distance import intensity_distances
+from prod9_components.metrics.generation import MEMORISED_BELOW
 
-
-def real_volumes(encoder, cases: Sequence[Mapping], modalities: Sequence[str | int], size: Sequence[int],
-                 ) -> dict[str, list[torch.Tensor]]:
-    """The preprocessed real volumes of ``cases`` per modality name, each (1, *size): centre-padded with the
-    background (the low end of the intensity range) or cropped to the generated grid, so both sides frame the
-    brain alike.
-
-    Args:
-        encoder: a :class:`~prod9_components.engines.case_encoder.CaseEncoder` (its preprocessing).
-    """
-    volumes: dict[str, list[torch.Tensor]] = {modality_name(modality_index(m)): [] for m in modalities}
-    for case in cases:
-        data = encoder.preprocess(case)
-        for name in volumes:
-            image = data[MODALITIES[modality_index(name)]].as_tensor().float()
-            volumes[name].append(pad_or_crop(image, size, encoder.intensity_range[0])[0])
-    return volumes
+__all__ = ["DiffusionSamplesHandler", "real_volumes"]
 
 
 class DiffusionSamplesHandler:
     """After each evaluation, sample ``num_samples`` volumes per modality, log mid slices and score them.
 
-    Scores (``engine.state.metrics``, so metric writers that run later report them): ``intensity_w1_<MOD>`` and
-    ``gradient_w1_<MOD>`` - Wasserstein-1 distances between the generated and the real voxel intensities and
-    gradient magnitudes (:mod:`prod9_components.metrics.distribution_distance`) - and their means over modalities,
-    ``intensity_w1`` and ``gradient_w1``. Lower is closer to the real data. The same seeds every epoch.
+    Scores (:class:`~prod9_components.handlers.generated_samples.SampleScorer`, the same for the MaskGiT samples), in
+    ``engine.state.metrics`` so metric writers that run later report them, as ``<score>_<MOD>`` and their means over
+    modalities ``<score>``: ``brain_dice``, ``intensity_w1`` and ``gradient_w1`` (Wasserstein-1 distances between the
+    generated and the real held-out voxel intensities and gradient magnitudes), ``sample_ms_ssim``,
+    ``nearest_training_distance``, ``memorised_fraction``, and beside them the same scores of real held-out cases,
+    ``real_*`` (:mod:`prod9_components.metrics.generation`). The same seeds every epoch.
 
     Args:
         network: the velocity model (the EMA copy); vae: the KL-VAE that decodes its latents.
         scheduler: ``RFlowScheduler``; num_steps / guidance_scale: sampling settings.
-        reference: real volumes per modality name (:func:`real_volumes`), padded to the generated grid.
+        modalities: modalities to sample (names or indices).
+        encoder: the VAE's ``CaseLatentEncoder`` (the preprocessing of the real cases).
+        held_out_cases: real cases of the evaluated split; training_cases: real cases of the training split.
         latent_size: (d, h, w) of each sample; scale_factor: the latent scale the model was trained with.
-        num_samples: samples per modality; seed: seed of the first.
+        num_samples: samples per modality, >= 2 (diversity needs pairs); seed: seed of the first.
         sw_config: sliding window for decoding; intensity_range: the VAE's training intensity range.
+        memorised_below: see :func:`~prod9_components.metrics.generation.memorised`.
         log_dir: TensorBoard directory for the mid slices, None for metrics only; tag: tag prefix.
     """
 
-    def __init__(self, network: nn.Module, vae: nn.Module, scheduler: RFlowScheduler,
-                 reference: Mapping[str, Sequence[torch.Tensor]], latent_size: Sequence[int], scale_factor: float,
-                 num_samples: int = 1, num_steps: int = 10, guidance_scale: float = 1.0, seed: int = 0,
-                 sw_config: SlidingWindowConfig | None = None, intensity_range: Sequence[float] = (0.0, 1.0),
+    def __init__(self, network: nn.Module, vae: nn.Module, scheduler: RFlowScheduler, modalities: Sequence[str | int],
+                 encoder, held_out_cases: Sequence[Mapping], training_cases: Sequence[Mapping],
+                 latent_size: Sequence[int], scale_factor: float, num_samples: int = 2, num_steps: int = 10,
+                 guidance_scale: float = 1.0, seed: int = 0, sw_config: SlidingWindowConfig | None = None,
+                 intensity_range: Sequence[float] = (0.0, 1.0), memorised_below: float = MEMORISED_BELOW,
                  log_dir: str | None = None, tag: str = "val/samples") -> None:
-        self.network, self.vae, self.scheduler, self.reference = network, vae, scheduler, dict(reference)
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 to measure diversity between samples, got {num_samples}")
+        self.network, self.vae, self.scheduler = network, vae, scheduler
+        self.modalities = [modality_name(modality_index(m)) for m in modalities]
         self.latent_size, self.scale_factor = list(latent_size), float(scale_factor)
         self.num_samples, self.num_steps, self.guidance_scale = int(num_samples), int(num_steps), guidance_scale
         self.seed, self.sw_config, self.intensity_range = int(seed), sw_config, intensity_range
+        self.scorer = SampleScorer(encoder, held_out_cases, training_cases, self.modalities, memorised_below)
         self.log_dir, self.tag = log_dir, tag
         self._slices = MidSliceWriter(log_dir)
 
@@ -70,14 +63,11 @@ class DiffusionSamplesHandler:
 
     def __call__(self, engine: Engine) -> None:
         device = next(self.network.parameters()).device
-        scores: dict[str, list[float]] = {"intensity_w1": [], "gradient_w1": []}
-        for name, real in self.reference.items():
+        scores = {}
+        for name in self.modalities:
             samples = list(sample_volumes(self.network, self.vae, self.scheduler, name, self.num_samples,
                                           self.latent_size, self.scale_factor, self.num_steps, self.guidance_scale,
                                           self.seed, self.sw_config, device, self.intensity_range))
-            for metric, value in intensity_distances([s.cpu() for s in samples], real).items():
-                engine.state.metrics[f"{metric}_{name}"] = value
-                scores[metric].append(value)
+            scores[name] = self.scorer.scores(name, samples)
             self._slices.write(f"{self.tag}_{name}", samples, engine.state.epoch)
-        for metric, values in scores.items():
-            engine.state.metrics[metric] = sum(values) / len(values)
+        SampleScorer.record(engine.state.metrics, scores)

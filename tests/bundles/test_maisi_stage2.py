@@ -19,6 +19,9 @@ from tests.stage1_helpers import cli
 pytestmark = pytest.mark.slow
 
 TINY = str(DIFFUSION / "tiny.json")
+GENERATION_SCORES = ("brain_dice", "real_brain_dice", "intensity_w1", "real_intensity_w1", "gradient_w1",
+                     "real_gradient_w1", "sample_ms_ssim", "real_ms_ssim", "nearest_training_distance",
+                     "real_nearest_training_distance", "memorised_fraction")
 
 
 def test_training_writes_an_ema_record_with_everything_generation_needs(maisi_diffusion_run):
@@ -57,7 +60,14 @@ def test_trained_samples_are_closer_to_real_intensities_than_untrained_ones(mais
         scores[name] = json.loads(metrics_path.read_text())
     for name in ("untrained", "trained"):
         assert {"val_loss", "intensity_w1", "gradient_w1", "intensity_w1_T2"} <= set(scores[name])
-        assert all(math.isfinite(v) for k, v in scores[name].items() if k.endswith("_w1") or k == "val_loss")
+        # Every generation score beside its real reference, per modality and their mean, finite.
+        keys = [k + m for k in GENERATION_SCORES for m in ("", "_T1", "_T1ce", "_T2", "_FLAIR")]
+        assert all(math.isfinite(scores[name][k]) for k in ["val_loss", *keys]), scores[name]
+        assert 0 <= scores[name]["brain_dice"] <= 1 and 0 <= scores[name]["memorised_fraction"] <= 1
+        assert 0.7 < scores[name]["real_brain_dice"] <= 1 and 0 < scores[name]["real_ms_ssim"] < 1
+    # The real references do not depend on the network.
+    assert {k: v for k, v in scores["trained"].items() if k.startswith("real_")} == \
+        {k: v for k, v in scores["untrained"].items() if k.startswith("real_")}
     # measured: val_loss 1.70 -> 1.09, intensity_w1 0.298 -> 0.238 (4 sampling steps of a 16-step model)
     assert scores["trained"]["val_loss"] < 0.8 * scores["untrained"]["val_loss"], scores
     assert scores["trained"]["intensity_w1"] < 0.9 * scores["untrained"]["intensity_w1"], scores
