@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -10,8 +10,9 @@ from torch import nn
 from prod9_components.data.sharding import item_number
 from prod9_components.engines.diffusion_evaluator import RectifiedFlowEvaluator
 from prod9_components.engines.diffusion_generation import decode_latent
+from prod9_components.engines.translation_baselines import baseline_predictions
 from prod9_components.inference.sliding_window import SlidingWindowConfig
-from prod9_components.metrics.tumour import control_scores
+from prod9_components.metrics.tumour import control_scores, segmentation_scores
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.rectified_flow import check_num_steps, sample_rectified_flow
 
@@ -22,24 +23,39 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
 
     - always: ``pred`` (B, 1, D, H, W) the sample, ``label`` the real target image (batch ``"image"``), ``tumour``
       ({0, 1}) and ``seg`` (labels / 3) for region metrics and TensorBoard;
-    - with a source image (``control_image``): ``source`` (the copy-the-source baseline) and ``roundtrip`` (the VAE
-      decode of the real target's cached latent: the upper bound), so PSNR/SSIM of each against ``label`` compare
-      the translation BraSyn style;
+    - with a source image (``control_image``): ``source`` (the copy-the-source baseline), ``histogram_source`` and
+      ``regression_source`` (the other translation baselines: the source histogram-matched to the target modality's
+      training intensities, and a polynomial of the source fitted on the training split) and ``roundtrip`` (the VAE
+      decode of the real target's cached latent: the upper bound), so PSNR/SSIM of each against ``label`` compare the
+      translation BraSyn style (:func:`~prod9_components.metrics.image_quality.translation_metrics`);
     - with a mask (``control_mask``): ``pred_without_mask`` (the same noise, an empty mask) and every
-      :data:`~prod9_components.metrics.tumour.CONTROL_METRICS` score, the keys MaskGiT stage 3 reports.
+      :data:`~prod9_components.metrics.tumour.CONTROL_METRICS` score, the keys MaskGiT stage 3 reports, and with a
+      ``segmenter`` ``seg_dice_generated`` / ``seg_dice_real``: its Dice on the sample and on the real target image
+      against the conditioning mask's ``seg > 0`` (NaN for a case without tumour).
 
     Args:
         vae: the stage-1 VAE (None: ``val_loss`` only); scale_factor: the latents' scale.
         num_steps: Euler steps of each sample; sw_config / intensity_range: as the VAE decode's.
+        translation_baselines: target modality index -> fitted
+            :class:`~prod9_components.metrics.baselines.TranslationBaselines`
+            (:func:`~prod9_components.engines.translation_baselines.fit_translation_baselines` on the training
+            split); required when the network reads a source image and a ``vae`` is given.
+        segmenter: segment-the-synthetic (DESIGN §9): an object with ``predict(images (B, 1, D, H, W), modalities
+            (B,)) -> (B, 1, D, H, W) bool``, e.g. a
+            :class:`~prod9_components.engines.tumour_segmenter.CachedTumourSegmenter`; None: no ``seg_dice_*``.
         the rest: as :class:`~prod9_components.engines.diffusion_evaluator.RectifiedFlowEvaluator`.
     """
 
     def __init__(self, *args, vae: nn.Module | None = None, scale_factor: float = 1.0, num_steps: int = 10,
                  sw_config: SlidingWindowConfig | None = None, intensity_range: Sequence[float] = (0.0, 1.0),
-                 **kwargs) -> None:
+                 translation_baselines: Mapping | None = None, segmenter: object | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.vae, self.scale_factor, self.num_steps = vae, float(scale_factor), check_num_steps(num_steps, self.scheduler)
         self.sw_config, self.intensity_range = sw_config, tuple(intensity_range)
+        self.translation_baselines, self.segmenter = translation_baselines, segmenter
+        if vae is not None and "control_image" in self.control_keys.values() and translation_baselines is None:
+            raise ValueError("a ControlNet that reads a source image is scored against the translation baselines: "
+                             "pass translation_baselines (fit_translation_baselines on the training split)")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, D, H, W) of scaled latents (B, C, d, h, w), one tiled decode each."""
@@ -68,8 +84,13 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
         seg = batchdata["seg"].to(device)
         output.update(pred=pred, label=real, tumour=(seg > 0).float(), seg=seg.float() / 3)
         if "control_image" in controls:
-            output.update(source=controls["control_image"].float(), roundtrip=self.decode(latent))
+            source = controls["control_image"].float()
+            output.update(source=source, roundtrip=self.decode(latent),
+                          **baseline_predictions(self.translation_baselines, source, labels))
         if "control_mask" in controls:
             without = sample({**controls, "control_mask": torch.zeros_like(controls["control_mask"])})
             output.update(pred_without_mask=without, **control_scores(pred, without, real, seg))
+            if self.segmenter is not None:
+                output.update(segmentation_scores(self.segmenter.predict(pred, labels),
+                                                  self.segmenter.predict(real, labels), seg))
         return output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from prod9_components.engines.maskgit_evaluator import MaskGiTEvaluator
-from prod9_components.metrics.tumour import control_scores
+from prod9_components.metrics.tumour import control_scores, segmentation_scores
 from prod9_components.networks.export import unwrap
 
 
@@ -16,10 +16,22 @@ class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
     Outputs for the metric handlers (see :mod:`prod9_components.metrics.tumour`): ``contrast_error_<label>`` |
     generated - real| tumour-vs-healthy contrast per BraTS label (NaN when the case lacks the label),
     ``contrast_<label>`` / ``real_contrast_<label>``, ``sensitivity`` (mean change inside the tumour minus in the
-    healthy brain), ``change_inside`` / ``change_outside``; and ``pred`` / ``pred_without_mask`` / ``label`` /
-    ``seg`` images for TensorBoard. Needs ``sampler``, ``autoencoder`` and ``control_mask_key``; the images of every
+    healthy brain), ``change_inside`` / ``change_outside``; with a ``segmenter``, ``seg_dice_generated`` (its Dice on
+    the mask-steered sample against the case's ``seg > 0``) and ``seg_dice_real`` (on the real image of the same
+    case and modality), NaN for a case without tumour; and ``pred`` / ``pred_without_mask`` / ``label`` / ``seg``
+    images for TensorBoard. Needs ``sampler``, ``autoencoder`` and ``control_mask_key``; the images of every
     modality and ``seg`` come from the batch, on the token grid times the downsampling.
+
+    Args:
+        segmenter: segment-the-synthetic (DESIGN §9): an object with ``predict(images (B, 1, D, H, W), modalities
+            (B,)) -> (B, 1, D, H, W) bool``, e.g. a
+            :class:`~prod9_components.engines.tumour_segmenter.CachedTumourSegmenter`; None: no ``seg_dice_*``.
+        the rest: as :class:`~prod9_components.engines.maskgit_evaluator.MaskGiTEvaluator`.
     """
+
+    def __init__(self, *args, segmenter: object | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.segmenter = segmenter
 
     def _generate(self, batchdata: dict, inputs: dict, generator: torch.Generator) -> dict:
         if self.sampler is None or self.autoencoder is None:
@@ -40,4 +52,9 @@ class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
         pred, without = sample(seg), sample(torch.zeros_like(seg))
         label = self.images(batchdata, device)[inputs["rows"], inputs["target_label"]].unsqueeze(1)
         output = {"pred": pred, "pred_without_mask": without, "label": label, "seg": seg[:, None].float() / 3}
-        return {**output, **control_scores(pred, without, label, seg)}
+        output.update(control_scores(pred, without, label, seg))
+        if self.segmenter is not None:
+            modalities = inputs["target_label"]
+            output.update(segmentation_scores(self.segmenter.predict(pred, modalities),
+                                              self.segmenter.predict(label, modalities), seg))
+        return output

@@ -6,6 +6,10 @@
 - Control sensitivity: two samples from the same noise, one with the mask and one with an empty mask. The mean
   absolute change inside the tumour minus the mean change in the healthy brain: > 0 when the mask changes the
   tumour region more than the rest (an untrained, zero-initialised control branch scores exactly 0).
+- Segment-the-synthetic (DESIGN §9): a small segmenter trained on real images of the training split
+  (:mod:`prod9_components.engines.tumour_segmenter`) segments the mask-controlled sample and the real image of the
+  same case and modality; the Dice of each against the conditioning mask's whole tumour (``seg > 0``) is reported,
+  and their ratio at the end of the epoch (1 = the generated tumour is found as well as the real one).
 """
 
 from __future__ import annotations
@@ -13,16 +17,21 @@ from __future__ import annotations
 import math
 
 import torch
+from ignite.engine import Engine
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from monai.metrics import compute_dice
 
-__all__ = ["CONTROL_METRICS", "TUMOUR_LABELS", "NanMean", "control_metrics", "control_scores", "control_sensitivity",
-           "tumour_contrast"]
+__all__ = ["CONTROL_METRICS", "SEGMENTATION_METRICS", "TUMOUR_LABELS", "NanMean", "SegDiceRatio", "control_metrics",
+           "control_scores", "control_sensitivity", "segmentation_metrics", "segmentation_scores", "tumour_contrast",
+           "tumour_dice"]
 
 TUMOUR_LABELS = {1: "necrosis", 2: "oedema", 3: "enhancing"}
 # Output keys of MaskGiTControlNetEvaluator (and the MAISI one): reported as metrics of the same names.
 CONTROL_METRICS = ("sensitivity", "change_inside", "change_outside") + tuple(
     f"{kind}_{name}" for name in TUMOUR_LABELS.values() for kind in ("contrast_error", "contrast", "real_contrast"))
+# Output keys of the evaluators given a tumour segmenter; segmentation_metrics() adds "seg_dice_ratio".
+SEGMENTATION_METRICS = ("seg_dice_generated", "seg_dice_real")
 
 
 def _masks(seg: torch.Tensor, brain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +93,36 @@ def control_scores(pred: torch.Tensor, without: torch.Tensor, real: torch.Tensor
     return scores
 
 
+def tumour_dice(pred: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """Dice of predicted whole-tumour masks against ``seg > 0`` (MONAI ``compute_dice``), per sample.
+
+    Args:
+        pred: (B, 1, D, H, W) or (B, D, H, W) bool / {0, 1} prediction.
+        seg: same grid, tumour labels (any value > 0 is tumour).
+
+    Returns:
+        (B,) float: 1 for a perfect prediction, 0 for a disjoint one, NaN where ``seg`` has no tumour.
+    """
+    pred = pred.reshape(len(pred), 1, *pred.shape[-3:]).float()
+    truth = (seg.reshape(len(seg), 1, *seg.shape[-3:]) > 0).float()
+    return compute_dice(pred, truth.to(pred.device), include_background=True, ignore_empty=True)[:, 0]
+
+
+def segmentation_scores(generated: torch.Tensor, real: torch.Tensor, seg: torch.Tensor) -> dict[str, float]:
+    """Every :data:`SEGMENTATION_METRICS` score of a batch, each averaged over its samples skipping NaN (no tumour).
+
+    Args:
+        generated: (B, 1, D, H, W) the segmenter's tumour masks of the mask-controlled samples.
+        real: (B, 1, D, H, W) its masks of the real images of the same cases and modalities.
+        seg: (B, D, H, W) or (B, 1, D, H, W) the conditioning masks' labels.
+    """
+    scores = {}
+    for key, pred in zip(SEGMENTATION_METRICS, (generated, real)):
+        values = tumour_dice(pred, seg).double()
+        scores[key] = float(values.nanmean()) if not values.isnan().all() else math.nan
+    return scores
+
+
 class NanMean(Metric):
     """Mean of a scalar in the engine output over the epoch, skipping NaN (a label absent from a case).
 
@@ -110,3 +149,41 @@ class NanMean(Metric):
 def control_metrics() -> dict[str, NanMean]:
     """One :class:`NanMean` per key of :data:`CONTROL_METRICS`, for an evaluator's ``additional_metrics``."""
     return {key: NanMean(output_transform=lambda output, key=key: output[key]) for key in CONTROL_METRICS}
+
+
+class SegDiceRatio(Metric):
+    """``seg_dice_generated / seg_dice_real`` of the epoch: how well the segmenter finds the tumour in the
+    mask-controlled samples relative to the real images (1 = as well; NaN when either is NaN or the real Dice is 0).
+
+    Reads ``engine.state.metrics`` at epoch end, so attach it AFTER the two :class:`NanMean` it reads (put it last in
+    ``additional_metrics``: Ignite completes metrics in the order they were attached).
+    """
+
+    def __init__(self, generated: str = "seg_dice_generated", real: str = "seg_dice_real") -> None:
+        self.generated, self.real = generated, real
+        super().__init__(output_transform=lambda output: 0.0)  # reads nothing per iteration
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, output) -> None:
+        pass
+
+    def compute(self) -> float:
+        raise NotImplementedError("SegDiceRatio is computed from other metrics in completed()")
+
+    def ratio(self, metrics: dict) -> float:
+        generated, real = (float(metrics.get(k, math.nan)) for k in (self.generated, self.real))
+        return generated / real if math.isfinite(generated) and math.isfinite(real) and real > 0 else math.nan
+
+    def completed(self, engine: Engine, name: str) -> None:
+        engine.state.metrics[name] = self.ratio(engine.state.metrics)
+
+
+def segmentation_metrics() -> dict[str, Metric]:
+    """``seg_dice_generated`` and ``seg_dice_real`` (:class:`NanMean` of the evaluator outputs) and, last,
+    ``seg_dice_ratio`` (:class:`SegDiceRatio`), for an evaluator's ``additional_metrics``."""
+    metrics: dict[str, Metric] = {key: NanMean(output_transform=lambda output, key=key: output[key])
+                                  for key in SEGMENTATION_METRICS}
+    metrics["seg_dice_ratio"] = SegDiceRatio()
+    return metrics

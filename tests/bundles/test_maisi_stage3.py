@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from prod9_components.data.case_cache import file_sha256
 from prod9_components.networks.export import atomic_save, load_record
@@ -39,21 +40,45 @@ def test_training_keeps_the_diffusion_unet_frozen_and_records_what_generation_ne
 
 
 def test_evaluate_reports_translation_and_tumour_scores_on_one_table(maisi_controlnet_run, tmp_path):
-    """BraSyn-style PSNR/SSIM beside the VAE round trip and copy-the-source, and MaskGiT stage 3's tumour keys."""
+    """BraSyn-style PSNR/SSIM beside the VAE round trip and the three translation baselines, MaskGiT stage 3's
+    tumour keys, and segment-the-synthetic."""
     run = maisi_controlnet_run
     metrics_path = tmp_path / "metrics.json"
-    maisi_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
+    result = maisi_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
         "dataset_dir": run["dataset_dir"], "output_dir": run["output_dir"], "latent_cache_dir": run["latent_cache_dir"],
         "metrics_path": metrics_path, "split": "test"})
     metrics = json.loads(metrics_path.read_text())
-    translation = ("psnr", "ssim", "psnr_tumour", "ssim_tumour", "roundtrip_psnr", "roundtrip_ssim",
-                   "copy_source_psnr", "copy_source_ssim")
+    scores = ("psnr", "ssim", "psnr_tumour", "ssim_tumour")
+    translation = (*scores, "roundtrip_psnr", "roundtrip_ssim", "beats_baselines",
+                   *(f"{baseline}_{score}" for baseline in ("copy_source", "histogram_source", "regression_source")
+                     for score in scores),
+                   *(f"{kind}_{score}" for kind in ("best_baseline", "margin") for score in scores))
     control = ("sensitivity", "change_inside", "change_outside", "contrast_error_oedema", "real_contrast_oedema")
-    assert all(math.isfinite(metrics[k]) for k in ("val_loss", *translation, *control)), metrics
+    segmentation = ("seg_dice_generated", "seg_dice_real", "seg_dice_ratio")
+    assert all(math.isfinite(metrics[k]) for k in ("val_loss", *translation, *control, *segmentation)), metrics
     assert metrics["num_cases"] == 2 and metrics["split"] == "test"  # one test case x 2 of its 3 targets
     assert metrics["condition_type"] == "both" and metrics["source_modality"] == "T1"
     assert metrics["psnr"] != metrics["copy_source_psnr"] != metrics["roundtrip_psnr"]
     assert metrics["change_inside"] > 0  # the trained mask branch changes the sample inside the tumour
+    # the verdict is the best baseline's score and the model's margin over it
+    for score in scores:
+        best = max(metrics[f"{b}_{score}"] for b in ("copy_source", "histogram_source", "regression_source"))
+        assert metrics[f"best_baseline_{score}"] == pytest.approx(best)
+        assert metrics[f"margin_{score}"] == pytest.approx(metrics[score] - best)
+    assert metrics["beats_baselines"] == float(all(metrics[f"margin_{s}"] > 0 for s in scores))
+    # segment-the-synthetic: the segmenter the training run built at its first validation is reused, not retrained
+    assert "tumour segmenter: reusing" in result.stdout and "tumour segmenter: training" not in result.stdout
+    assert Path(metrics["segmenter_dir"]).parent == Path(run["output_dir"]) / "segmenter"
+    assert 0 <= metrics["seg_dice_generated"] <= 1 and 0 < metrics["seg_dice_real"] <= 1
+    assert metrics["seg_dice_ratio"] == pytest.approx(metrics["seg_dice_generated"] / metrics["seg_dice_real"])
+    own = json.loads((Path(metrics["segmenter_dir"]) / "metrics.json").read_text())
+    assert own["num_test_volumes"] == 4 and 0 < own["dice_test"] <= 1  # its own Dice: 1 real test case x 4 modalities
+    # validation during training logged the same scores to TensorBoard
+    events = EventAccumulator(str(Path(run["output_dir"]) / "logs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"seg_dice_generated", "seg_dice_real", "seg_dice_ratio", "histogram_source_psnr",
+            "beats_baselines"} <= tags, sorted(tags)
 
 
 def _test_case(run) -> dict:

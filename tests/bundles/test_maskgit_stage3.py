@@ -4,6 +4,7 @@ transformer the test session trained on its own stage-1 export."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from prod9_components.metrics.tumour import CONTROL_METRICS
+from prod9_components.metrics.tumour import CONTROL_METRICS, SEGMENTATION_METRICS
 from tests.stage1_helpers import cli
 from tests.stage2_helpers import CONTROLNET, stage2_run
 
@@ -20,7 +21,9 @@ CMD = "prod9-train-maskgit-controlnet"
 
 
 def _ids(runs: dict, out: Path) -> dict:
-    return {"dataset_dir": runs["dataset_dir"], "output_dir": out, "token_cache_dir": runs["token_cache_dir"]}
+    """The run's ids; one tumour-segmenter cache for every evaluation of the module (trained once, then reused)."""
+    return {"dataset_dir": runs["dataset_dir"], "output_dir": out, "token_cache_dir": runs["token_cache_dir"],
+            "segmenter_cache_dir": Path(runs["token_cache_dir"]).parent / "segmenter_cache"}
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +46,25 @@ def test_chain_train_evaluate_generate(stage3_run):
     for name, value in base.items():
         assert torch.equal(record["state_dict"][f"base.{name}"], value), name
 
-    stage2_run(CONTROLNET, ["train.json", "evaluate.json"], {**_ids(stage3_run, out), "split": "test",
-                                                             "num_steps": 3})
+    stage2_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {**_ids(stage3_run, out), "split": "test",
+                                                                          "num_steps": 3})
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_cases"] == 1 and metrics["control_type"] == "both"
     assert set(CONTROL_METRICS) <= set(metrics) and metrics["val_loss"] > 0
     assert metrics["real_contrast_enhancing"] > 0.05  # the demo's enhancing rim is bright on the real images
+    # Segment-the-synthetic: the segmenter trained on the real training images finds the real test tumour, and its
+    # Dice on the mask-steered samples is reported beside that, with their ratio.
+    seg_scores = (*SEGMENTATION_METRICS, "seg_dice_ratio")
+    assert all(math.isfinite(metrics[k]) for k in seg_scores), {k: metrics.get(k) for k in seg_scores}
+    assert 0 <= metrics["seg_dice_generated"] <= 1 and 0 < metrics["seg_dice_real"] <= 1
+    assert metrics["seg_dice_ratio"] == pytest.approx(metrics["seg_dice_generated"] / metrics["seg_dice_real"])
+    segmenter_dir = Path(metrics["segmenter_dir"])
+    assert segmenter_dir.parent == _ids(stage3_run, out)["segmenter_cache_dir"]
+    own = json.loads((segmenter_dir / "metrics.json").read_text())  # its own real test Dice, beside its weights
+    assert own["num_test_volumes"] == 4 and 0 < own["dice_test"] <= 1  # 1 test case x 4 modalities
+    # The evaluator's real images are the ones the segmenter was tested on (the same case, preprocessing and all four
+    # modalities as targets): the two Dice agree up to the grid's padding.
+    assert metrics["seg_dice_real"] == pytest.approx(own["dice_test"], abs=0.05)
 
     stage2_run(CONTROLNET, ["train.json", "inference.json"], {**_ids(stage3_run, out), "num_steps": 3,
                                                               "modality": "FLAIR"})
@@ -69,8 +85,9 @@ def test_trained_branch_makes_the_mask_matter(stage3_run, tmp_path):
             **_ids(stage3_run, out), "transformer_path": Path(stage3_run["label"]) / "best.ckpt",
             "control_type": "mask", "epochs": epochs, "val_interval": epochs, "learning_rate": lr,
             "sample_during_validation": False})
-        stage2_run(CONTROLNET, ["train.json", "evaluate.json"], {**_ids(stage3_run, out), "split": "test",
-                                                                 "num_steps": 4})
+        result = stage2_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
+            **_ids(stage3_run, out), "split": "test", "num_steps": 4})
+        assert "tumour segmenter: reusing" in result.stdout  # the module's segmenter, not a new one per run
         scores[name] = json.loads((out / "metrics.json").read_text())
     assert scores["untrained"]["sensitivity"] == 0.0 and scores["untrained"]["change_inside"] == 0.0
     trained = scores["trained"]

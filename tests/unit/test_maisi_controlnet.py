@@ -1,7 +1,9 @@
 """MAISI ControlNet: zero-initialised residuals leave the base unchanged, the base stays frozen, every condition type
-builds, trains a step and generates."""
+builds, trains a step and generates; its evaluator scores segment-the-synthetic and the translation baselines."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -104,3 +106,73 @@ def test_each_condition_type_reads_exactly_its_inputs():
         MaisiControlNet(trained_like_base().init_args, condition_type="depth")
     rebuilt = MaisiControlNet(**net.init_args)
     rebuilt.load_state_dict(net.state_dict())  # a checkpoint record rebuilds it from init_args
+
+
+class BrightVoxels(torch.nn.Module):
+    """A tumour 'segmenter' whose answer is known: tumour wherever the image is above 0.7."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threshold = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1] - self.threshold
+
+
+def _evaluator_parts():
+    from prod9_components.metrics.baselines import TranslationBaselines
+    from prod9_components.networks.maisi_vae import MaisiVAE
+
+    net = MaisiControlNet.from_base(trained_like_base(), condition_type="both").eval()
+    torch.manual_seed(0)
+    vae = MaisiVAE(num_channels=[8, 16, 32], num_res_blocks=[1, 1, 1], norm_num_groups=4).eval()
+    data = inputs(batch=1)
+    seg = data["control_mask"][:, None]
+    real = torch.full((1, 1, 16, 16, 16), 0.3)
+    real[seg > 0] = 0.9  # the real T2's tumour is exactly the bright voxels: the segmenter finds it perfectly
+    batch = {"latent": torch.randn(1, 4, *GRID, generator=torch.Generator().manual_seed(2)),
+             "label": torch.tensor([2]), "seg": seg, "source": data["control_image"], "image": real}
+    baselines = {2: TranslationBaselines(degree=1).fit([data["control_image"][0]], [real[0]])}
+    return net, vae, batch, baselines
+
+
+def test_evaluator_reports_segment_the_synthetic_and_the_translation_baselines(one_thread):
+    """ControlNetEvaluator (condition both) with a segmenter whose answer is known and fitted translation baselines:
+    ``seg_dice_real`` is exactly 1 (the real tumour is the bright voxels), ``seg_dice_generated`` is the Dice of the
+    sample's bright voxels with the mask, their ratio is computed at the end, and the baselines' outputs are the fitted
+    maps of the batch's source image."""
+    from ignite.metrics import Average
+
+    from prod9_components.engines.diffusion_controlnet_evaluator import ControlNetEvaluator
+    from prod9_components.engines.tumour_segmenter import TumourSegmenter
+    from prod9_components.metrics.image_quality import translation_metrics
+    from prod9_components.metrics.tumour import control_metrics, segmentation_metrics
+
+    net, vae, batch, baselines = _evaluator_parts()
+    evaluator = ControlNetEvaluator(
+        "cpu", [batch], net, RFlowScheduler(1000, use_discrete_timesteps=False),
+        control_keys={"seg": "control_mask", "source": "control_image"}, vae=vae, num_steps=2,
+        translation_baselines=baselines, segmenter=TumourSegmenter(BrightVoxels(), roi_size=(16, 16, 16)),
+        key_val_metric={"val_loss": Average(output_transform=lambda o: o["val_loss"])},
+        additional_metrics={**translation_metrics(), **control_metrics(), **segmentation_metrics()})
+    evaluator.run()
+    output, metrics = evaluator.state.output, evaluator.state.metrics
+    assert output["seg_dice_real"] == 1.0
+    found, tumour = output["pred"] > 0.7, batch["seg"] > 0
+    expected = 2 * float((found & tumour).sum()) / float(found.sum() + tumour.sum())
+    assert output["seg_dice_generated"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["seg_dice_real"] == 1.0 and metrics["seg_dice_ratio"] == pytest.approx(expected, abs=1e-6)
+    assert torch.equal(output["histogram_source"], baselines[2].histogram(batch["source"]))
+    assert torch.equal(output["regression_source"], baselines[2].regression(batch["source"]))
+    assert all(math.isfinite(metrics[f"{b}_source_{s}"]) for b in ("copy", "histogram", "regression")
+               for s in ("psnr", "ssim", "psnr_tumour", "ssim_tumour"))
+    assert metrics["beats_baselines"] in (0.0, 1.0)
+
+
+def test_evaluator_of_a_source_image_controlnet_needs_the_translation_baselines():
+    from prod9_components.engines.diffusion_controlnet_evaluator import ControlNetEvaluator
+
+    net, vae, batch, _ = _evaluator_parts()
+    with pytest.raises(ValueError, match="pass translation_baselines"):
+        ControlNetEvaluator("cpu", [batch], net, RFlowScheduler(1000, use_discrete_timesteps=False),
+                            control_keys={"seg": "control_mask", "source": "control_image"}, vae=vae)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from prod9_components.metrics.tumour import NanMean, control_metrics, control_sensitivity, tumour_contrast
+from prod9_components.metrics.tumour import (NanMean, SegDiceRatio, control_metrics, control_sensitivity,
+                                             segmentation_metrics, segmentation_scores, tumour_contrast)
 
 
 def _case():
@@ -47,3 +48,29 @@ def test_nan_mean_skips_absent_labels_and_control_metrics_attach():
     assert engine.state.metrics["v"] == 2.0 and engine.state.metrics["sensitivity"] == 0.5
     engine.run([{"v": float("nan"), **{k: float("nan") for k in control_metrics()}}])
     assert math.isnan(engine.state.metrics["v"])
+
+
+def test_segmentation_scores_average_the_cases_with_a_tumour():
+    image, seg, brain = _case()
+    seg = torch.stack([seg, seg, torch.zeros_like(seg)])  # the third case has no tumour: no score
+    perfect = (seg > 0)[:, None]
+    empty = torch.zeros_like(perfect)
+    scores = segmentation_scores(torch.stack([perfect[0], empty[1], perfect[2]]), perfect, seg)
+    assert scores == {"seg_dice_generated": 0.5, "seg_dice_real": 1.0}  # (1 + 0) / 2; the tumourless case skipped
+    nothing = segmentation_scores(empty[2:], empty[2:], seg[2:])
+    assert math.isnan(nothing["seg_dice_generated"]) and math.isnan(nothing["seg_dice_real"])
+
+
+def test_seg_dice_ratio_is_generated_over_real_of_the_epoch_means():
+    engine = Engine(lambda e, batch: batch)
+    for name, metric in segmentation_metrics().items():  # the ratio is attached last, after the means it reads
+        metric.attach(engine, name)
+    batches = [{"seg_dice_generated": 0.2, "seg_dice_real": 0.8}, {"seg_dice_generated": float("nan"),
+                                                                    "seg_dice_real": float("nan")},
+               {"seg_dice_generated": 0.4, "seg_dice_real": 0.6}]
+    metrics = engine.run(batches).metrics
+    assert metrics["seg_dice_generated"] == pytest.approx(0.3) and metrics["seg_dice_real"] == pytest.approx(0.7)
+    assert metrics["seg_dice_ratio"] == pytest.approx(0.3 / 0.7)
+    ratio = SegDiceRatio()
+    assert math.isnan(ratio.ratio({"seg_dice_generated": 0.5, "seg_dice_real": 0.0}))  # no real tumour found
+    assert math.isnan(ratio.ratio({"seg_dice_generated": 0.5}))
