@@ -177,6 +177,7 @@ def test_a_damaged_cache_is_trained_again_not_trusted(tmp_path, caplog, one_thre
     first.get()
     (first.folder / "segmenter.pt").write_bytes(b"not a torch file")
     caplog.set_level(logging.INFO, logger="prod9")
+    caplog.clear()  # only this run's lines (another test may have left the logger at INFO for the first one)
     again = _segmenter(tmp_path, cases)
     again.get()
     messages = [r.message for r in caplog.records if "tumour segmenter" in r.message]
