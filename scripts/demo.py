@@ -6,9 +6,11 @@ MAISI:   KL-VAE -> rectified-flow latent diffusion -> tumour-mask ControlNet.
 
 Every step is a command a user types (``prod9-train-autoencoder train ...``, ``prod9-train-transformer generate
 ...``), so the demo also proves the console scripts work. Each stage trains its bundle's ``configs/tiny.json`` for a
-few epochs, evaluates the test split where that is cheap (``metrics.json``), reconstructs / generates / translates /
-controls with the trained model and draws real vs model mid slices (axial, coronal, sagittal) into
-``<output-dir>/<stage>.png``. Stages run one after another; a later stage reads the files of the one before it.
+few epochs, tests it on the whole test split (``metrics.json``: every score beside its trivial baseline),
+reconstructs / generates / translates / controls with the trained model and draws real vs model mid slices (axial,
+coronal, sagittal) into ``<output-dir>/<stage>.png``. Stages run one after another; a later stage reads the files of
+the one before it. The summary prints each stage's headline scores beside their baselines, says plainly where the
+model loses, and is kept in ``<output-dir>/summary.json`` (``scripts/quality.py`` turns it into the quality table).
 """
 
 from __future__ import annotations
@@ -42,6 +44,43 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Score:
+    """One headline number of a stage's test-split ``metrics.json`` beside what it must beat (DESIGN §9).
+
+    ``baseline``: the metrics.json key of the trivial baseline (or, for generation, the real-data reference);
+    ``need``: the model passes when ``value >= need * baseline`` (``<=`` when lower is better).
+    """
+
+    metric: str
+    baseline: str
+    baseline_name: str
+    higher_is_better: bool = True
+    need: float = 1.0
+
+    def verdict(self, metrics: dict) -> dict | None:
+        """``{metric, value, baseline, baseline_value, margin, passes}`` from a metrics.json, None when absent."""
+        value, baseline = metrics.get(self.metric), metrics.get(self.baseline)
+        if not isinstance(value, (int, float)) or not isinstance(baseline, (int, float)):
+            return None
+        target = self.need * baseline
+        margin = value - target if self.higher_is_better else target - value
+        return {"metric": self.metric, "value": value, "baseline": self.baseline_name, "baseline_value": baseline,
+                "need": self.need, "higher_is_better": self.higher_is_better, "margin": margin, "passes": margin > 0}
+
+
+POOL = "pool by 4, trilinear back"
+TRANSLATION = "best of copy / histogram-matched / intensity regression"
+RECONSTRUCTION_SCORES = (Score("psnr", "best_baseline_psnr", POOL), Score("ssim", "best_baseline_ssim", POOL))
+TRANSLATION_SCORES = tuple(Score(m, f"best_baseline_{m}", TRANSLATION)
+                           for m in ("psnr", "ssim", "psnr_tumour", "ssim_tumour"))
+GENERATION_SCORES = (Score("brain_dice", "real_brain_dice", "real brains vs the closest training brain"),
+                     Score("intensity_w1", "real_intensity_w1", "held-out real vs training real", higher_is_better=False))
+CONTROL_SCORES = (Score("seg_dice_generated", "seg_dice_real", "segmenter's Dice on the real images", need=0.5),)
+# Both ControlNets score their samples with one tumour segmenter, trained once on the demo's training split.
+SEGMENTER = ("--segmenter-cache-dir", "{out}/segmenter", "--segmenter-steps", "500")
+
+
+@dataclass(frozen=True)
 class Stage:
     """One demo stage. Arguments are templates filled by :func:`fill`: ``{out}`` the demo folder, ``{stage}`` this
     stage's folder, ``{<stage name>}`` another stage's folder, ``{data}`` the dataset, ``{mm}`` the voxel size,
@@ -56,7 +95,8 @@ class Stage:
     use: tuple[str, ...]  # the generation verb and its flags
     rows: tuple[Row, ...]
     title: str
-    metrics: tuple[str, ...] = ()  # metrics.json keys to report; empty: no `test` (sampling many volumes: too slow)
+    scores: tuple[Score, ...]  # headline numbers of the test split beside their baselines
+    test: tuple[str, ...] = ()  # flags of `test` beyond the ones every stage gets (see test_command)
     needs: str | None = None  # the stage whose outputs this one reads
 
 
@@ -68,7 +108,7 @@ STAGES = (
           rows=(Row("real T2", "{test[t2]}"),
                 Row("reconstructed", "{stage}/reconstruction_T2.nii.gz", crop_as="{test[t2]}")),
           title="MaskGiT stage 1 (FSQ autoencoder): real T2 (top) vs its reconstruction (bottom)",
-          metrics=("psnr", "ssim", "codebook_usage")),
+          scores=RECONSTRUCTION_SCORES),
     Stage("maskgit_stage2_label", "maskgit", "prod9-train-transformer",
           train=("--autoencoder-path", "{maskgit_stage1}/autoencoder_tiny.pt",
                  "--token-cache-dir", "{maskgit_stage1}/token_cache",
@@ -77,7 +117,9 @@ STAGES = (
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
                "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
-          title="MaskGiT stage 2, label-conditional: a real T2 (top) vs a T2 generated from the label alone (bottom)"),
+          title="MaskGiT stage 2, label-conditional: a real T2 (top) vs a T2 generated from the label alone (bottom)",
+          scores=GENERATION_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache",
+                                          "--validate#samples#modalities", "['T2']")),
     Stage("maskgit_stage2_incontext", "maskgit", "prod9-train-transformer",
           train=("--source-modality", "T1", "--target-modality", "T2", "--autoencoder-path",
                  "{maskgit_stage1}/autoencoder_tiny.pt", "--token-cache-dir", "{maskgit_stage1}/token_cache"),
@@ -87,10 +129,11 @@ STAGES = (
           rows=(Row("real T1 (source)", "{test[t1]}"), Row("real T2", "{test[t2]}", crop_as="{test[t1]}"),
                 Row("translated T2", "{stage}/translated_T2.nii.gz", crop_as="{test[t1]}")),
           title="MaskGiT stage 2, in-context: real T1 source (top), real T2 (middle), T2 translated from T1 (bottom)",
-          metrics=("psnr", "copy_source_psnr", "roundtrip_psnr")),
+          scores=TRANSLATION_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache")),
     Stage("maskgit_stage3_controlnet", "maskgit", "prod9-train-maskgit-controlnet",
           train=("--transformer-path", "{maskgit_stage2_label}/best.ckpt", "--control-type", "mask",
-                 "--token-cache-dir", "{maskgit_stage1}/token_cache", "--sample-during-validation", "False"),
+                 "--token-cache-dir", "{maskgit_stage1}/token_cache", "--sample-during-validation", "False",
+                 *SEGMENTER),
           epochs=3, batches=20, needs="maskgit_stage2_label",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
                "--output", "{stage}/generated"),
@@ -98,7 +141,8 @@ STAGES = (
                 Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
                     mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
           title="MaskGiT stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
-                "(bottom; red: the mask)"),
+                "(bottom; red: the mask)",
+          scores=CONTROL_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache", *SEGMENTER)),
     Stage("maisi_stage1_vae", "maisi", "prod9-train-maisi-vae",
           train=("--spacing", "{mm}", "{mm}", "{mm}"), epochs=5, batches=24,
           use=("infer", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t2]}",
@@ -106,7 +150,7 @@ STAGES = (
           rows=(Row("real T2", "{test[t2]}"),
                 Row("reconstructed", "{stage}/reconstruction_T2.nii.gz", crop_as="{test[t2]}")),
           title="MAISI stage 1 (KL-VAE): real T2 (top) vs its reconstruction (bottom)",
-          metrics=("psnr", "ssim")),
+          scores=RECONSTRUCTION_SCORES),
     Stage("maisi_stage2_diffusion", "maisi", "prod9-train-maisi-diffusion",
           train=("--vae-path", "{maisi_stage1_vae}/vae_tiny.pt",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache"),
@@ -114,10 +158,11 @@ STAGES = (
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
                "--num-inference-steps", "10", "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
-          title="MAISI stage 2, latent diffusion: a real T2 (top) vs a T2 generated from noise in 10 steps (bottom)"),
+          title="MAISI stage 2, latent diffusion: a real T2 (top) vs a T2 generated from noise in 10 steps (bottom)",
+          scores=GENERATION_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache")),
     Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
           train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask",
-                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache"),
+                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER),
           epochs=3, batches=20, needs="maisi_stage2_diffusion",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
                "--num-inference-steps", "10", "--output", "{stage}/generated"),
@@ -125,7 +170,8 @@ STAGES = (
                 Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
                     mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
           title="MAISI stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
-                "(bottom; red: the mask)"),
+                "(bottom; red: the mask)",
+          scores=CONTROL_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER)),
 )
 FAMILIES = ("maskgit", "maisi")
 
@@ -152,7 +198,7 @@ def main() -> None:
             sys.exit(f"demo interrupted at {stage.name}")
         except Exception as error:  # the demo's own steps (sheet, metrics): one line, no traceback
             sys.exit(f"demo failed at {stage.name}: {type(error).__name__}: {error}")
-    print_summary(results, time.time() - started, args.output_dir)
+    print_summary(results, time.time() - started, args)
 
 
 def parse_args() -> argparse.Namespace:
@@ -194,7 +240,7 @@ def fill(templates, context: dict) -> list[str]:
 
 
 def run_stage(stage: Stage, context: dict) -> dict:
-    """Train, evaluate and use one stage, then draw its sheet; returns what the summary reports."""
+    """Train, test and use one stage, then draw its sheet; returns what the summary reports."""
     started = time.time()
     folder = Path(context[stage.name])
     print(f"\n=== {stage.name} ===", flush=True)
@@ -202,15 +248,17 @@ def run_stage(stage: Stage, context: dict) -> dict:
         raise DemoError(f"needs {context[stage.needs]}/best.ckpt: run the {stage.needs} stage first")
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run: the bundles would resume from an old last.ckpt
     run_command(stage, train_command(stage, context))
+    train_seconds = time.time() - started
     context = {**context, "stage": str(folder), "test": first_test_case(folder)}
-    if stage.metrics:
-        run_command(stage, ["test", "--config", tiny_config(stage), "--output-dir", str(folder),
-                            "--dataset-dir", context["data"]])
+    run_command(stage, test_command(stage, context))
+    metrics = json.loads((folder / "metrics.json").read_text())
     run_command(stage, fill(stage.use, context))
     png = Path(context["out"]) / f"{stage.name}.png"
     write_sheet([load_row(row, context) for row in stage.rows], stage.title, png)
-    return {"stage": stage.name, "seconds": time.time() - started, "loss": loss_curve(folder / "logs"),
-            "metrics": read_metrics(folder, stage.metrics), "png": str(png)}
+    return {"stage": stage.name, "seconds": time.time() - started, "train_seconds": train_seconds,
+            "steps": stage.epochs * stage.batches, "loss": loss_curve(folder / "logs"),
+            "num_cases": metrics.get("num_cases"), "scores": [v for v in (s.verdict(metrics) for s in stage.scores) if v],
+            "png": str(png)}
 
 
 def tiny_config(stage: Stage) -> str:
@@ -223,6 +271,12 @@ def train_command(stage: Stage, context: dict) -> list[str]:
             "--dataset-dir", context["data"], "--epochs", str(stage.epochs),
             "--limit-train-batches", str(stage.batches), "--val-interval", str(stage.epochs),
             "--limit-val-batches", "1", *fill(stage.train, {**context, "stage": context[stage.name]})]
+
+
+def test_command(stage: Stage, context: dict) -> list[str]:
+    """`test` of best.ckpt on the whole test split (metrics.json: every score beside its baselines)."""
+    return ["test", "--config", tiny_config(stage), "--output-dir", context["stage"], "--dataset-dir", context["data"],
+            "--limit-val-batches", "100000", *fill(stage.test, context)]  # every test item (tiny.json keeps 2)
 
 
 def run_command(stage: Stage, args: list[str]) -> None:
@@ -240,14 +294,6 @@ def run_command(stage: Stage, args: list[str]) -> None:
 def first_test_case(folder: Path) -> dict:
     """The first test-split case (paths per modality) from the datalist the training run wrote."""
     return json.loads((folder / "datalist.json").read_text())["test"][0]
-
-
-def read_metrics(folder: Path, keys: tuple[str, ...]) -> dict:
-    """``keys`` of the stage's metrics.json (written by `test`)."""
-    if not keys:
-        return {}
-    metrics = json.loads((folder / "metrics.json").read_text())
-    return {k: metrics[k] for k in keys if k in metrics}
 
 
 def loss_curve(log_dir: Path) -> tuple[str, float, float] | None:
@@ -345,15 +391,46 @@ def centre_on(volume, centre, shape):
     return window
 
 
-def print_summary(results: list[dict], seconds: float, output_dir: Path) -> None:
-    """Per stage: time, training loss first -> last, key test metrics and the sheet; then the total time."""
+def print_summary(results: list[dict], seconds: float, args: argparse.Namespace) -> None:
+    """Per stage: time, training loss first -> last, each headline test score beside its baseline (saying plainly
+    when the model loses) and the sheet; then the total time. Also written to ``<output_dir>/summary.json``."""
     print("\n=== demo summary ===")
     for r in results:
         loss = "train {} {:.3f} -> {:.3f}".format(*r["loss"]) if r["loss"] else "no training loss logged"
-        metrics = "".join(f", {key} {value:.3f}" for key, value in r["metrics"].items())
-        print(f"{r['stage']:<26} {r['seconds']:4.0f} s  {loss}{'; test' if metrics else ''}{metrics[1:]}")
-        print(f"{'':<26} sheet {r['png']}")
-    print(f"total {seconds:.0f} s ({seconds / 60:.1f} min). TensorBoard: tensorboard --logdir {output_dir}")
+        print(f"{r['stage']:<26} {r['seconds']:4.0f} s  {r['steps']} steps, {loss}; test on {r['num_cases']} volume(s):")
+        for score in r["scores"]:
+            print(f"{'':<28}{score_line(score)}")
+        if not r["scores"]:
+            print(f"{'':<28}no headline score in metrics.json")
+        print(f"{'':<28}sheet {r['png']}")
+    losing = [f"{r['stage']} {s['metric']}" for r in results for s in r["scores"] if not s["passes"]]
+    print(f"total {seconds:.0f} s ({seconds / 60:.1f} min). TensorBoard: tensorboard --logdir {args.output_dir}")
+    print(f"the model LOSES to its baseline on: {', '.join(losing)}" if losing else
+          "every headline score beats its baseline")
+    from prod9_components.atomic import write_json
+
+    write_json({"seconds": seconds, "spacing_mm": args.spacing, "machine": machine(), "stages": results},
+               args.output_dir / "summary.json")
+
+
+def machine() -> dict:
+    """Where the demo ran: the budget its numbers were bought with."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+
+
+def score_line(score: dict) -> str:
+    """``psnr 15.26 vs 14.60 (pool by 4, trilinear back): beats by 0.66`` / ``...: LOSES by 1.20``."""
+    need = f"{score['need']:g} x " if score["need"] != 1 else ""
+    verdict = "beats" if score["passes"] else "LOSES"
+    return (f"{score['metric']} {score['value']:.3f} vs {need}{score['baseline_value']:.3f} ({score['baseline']}): "
+            f"{verdict} by {abs(score['margin']):.3f}")
 
 
 if __name__ == "__main__":

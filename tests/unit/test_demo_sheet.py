@@ -84,8 +84,52 @@ def test_every_stage_template_fills_and_reads_an_earlier_stage():
     order = [s.name for s in demo.STAGES]
     for stage in demo.STAGES:
         assert demo.train_command(stage, context)[:3] == ["train", "--config", demo.tiny_config(stage)]
+        assert demo.test_command(stage, context)[:3] == ["test", "--config", demo.tiny_config(stage)]
+        assert stage.scores, f"{stage.name} reports no score beside a baseline"
         assert Path(demo.tiny_config(stage)).is_file()
         demo.fill(stage.use, context)
         for row in stage.rows:
             demo.fill([t for t in (row.image, row.mask, row.crop_as) if t], context)
         assert stage.needs is None or order.index(stage.needs) < order.index(stage.name)
+
+
+def test_scores_are_reported_beside_their_baseline_and_a_loss_is_said_plainly():
+    demo = _demo()
+    psnr = demo.Score("psnr", "best_baseline_psnr", "pool")
+    won = psnr.verdict({"psnr": 16.0, "best_baseline_psnr": 15.0})
+    assert won["passes"] and won["margin"] == 1.0
+    assert demo.score_line(won) == "psnr 16.000 vs 15.000 (pool): beats by 1.000"
+    lost = psnr.verdict({"psnr": 12.9, "best_baseline_psnr": 14.6})
+    assert not lost["passes"] and demo.score_line(lost).endswith("LOSES by 1.700")
+    assert psnr.verdict({"psnr": 12.9}) is None  # no baseline in metrics.json: no row
+    # Lower is better (a distance), and a fraction of the baseline as the bar (segment-the-synthetic).
+    w1 = demo.Score("intensity_w1", "real_intensity_w1", "real", higher_is_better=False)
+    assert w1.verdict({"intensity_w1": 0.05, "real_intensity_w1": 0.02})["passes"] is False
+    dice = demo.Score("seg_dice_generated", "seg_dice_real", "real", need=0.5)
+    assert dice.verdict({"seg_dice_generated": 0.3, "seg_dice_real": 0.5})["passes"] is True
+    assert "vs 0.5 x 0.500" in demo.score_line(dice.verdict({"seg_dice_generated": 0.3, "seg_dice_real": 0.5}))
+
+
+def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
+    spec = importlib.util.spec_from_file_location("quality_script", SCRIPT.parent / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    demo = _demo()
+    scores = [demo.Score("psnr", "best_baseline_psnr", "pool").verdict({"psnr": 12.9, "best_baseline_psnr": 14.6}),
+              demo.Score("ssim", "best_baseline_ssim", "pool").verdict({"ssim": 0.5, "best_baseline_ssim": 0.4})]
+    summary = {"seconds": 600.0, "spacing_mm": 4.0, "stages": [
+        {"stage": "maskgit_stage1", "train_seconds": 80.2, "steps": 120, "num_cases": 4, "scores": scores}],
+        "machine": {"cpu": "test CPU", "cores": 2, "torch_threads": 2, "device": "cpu", "torch": "2.13.0"}}
+    rows = quality.table_rows(summary)
+    assert [(r["metric"], r["passes"]) for r in rows] == [("psnr", False), ("ssim", True)]
+    table = quality.markdown(summary, rows)
+    assert "| maskgit_stage1 | 80 | 120 | 4 | psnr | 12.900 | pool | 14.600 | -1.700 | **loses** |" in table
+    assert "| ssim | 0.500 | pool | 0.400 | +0.100 | beats |" in table
+    # A noisy full-colour sheet over 300 KB is re-encoded under the limit.
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > quality.MAX_PNG_BYTES
+    quality.copy_sheet(big, tmp_path / "docs" / "big.png")
+    assert (tmp_path / "docs" / "big.png").stat().st_size <= quality.MAX_PNG_BYTES
