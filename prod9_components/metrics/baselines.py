@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine
-from ignite.metrics import Metric
+
+from prod9_components.metrics.derived import DerivedMetric
 
 __all__ = ["BaselineVerdict", "TranslationBaselines", "pool_baseline"]
 
@@ -159,7 +159,7 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     return f0 + weight * (f1 - f0)
 
 
-class BaselineVerdict(Metric):
+class BaselineVerdict(DerivedMetric):
     """Does the model beat the best trivial baseline on every score? Reads ``engine.state.metrics`` at epoch end.
 
     For each score ``s`` (e.g. ``psnr``) and baseline prefix ``b`` (e.g. ``pool_baseline``) it reads ``s`` and
@@ -168,8 +168,7 @@ class BaselineVerdict(Metric):
     is 1.0 when every margin is > 0, else 0.0. Scores that are NaN or absent (e.g. ``psnr_tumour`` on a split with no
     tumour) are skipped; with none left the verdict is NaN.
 
-    Attach it AFTER the metrics it reads: put it last in ``additional_metrics`` (Ignite completes metrics in the
-    order they were attached).
+    Attach it AFTER the metrics it reads: put it last in ``additional_metrics``.
 
     Args:
         scores: names of the model's scores.
@@ -183,18 +182,6 @@ class BaselineVerdict(Metric):
             raise ValueError("BaselineVerdict needs at least one score and one baseline")
         self.scores, self.baselines, self.higher_is_better = list(scores), list(baselines), bool(higher_is_better)
         super().__init__()
-
-    def reset(self) -> None:
-        pass
-
-    def update(self, output) -> None:
-        pass
-
-    def iteration_completed(self, engine: Engine) -> None:  # reads no output: all it needs is in the metrics at the end
-        pass
-
-    def compute(self) -> float:
-        raise NotImplementedError("BaselineVerdict is computed from other metrics in completed()")
 
     def verdict(self, metrics: dict) -> dict[str, float]:
         """``{"best_baseline_<s>", "margin_<s>", ..., "beats": 1.0 / 0.0 / NaN}`` of a dict of metric values."""
@@ -212,10 +199,9 @@ class BaselineVerdict(Metric):
         out["beats"] = float(all(wins)) if wins else math.nan
         return out
 
-    def completed(self, engine: Engine, name: str) -> None:
-        result = self.verdict(engine.state.metrics)
-        engine.state.metrics[name] = result.pop("beats")
-        engine.state.metrics.update(result)
+    def derive(self, metrics: dict) -> tuple[float, dict[str, float]]:
+        result = self.verdict(metrics)
+        return result.pop("beats"), result
 
 
 def _value(value) -> float:

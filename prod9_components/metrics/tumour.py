@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 
 import torch
-from ignite.engine import Engine
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.metrics import compute_dice
+
+from prod9_components.metrics.derived import DerivedMetric
 
 __all__ = ["CONTROL_METRICS", "SEGMENTATION_METRICS", "TUMOUR_LABELS", "NanMean", "SegDiceRatio", "control_metrics",
            "control_scores", "control_sensitivity", "segmentation_metrics", "segmentation_scores", "tumour_contrast",
@@ -151,33 +152,22 @@ def control_metrics() -> dict[str, NanMean]:
     return {key: NanMean(output_transform=lambda output, key=key: output[key]) for key in CONTROL_METRICS}
 
 
-class SegDiceRatio(Metric):
+class SegDiceRatio(DerivedMetric):
     """``seg_dice_generated / seg_dice_real`` of the epoch: how well the segmenter finds the tumour in the
     mask-controlled samples relative to the real images (1 = as well; NaN when either is NaN or the real Dice is 0).
-
-    Reads ``engine.state.metrics`` at epoch end, so attach it AFTER the two :class:`NanMean` it reads (put it last in
-    ``additional_metrics``: Ignite completes metrics in the order they were attached).
+    Attach it after the two :class:`NanMean` it reads (last in ``additional_metrics``).
     """
 
     def __init__(self, generated: str = "seg_dice_generated", real: str = "seg_dice_real") -> None:
         self.generated, self.real = generated, real
-        super().__init__(output_transform=lambda output: 0.0)  # reads nothing per iteration
-
-    def reset(self) -> None:
-        pass
-
-    def update(self, output) -> None:
-        pass
-
-    def compute(self) -> float:
-        raise NotImplementedError("SegDiceRatio is computed from other metrics in completed()")
+        super().__init__()
 
     def ratio(self, metrics: dict) -> float:
         generated, real = (float(metrics.get(k, math.nan)) for k in (self.generated, self.real))
         return generated / real if math.isfinite(generated) and math.isfinite(real) and real > 0 else math.nan
 
-    def completed(self, engine: Engine, name: str) -> None:
-        engine.state.metrics[name] = self.ratio(engine.state.metrics)
+    def derive(self, metrics: dict) -> tuple[float, dict[str, float]]:
+        return self.ratio(metrics), {}
 
 
 def segmentation_metrics() -> dict[str, Metric]:
