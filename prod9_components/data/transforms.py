@@ -1,6 +1,6 @@
 """Preprocessing shared by training, evaluation and inference (MONAI dictionary transforms).
 
-One flat list of transforms: load -> RAS -> resample -> robust intensity scaling -> label mapping ->
+One flat list of transforms: load -> RAS -> anti-alias -> resample -> robust intensity scaling -> label mapping ->
 foreground crop -> pad to a multiple of the network's downsampling. Every spatial step is a MONAI
 invertible transform, so ``monai.transforms.Invertd`` maps an output back to the input's grid.
 """
@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelReader
+from scipy.ndimage import gaussian_filter
 from monai.transforms import (
     CropForegroundd,
     DivisiblePadd,
@@ -190,6 +191,32 @@ class MapBraTSLabelsd(MapTransform):
         return d
 
 
+class AntiAliasd(MapTransform):
+    """Gaussian low-pass of images about to be resampled to coarser voxels, so the coarse grid keeps the local mean
+    instead of aliased samples of every ``k``-th voxel (MONAI's ``Spacingd`` interpolates without smoothing).
+
+    Per axis ``sigma = (target / source - 1) / 2`` voxels of the source grid (the usual anti-aliasing choice, e.g.
+    scikit-image's ``rescale``): 1 mm -> 4 mm gives sigma 1.5; an axis that is not downsampled is left alone, so
+    preprocessing at the source resolution is unchanged. Images only: labels are resampled nearest-neighbour.
+
+    Input and output: (C, X, Y, Z) MetaTensors (the source spacing is read from their affine).
+    """
+
+    def __init__(self, keys, spacing: Sequence[float], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spacing = tuple(float(s) for s in spacing)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            source = [float(s) for s in d[key].pixdim[:3]]
+            sigma = [max(0.0, (t / s - 1.0) / 2.0) for t, s in zip(self.spacing, source)]
+            if any(sg > 0 for sg in sigma):  # scipy's separable filter: ~30x faster than MONAI's GaussianSmooth
+                smooth = [gaussian_filter(channel, sigma, mode="nearest", truncate=3.0) for channel in d[key].numpy()]
+                d[key] = d[key].clone().copy_(torch.from_numpy(np.stack(smooth)))
+        return d
+
+
 def preprocessing(
     image_keys: Sequence[str] = ("image",),
     label_keys: Sequence[str] = (),
@@ -201,7 +228,8 @@ def preprocessing(
     """The deterministic preprocessing, as a FLAT list (CacheDataset caches nothing behind a nested Compose).
 
     Output: images float32 (1, X, Y, Z) in ``intensity_range``, labels (1, X, Y, Z) in {0, 1, 2, 3} (first
-    resampled onto the first image's grid if theirs differs), on a RAS grid of ``spacing`` mm, cropped to the first image's foreground (+``margin`` voxels) and padded to a
+    resampled onto the first image's grid if theirs differs), on a RAS grid of ``spacing`` mm (images low-passed
+    first where that is coarser than the file: :class:`AntiAliasd`), cropped to the first image's foreground (+``margin`` voxels) and padded to a
     multiple of ``k_divisible`` (images with the range minimum, labels with 0).
     """
     image_keys, label_keys = list(image_keys), list(label_keys)
@@ -213,6 +241,7 @@ def preprocessing(
         LoadVolumed(keys, label_keys=label_keys),
         *([MatchLabelGridd(label_keys, image_keys[0])] if label_keys else []),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        AntiAliasd(image_keys, spacing),
         Spacingd(keys, pixdim=tuple(spacing), mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)),
         RobustIntensityScaled(image_keys, output_range=tuple(intensity_range)),
     ]
@@ -269,6 +298,7 @@ def preprocessing_contract(
     return {
         "orientation": "RAS",
         "spacing": [float(s) for s in spacing],
+        "anti_aliasing": "gaussian, sigma (target / source spacing - 1) / 2",
         "intensity": {
             "method": "robust_percentile",
             "lower": float(lower),

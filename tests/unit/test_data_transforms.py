@@ -8,10 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose, Invertd
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd, Spacingd
 
 from prod9_components.data.brats import discover_cases
 from prod9_components.data.transforms import (
+    AntiAliasd,
     LoadVolumed,
     MapBraTSLabelsd,
     RobustIntensityScaled,
@@ -161,6 +163,7 @@ def test_preprocessing_contract_is_json():
     assert json.loads(json.dumps(contract)) == {
         "orientation": "RAS",
         "spacing": [1.0, 1.0, 1.5],
+        "anti_aliasing": "gaussian, sigma (target / source spacing - 1) / 2",
         "intensity": {"method": "robust_percentile", "lower": 0.5, "upper": 99.5, "range": [-1.0, 1.0]},
     }
 
@@ -190,3 +193,19 @@ def test_a_mask_on_another_grid_is_resampled_onto_its_image(lps_volume, tmp_path
     out = Compose(preprocessing(("image",), ("seg",), spacing=(2.0, 2.0, 2.0), k_divisible=1))(
         {"image": lps_volume["image"], "seg": str(tmp_path / "seg_1mm.nii.gz")})
     assert out["seg"].shape == out["image"].shape
+
+
+def test_anti_aliasing_keeps_the_local_mean_when_downsampling():
+    """A 1 mm stripe pattern of period 4 resampled to 4 mm: without the low-pass every coarse voxel lands on one
+    phase of the stripes (a flat 0 or 1 image, or stripes at a false frequency); with it, every voxel is the local
+    mean 0.5. At the file's own spacing the transform changes nothing."""
+    stripes = (torch.arange(64) % 4 < 2).float()
+    volume = MetaTensor(stripes[:, None, None].expand(64, 8, 8)[None].clone(), affine=torch.eye(4))
+    coarse = Spacingd(["image"], pixdim=(4.0, 1.0, 1.0), mode="bilinear")
+    aliased = coarse({"image": volume.clone()})["image"][0, 2:-2, 4, 4]
+    smoothed = coarse(AntiAliasd(["image"], (4.0, 1.0, 1.0))({"image": volume.clone()}))["image"][0, 2:-2, 4, 4]
+    assert float((aliased - 0.5).abs().mean()) > 0.4
+    assert float((smoothed - 0.5).abs().max()) < 0.05
+    same = AntiAliasd(["image"], (1.0, 1.0, 1.0))({"image": volume.clone()})["image"]
+    assert torch.equal(same, volume)
+    assert isinstance(same, MetaTensor)
