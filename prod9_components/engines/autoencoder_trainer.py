@@ -90,11 +90,13 @@ class AutoencoderGANTrainer(Trainer):
         self.network.train()
         self.discriminator.train()
 
-        # Generator step. The discriminator is not updated here, so its gradients are discarded.
+        # Generator step. The discriminator is not updated here, so its gradients are discarded; during the
+        # warm-up its output would be multiplied by 0, so it is not computed at all (a third of a tiny step).
+        adversarial = iteration >= self.loss_function.disc_start
         with self._autocast():
             reconstruction, *latent = self.network(images)
             z_mu, z_sigma = (latent[0], latent[1]) if len(latent) == 2 else (None, None)
-            fake_logits = self.discriminator(reconstruction.float().contiguous())
+            fake_logits = self.discriminator(reconstruction.float().contiguous()) if adversarial else None
             losses = self.loss_function.generator_loss(
                 images, reconstruction.float(), fake_logits, unwrap(self.network).get_last_layer(), iteration,
                 z_mu=z_mu, z_sigma=z_sigma)
@@ -102,7 +104,7 @@ class AutoencoderGANTrainer(Trainer):
 
         # Discriminator step, from the end of the warm-up on.
         disc_loss = torch.zeros((), device=images.device)
-        if iteration >= self.loss_function.disc_start:
+        if adversarial:
             with self._autocast():
                 # One forward over real and fake together: DDP expects one forward per backward.
                 both = torch.cat([images, reconstruction.detach().to(images.dtype)]).contiguous()
