@@ -1,0 +1,56 @@
+"""Learning-rate schedules: warm-up, cosine decay, and a state that resumes without holding code."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+
+from prod9_components.engines.lr_schedule import lr_schedule
+
+
+def rates(scheduler, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def optimizer(lr: float = 0.1) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_cosine_warms_up_then_decays_to_zero():
+    lr = rates(lr_schedule(optimizer(), "cosine", total_steps=110, warmup_steps=10), 115)
+    assert lr[0] == pytest.approx(0.01) and lr[9] == pytest.approx(0.1)  # linear warm-up to the base rate
+    assert lr[60] == pytest.approx(0.05)  # half-way through the decay: half the rate
+    assert lr[110] == pytest.approx(0.0, abs=1e-12) and lr[114] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
+
+
+def test_constant_is_the_base_rate_after_its_warm_up():
+    assert rates(lr_schedule(optimizer(), "constant", total_steps=5), 5) == pytest.approx([0.1] * 5)
+    assert rates(lr_schedule(optimizer(), "constant", total_steps=5, warmup_steps=2), 3) == pytest.approx([0.05, 0.1, 0.1])
+
+
+def test_resume_keeps_the_step_and_follows_the_new_run_length():
+    first = lr_schedule(optimizer(), "cosine", total_steps=100)
+    rates(first, 50)
+    state = first.state_dict()
+    pickle.loads(pickle.dumps(state))  # plain data: what a weights_only checkpoint can hold
+    assert not any(callable(v) for v in state.values())
+    longer = lr_schedule(optimizer(), "cosine", total_steps=200)  # the resumed run asked for more epochs
+    longer.load_state_dict(state)
+    assert longer.last_epoch == 50
+    longer.optimizer.step()
+    longer.step()  # step 51 of the new 200-step cosine, not of the old 100-step one
+    assert longer.get_last_lr()[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 51 / 200)))
+
+
+def test_unknown_schedule_is_refused_by_name():
+    with pytest.raises(ValueError, match="'linear'"):
+        lr_schedule(optimizer(), "linear", total_steps=10)
