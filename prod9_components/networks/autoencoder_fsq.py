@@ -47,6 +47,8 @@ class AutoencoderFSQ(nn.Module):
         num_splits: split every MAISI convolution into this many chunks along depth to save memory
             (exact: the chunks overlap by the kernel padding).
         use_flash_attention: use PyTorch's fused attention in the attention blocks (CUDA).
+        use_convtranspose: upsample in the decoder with a stride-2 transposed convolution instead of interpolation
+            followed by a full-resolution convolution (8x fewer multiply-adds in each upsampling layer).
 
     Shapes:
         image (B, in_channels, D, H, W) with D, H, W divisible by ``downsample_factor``;
@@ -67,6 +69,7 @@ class AutoencoderFSQ(nn.Module):
         with_nonlocal_attn: bool = False,
         num_splits: int = 1,
         use_flash_attention: bool = False,
+        use_convtranspose: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -90,6 +93,7 @@ class AutoencoderFSQ(nn.Module):
             "with_nonlocal_attn": bool(with_nonlocal_attn),
             "num_splits": int(num_splits),
             "use_flash_attention": bool(use_flash_attention),
+            "use_convtranspose": bool(use_convtranspose),
         }
         self.fsq = FiniteScalarQuantizer(levels)
         # save_mem=False: MAISI otherwise empties the CUDA cache after every block, which is slow.
@@ -107,7 +111,8 @@ class AutoencoderFSQ(nn.Module):
             use_flash_attention=use_flash_attention,
         )
         self.encoder = MaisiEncoder(in_channels=in_channels, out_channels=self.fsq.num_channels, **common)
-        self.decoder = MaisiDecoder(in_channels=self.fsq.num_channels, out_channels=out_channels, **common)
+        self.decoder = MaisiDecoder(in_channels=self.fsq.num_channels, out_channels=out_channels,
+                                    use_convtranspose=use_convtranspose, **common)
         use_torch_group_norm(self.encoder)
         use_torch_group_norm(self.decoder)
 

@@ -29,6 +29,8 @@ class MaisiVAE(AutoencoderKlMaisi):
         with_encoder_nonlocal_attn / with_decoder_nonlocal_attn: attention at the lowest resolution.
         num_splits: split each convolution into this many chunks along depth (exact; saves memory on big volumes).
         use_flash_attention: fused attention; None means "on CUDA only" (MONAI refuses it without CUDA).
+        use_convtranspose: upsample in the decoder with a stride-2 transposed convolution instead of interpolation
+            followed by a full-resolution convolution (8x fewer multiply-adds in each upsampling layer).
 
     Shapes:
         image (B, in_channels, D, H, W), D, H, W divisible by ``downsample_factor``;
@@ -51,6 +53,7 @@ class MaisiVAE(AutoencoderKlMaisi):
         with_decoder_nonlocal_attn: bool = False,
         num_splits: int = 1,
         use_flash_attention: bool | None = None,
+        use_convtranspose: bool = False,
     ) -> None:
         if spatial_dims != 3:
             raise ValueError(f"MaisiVAE supports spatial_dims=3 only (MAISI blocks), got {spatial_dims}.")
@@ -68,6 +71,7 @@ class MaisiVAE(AutoencoderKlMaisi):
             "with_decoder_nonlocal_attn": bool(with_decoder_nonlocal_attn),
             "num_splits": int(num_splits),
             "use_flash_attention": use_flash_attention,  # None stays None: rebuilt on CPU or CUDA alike
+            "use_convtranspose": bool(use_convtranspose),
         }
         flash = torch.cuda.is_available() if use_flash_attention is None else bool(use_flash_attention)
         # save_mem=False: MAISI otherwise empties the CUDA cache after every block, which is slow.
@@ -76,7 +80,7 @@ class MaisiVAE(AutoencoderKlMaisi):
             latent_channels=latent_channels, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
             with_encoder_nonlocal_attn=with_encoder_nonlocal_attn,
             with_decoder_nonlocal_attn=with_decoder_nonlocal_attn, use_flash_attention=flash,
-            num_splits=num_splits, save_mem=False,
+            num_splits=num_splits, save_mem=False, use_convtranspose=use_convtranspose,
         )
         self.init_args = self_args
         use_torch_group_norm(self)
