@@ -1,17 +1,17 @@
 #!/usr/bin/env python
 """Speed and memory of each stage, printed as one JSON object per measurement.
 
-    python scripts/benchmark.py stage1|stage2|maisi|variants|all [--device cpu|cuda] [--repeats N]
-                                [--network small|default] [--output benchmarks/results.json]
+    python scripts/benchmark.py stage1|stage2|maisi|variants|demo|all [--device cpu|cuda] [--repeats N]
+                                [--network small|default] [--output benchmarks/results.json] [--bundles B ...]
 
 ``all`` also writes ``benchmarks/results.json`` (the machine, the command and every row) and the markdown table
 ``benchmarks/results.md`` beside it (``--output`` picks another path; any stage can write one).
 
 Every measurement has: name, device, seconds (median of `repeats`), repeats, gflop (counted with torch's FLOP
-counter), gflops_per_s, matmul_peak_gflops (a float32 matmul measured in the same run), peak_mem_mb (CUDA: max
-allocated; CPU: peak RSS of a fresh process that ran only this measurement), and baseline_seconds + ratio where a
-MONAI reference of the same work exists. Each measurement runs in its own spawned process so peak memory is its own.
-Timings are never test assertions; they live here.
+counter), gflops_per_s, matmul_peak_gflops (a float32 matmul measured in the same run), peak_fraction (gflops_per_s /
+matmul_peak_gflops), peak_mem_mb (CUDA: max allocated; CPU: peak RSS of a fresh process that ran only this
+measurement), and baseline_seconds + ratio where a MONAI reference of the same work exists. Each measurement runs in
+its own spawned process so peak memory is its own. Timings are never test assertions; they live here.
 
 Stages: ``stage1`` FSQ autoencoder (GAN train step, sliding-window encode/decode); ``stage2`` MaskGiT transformer
 (train step, sampling at 8/12/16 steps); ``maisi`` MAISI KL-VAE GAN train step, rectified-flow diffusion train step
@@ -19,7 +19,11 @@ Stages: ``stage1`` FSQ autoencoder (GAN train step, sliding-window encode/decode
 and time ratio of the 10-step rectified-flow sampler vs a 1000-step MONAI DDPM loop on the same UNet; ``variants``
 both stage-2 training steps (MaskGiT transformer, MAISI UNet) in float32, bfloat16 autocast and ``torch.compile``
 (bfloat16 on CUDA only), each against float32 eager; ``all`` includes them on CUDA only (compiling takes minutes on
-a CPU: measured there, on 2 cores, torch.compile gave the transformer step no gain after 79 s of compiling).
+a CPU: measured there, on 2 cores, torch.compile gave the transformer step no gain after 79 s of compiling);
+``demo`` the real training iteration (``train#trainer._iteration``) of each of the seven bundles as
+``scripts/demo.py`` trains it (train.json + tiny.json + the demo's flags, read at run time; the demo dataset), on
+batches of the bundle's own data loader, with the loader's time per batch beside it (``data_seconds``);
+``--bundles`` picks some. Stages 2 and 3 get untrained upstream checkpoints, written into a temporary folder.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -86,10 +91,13 @@ def peak_mem_mb(device: torch.device) -> float:
 
 def result(name: str, device: torch.device, seconds: float, repeats: int, gflop: float | None, peak: float,
            baseline_seconds: float | None = None, **extra) -> dict:
+    matmul_peak = matmul_peak_gflops(device)
     row = {"name": name, "device": device.type, "seconds": round(seconds, 5), "repeats": repeats,
            "gflop": None if gflop is None else round(gflop, 3),
            "gflops_per_s": None if gflop is None else round(gflop / seconds, 2),
-           "matmul_peak_gflops": round(matmul_peak_gflops(device), 1), "peak_mem_mb": round(peak, 1)}
+           "matmul_peak_gflops": round(matmul_peak, 1),
+           "peak_fraction": None if gflop is None else round(gflop / seconds / matmul_peak, 3),
+           "peak_mem_mb": round(peak, 1)}
     if baseline_seconds is not None:
         row.update(baseline_seconds=round(baseline_seconds, 5), ratio=round(seconds / baseline_seconds, 3))
     row.update(extra)
@@ -535,14 +543,157 @@ def train_step_variants(device: torch.device, repeats: int, size: str) -> list[d
             + variant_rows("maisi_diffusion_train_step", unet_step, device, repeats, network=size, batch=2))
 
 
+# --- the demo's own training engines --------------------------------------------------------------------------
+
+DEMO_WARMUP = 2  # iterations run before timing (first-call allocations, lazy caches)
+DEMO_STEPS = 5  # timed iterations at least (median)
+
+
+def demo_module():
+    """``scripts/demo.py``, loaded from its file: its ``STAGES`` and ``train_command`` say what the demo trains."""
+    import importlib.util
+
+    if "prod9_demo" not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+        spec = importlib.util.spec_from_file_location("prod9_demo", path)
+        sys.modules["prod9_demo"] = module = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(module)
+    return sys.modules["prod9_demo"]
+
+
+def demo_stage(bundle: str):
+    return next(s for s in demo_module().STAGES if s.name == bundle)
+
+
+class _Captured(BaseException):  # not an Exception: the console script's one-line error handler lets it through
+    pass
+
+
+def demo_train_config(bundle: str, workdir: str) -> tuple[list[str], dict]:
+    """(config files, bundle id overrides) of the demo's ``train`` command for ``bundle``, outputs under
+    ``workdir/<stage>``: the demo's argv goes through the stage's real console script (fire, the flag -> bundle id
+    mapping, the ``--config`` preset) and is caught where that script would create the bundle workflow."""
+    from importlib.metadata import entry_points
+    from unittest import mock
+
+    from prod9_components.data import resolve_dataset_dir
+
+    demo, stage = demo_module(), demo_stage(bundle)
+    with mock.patch.object(sys, "argv", ["demo.py"]):
+        spacing = demo.parse_args().spacing  # the demo's default voxel size
+    context = {"out": workdir, "data": resolve_dataset_dir(), "mm": str(spacing),
+               **{s.name: os.path.join(workdir, s.name) for s in demo.STAGES}}
+    (script,) = entry_points(group="console_scripts", name=stage.command)
+    captured = {}
+
+    def create_workflow(config_file, meta_file, logging_file, tracking, **overrides):
+        captured.update(files=list(config_file), overrides=overrides)
+        raise _Captured
+
+    with mock.patch("monai.bundle.scripts.create_workflow", create_workflow):
+        try:
+            script.load()(demo.train_command(stage, context))
+        except _Captured:
+            pass
+    return captured["files"], captured["overrides"]
+
+
+def build_demo_trainer(bundle: str, workdir: str, device: torch.device | None = None):
+    """``(parser, train#trainer)`` of the demo's run of ``bundle`` (``train.json`` + ``tiny.json`` + the demo's flags),
+    outputs in ``workdir/<bundle>``. A stage that reads an earlier one's files first builds that one here; every
+    build leaves its untrained best.ckpt (and stage-1 export) as its checkpoint handler writes them, for the next.
+    Token and latent caches are built by the bundles themselves on first use."""
+    from monai.bundle import ConfigParser
+
+    from prod9_components.handlers.checkpoint import CheckpointHandler
+
+    stage = demo_stage(bundle)
+    if stage.needs and not os.path.isfile(os.path.join(workdir, stage.needs, "best.ckpt")):
+        build_demo_trainer(stage.needs, workdir, device)
+    files, overrides = demo_train_config(bundle, workdir)
+    if device is not None:
+        overrides["device"] = f"$torch.device('{device}')"
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update(overrides)
+    parser.get_parsed_content("initialize")  # the seed (and, in stage 3, the upstream export's checksum)
+    trainer = parser.get_parsed_content("train#trainer")
+    handler = next(h for h in parser.get_parsed_content("train#handlers") if isinstance(h, CheckpointHandler))
+    if not handler.best_path.is_file():
+        handler.save_best(0)
+    return parser, trainer
+
+
+def demo_train_step(device: torch.device, repeats: int, size: str, bundle: str, workdir: str) -> list[dict]:
+    """The demo's real training iteration of ``bundle``: ``trainer._iteration`` on batches of its own data loader
+    (median of at least ``DEMO_STEPS`` after ``DEMO_WARMUP``), its FLOPs, and ``data_seconds``, the median time the
+    loader takes to hand over one batch. GAN trainers are timed past the discriminator warm-up (``disc_start``) and,
+    in a second row, before it (``demo_steps``: how many iterations the demo trains, to compare with ``disc_start``).
+    ``size`` is unused: the sizes are the demo's (``tiny.json`` and its flags)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    parser, trainer = build_demo_trainer(bundle, workdir, device)
+
+    def batches():
+        while True:
+            yield from trainer.data_loader
+
+    loader, data_times = batches(), []
+
+    def next_batch():
+        start = time.perf_counter()
+        batch = next(loader)
+        data_times.append(time.perf_counter() - start)
+        return batch
+
+    def timed(iteration: int) -> tuple[float, float]:
+        trainer.state.iteration = iteration
+        for _ in range(DEMO_WARMUP):
+            trainer._iteration(trainer, next_batch())
+        with FlopCounterMode(display=False) as counter:
+            trainer._iteration(trainer, next_batch())
+        times = []
+        for _ in range(max(repeats, DEMO_STEPS)):
+            batch = next_batch()
+            sync(device)
+            start = time.perf_counter()
+            trainer._iteration(trainer, batch)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), counter.get_total_flops() / 1e9
+
+    disc_start = getattr(getattr(trainer, "loss_function", None), "disc_start", None)  # GAN trainers only
+    phases = [("", 10**9)] + ([("_before_disc_start", 0)] if disc_start else [])
+    batch_size = parser.get_parsed_content("batch_size")
+    shapes = {k: list(v.shape) for k, v in next_batch().items() if torch.is_tensor(v)}
+    rows = []
+    for suffix, iteration in phases:
+        seconds, gflop = timed(iteration)
+        data_seconds = statistics.median(data_times)
+        rows.append(result(f"demo_{bundle}_train_step{suffix}", device, seconds, max(repeats, DEMO_STEPS), gflop,
+                           peak_mem_mb(device), bundle=bundle, iteration=iteration, disc_start=disc_start,
+                           demo_steps=demo_stage(bundle).epochs * demo_stage(bundle).batches, batch=batch_size,
+                           batch_shapes=shapes, volumes_per_s=round(batch_size / seconds, 3),
+                           data_seconds=round(data_seconds, 5),
+                           data_share=round(data_seconds / (data_seconds + seconds), 3)))
+    return rows
+
+
 STAGES = {"stage1": [stage1_train_step, stage1_sliding_window], "stage2": [stage2_train_step, stage2_sampling],
           "maisi": [maisi_vae_train_step, maisi_diffusion_train_step, maisi_generation, maisi_ddpm_call_ratio],
-          "variants": [train_step_variants]}
+          "variants": [train_step_variants], "demo": [demo_train_step]}
 
 
-def _child(fn_name: str, device: str, repeats: int, size: str, queue) -> None:
+def _child(fn_name: str, device: str, repeats: int, size: str, queue, *args) -> None:
     fn = {f.__name__: f for fns in STAGES.values() for f in fns}[fn_name]
-    queue.put(fn(torch.device(device), repeats, size))
+    try:
+        queue.put(fn(torch.device(device), repeats, size, *args))
+    except BaseException:  # the parent waits on the queue: tell it rather than leave it waiting
+        import traceback
+
+        queue.put(RuntimeError(f"{fn_name}{args}: {traceback.format_exc()}"))
+        raise
 
 
 def machine(device: str) -> dict:
@@ -562,8 +713,8 @@ def machine(device: str) -> dict:
     return info
 
 
-TABLE_COLUMNS = ("stage", "name", "seconds", "volumes_per_s", "gflops_per_s", "matmul_peak_gflops", "peak_mem_mb",
-                 "baseline_seconds", "ratio")
+TABLE_COLUMNS = ("stage", "name", "seconds", "volumes_per_s", "gflop", "gflops_per_s", "matmul_peak_gflops",
+                 "peak_fraction", "data_seconds", "peak_mem_mb", "baseline_seconds", "ratio")
 
 
 def markdown_table(report: dict) -> str:
@@ -572,7 +723,10 @@ def markdown_table(report: dict) -> str:
     lines = [f"Measured {report['created']} on {m['cpu']} ({m['cpu_cores_available']} cores"
              + (f", {m['gpu']}" if "gpu" in m else "") + f"), torch {m['torch']}, MONAI {m['monai']}: "
              f"`{report['command']}`. ratio = seconds / baseline_seconds, both measured in the same run: the "
-             "baseline is the MONAI reference of the same work, or for the variant rows the float32 eager step.", "",
+             "baseline is the MONAI reference of the same work, or for the variant rows the float32 eager step. "
+             "peak_fraction = gflops_per_s / matmul_peak_gflops (a float32 matmul). The demo rows are the demo's own "
+             "training iterations (tiny.json and the demo's flags); data_seconds is their data loader's time per "
+             "batch.", "",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for row in report["results"]:
         lines.append("| " + " | ".join("" if row.get(k) is None else str(row[k]) for k in TABLE_COLUMNS) + " |")
@@ -602,8 +756,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None,
                         help="also write the rows to this JSON file and a markdown table beside it "
                              "(default for 'all': benchmarks/results.json)")
+    parser.add_argument("--bundles", nargs="+", default=None, metavar="BUNDLE",
+                        help="demo stage: the bundles to measure (default: all seven, in the demo's order)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    demo_bundles = [s.name for s in demo_module().STAGES]
+    unknown = [b for b in args.bundles or [] if b not in demo_bundles]
+    if unknown:
+        parser.error(f"--bundles: unknown bundle {unknown[0]!r}; choose from {', '.join(demo_bundles)}")
     output = args.output or ("benchmarks/results.json" if args.stage == "all" else None)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
@@ -613,16 +773,23 @@ def main(argv: list[str] | None = None) -> None:
     report = []
     # torch.compile takes minutes per network on a CPU and buys little there: `all` runs the variants on CUDA only.
     stages = [s for s in STAGES if s != "variants" or args.device == "cuda"] if args.stage == "all" else [args.stage]
+    # The demo stage's bundles share one folder: each leaves the untrained checkpoint the next one reads.
+    workdir = tempfile.TemporaryDirectory(prefix="prod9-benchmark-demo-")
     for stage in stages:
-        for fn in STAGES[stage]:
+        jobs = ([(demo_train_step, (b, workdir.name)) for b in demo_bundles if b in (args.bundles or demo_bundles)]
+                if stage == "demo" else [(fn, ()) for fn in STAGES[stage]])
+        for fn, extra in jobs:
             queue = ctx.Queue()
-            process = ctx.Process(target=_child, args=(fn.__name__, args.device, repeats, size, queue))
+            process = ctx.Process(target=_child, args=(fn.__name__, args.device, repeats, size, queue, *extra))
             process.start()
             rows = queue.get()
             process.join()
+            if isinstance(rows, Exception):
+                raise rows
             for row in rows if isinstance(rows, list) else [rows]:
                 report.append({"stage": stage, **row})
                 print(json.dumps(report[-1]), flush=True)
+    workdir.cleanup()
     if output:
         write_report(report, output, args.device, argv)
 
