@@ -22,8 +22,11 @@ DEMO_TEST_SEED = 0
 
 
 def chain_group(nodeid: str) -> str | None:
-    """The trained chain (session fixtures) a test uses: "maisi" or "maskgit", else None."""
+    """The trained chain (session fixtures) a test uses: "maisi" or "maskgit", a module whose tests share trained
+    module fixtures (its file name), else None."""
     path, _, name = nodeid.partition("::")
+    if Path(path).name in SHARED_FIXTURE_FILES:
+        return Path(path).name
     if Path(path).name in MAISI_CHAIN_FILES or name.startswith("test_maisi"):
         return "maisi"
     if Path(path).name in MASKGIT_CHAIN_FILES or name.startswith("test_maskgit"):
@@ -32,6 +35,7 @@ def chain_group(nodeid: str) -> str | None:
 
 
 MAISI_CHAIN_FILES = {"test_maisi_stage1.py", "test_maisi_stage2.py", "test_maisi_stage3.py", "test_maisi_vae_cli.py"}
+SHARED_FIXTURE_FILES = {"test_known_answers.py"}
 MASKGIT_CHAIN_FILES = {"test_maskgit_stage1.py", "test_maskgit_stage2.py", "test_maskgit_stage3.py",
                        "test_autoencoder_cli.py", "test_transformer_cli.py"}
 
