@@ -10,7 +10,7 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
-from prod9_components.losses.masked_token import masked_token_loss
+from prod9_components.losses.masked_token import token_loss
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
 
@@ -20,7 +20,8 @@ class MaskGiTTrainer(Trainer):
 
     Per sample: draw the target modality (and, in-context, a subset of source modalities), draw a mask ratio from
     the schedule, replace that many random target tokens by [MASK], and score the logits at the masked positions
-    only (loss on the visible tokens would teach the model to copy: DESIGN §4 trap 3).
+    only (loss on the visible tokens would teach the model to copy: DESIGN §4 trap 3). The network is asked for the
+    logits of those positions only (``positions=mask``: (M, K) rows, not the (B, K, d, h, w) grid).
 
     Args:
         device: where the network lives.
@@ -66,10 +67,12 @@ class MaskGiTTrainer(Trainer):
 
         self.network.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            # Logits (M, K) of the M masked positions only: the head, the log-softmax and the accuracy never touch
+            # the visible ones. Through forward (not another method), so a DDP wrapper syncs the gradients.
             logits = self.network(masked_input, inputs["target_label"], inputs["source_tokens"],
-                                  inputs["source_labels"], origin,
+                                  inputs["source_labels"], origin, positions=mask,
                                   **control_inputs(batchdata, inputs["rows"], self.control_mask_key))
-        losses = masked_token_loss(logits.float(), target, mask)
+        losses = token_loss(logits.float(), target[mask])
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if self.grad_clip:  # frozen parameters have no gradient and are skipped

@@ -9,14 +9,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["masked_token_loss"]
+__all__ = ["masked_token_loss", "token_loss"]
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """
+    Mean cross-entropy and token accuracy over already selected positions (the training path: the network scored
+    only the masked positions, ``network(..., positions=mask)``).
+
+    Args:
+        logits: (M, K) token logits, one row per masked position.
+        targets: (M,) int64 true token ids in [0, K), ``target_tokens[mask]`` (the same row order).
+        label_smoothing: passed to ``F.cross_entropy``.
+
+    Returns:
+        dict with ``loss`` (scalar, differentiable: the mean over the M rows) and ``token_accuracy`` (scalar,
+        detached): the fraction of rows whose argmax logit is the true token.
+    """
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (M, K) and targets (M,), got {tuple(logits.shape)}, {tuple(targets.shape)}.")
+    if logits.shape[0] == 0:
+        raise ValueError("mask selects no position: the masked-token loss needs at least one masked token.")
+    loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)  # mean over the M rows
+    with torch.no_grad():
+        accuracy = (logits.argmax(dim=1) == targets).float().mean()
+    return {"loss": loss, "token_accuracy": accuracy}
 
 
 def masked_token_loss(
     logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0
 ) -> dict[str, torch.Tensor]:
     """
-    Mean cross-entropy and token accuracy over the masked positions.
+    Mean cross-entropy and token accuracy over the masked positions of full-grid logits (evaluation; training asks
+    the network for the masked rows only and calls :func:`token_loss`).
 
     Args:
         logits: (B, K, d, h, w) token logits.
@@ -37,7 +62,5 @@ def masked_token_loss(
         raise ValueError(f"mask must be bool (True = masked), got dtype {mask.dtype}.")
     if not mask.any():
         raise ValueError("mask selects no position: the masked-token loss needs at least one masked token.")
-    ce = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)  # (B, d, h, w)
-    with torch.no_grad():
-        accuracy = (logits.argmax(dim=1) == targets)[mask].float().mean()
-    return {"loss": ce[mask].mean(), "token_accuracy": accuracy}
+    # The masked rows first: the log-softmax (and its backward) then touches M rows, not all B*d*h*w.
+    return token_loss(logits.movedim(1, -1)[mask], targets[mask], label_smoothing)

@@ -62,7 +62,8 @@ class MaskGiTControlNet(nn.Module):
         control_mask: (B, D, H, W) int labels in [0, num_mask_classes) at image resolution, D = d * f; needed for
             mask control.
         control_label: (B,) modality label for label control (default: ``target_label``).
-        output: logits (B, K, d, h, w).
+        positions: (B, d, h, w) bool or None: score only these target positions (training).
+        output: logits (B, K, d, h, w); with ``positions``, (M, K) of its True positions (row-major order).
     """
 
     def __init__(self, base_args: dict, control_type: str = "mask", num_control_blocks: int | None = None,
@@ -134,7 +135,7 @@ class MaskGiTControlNet(nn.Module):
     def forward(self, target_tokens: torch.Tensor, target_label: torch.Tensor,
                 source_tokens: torch.Tensor | None = None, source_labels: torch.Tensor | None = None,
                 grid_origin: torch.Tensor | None = None, control_mask: torch.Tensor | None = None,
-                control_label: torch.Tensor | None = None) -> torch.Tensor:
+                control_label: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         batch, d, h, w = target_tokens.shape
         x, attn_mask, context_length = self.base.embed_sequence(target_tokens, target_label, source_tokens,
                                                                source_labels, grid_origin)
@@ -146,4 +147,4 @@ class MaskGiTControlNet(nn.Module):
             if i < len(self.control_blocks):
                 c = self.control_blocks[i](c, attn_mask)
                 x = x + self.zero_projections[i](c)
-        return self.base.logits(x, context_length, (d, h, w))
+        return self.base.logits(x, context_length, (d, h, w), positions)

@@ -100,7 +100,10 @@ class TransformerDecoderSingleStream(nn.Module):
         source_tokens: (B, S, d, h, w) int64 in [0, K) or None; source_labels: (B, S) int64, -1 = absent source.
         grid_origin: (B, 3) int64, the case-grid index of each crop's first token (negative where the crop was
             padded; padded cells share position 0), or None for whole grids (origin 0).
-        output: logits (B, K, d, h, w) for the target positions (channel-first, for ``F.cross_entropy``).
+        positions: (B, d, h, w) bool or None: the target positions to score (training: the masked ones).
+        output: logits (B, K, d, h, w) for the target positions (channel-first, for ``F.cross_entropy``); with
+            ``positions``, logits (M, K) of its M True positions only, in row-major (b, z, y, x) order, the order
+            of ``target_tokens[positions]`` — the training path: the head never sees the other positions.
     """
 
     def __init__(
@@ -256,10 +259,20 @@ class TransformerDecoderSingleStream(nn.Module):
             attn_mask = keep[:, None, None, :]
         return x, attn_mask, context.shape[1]
 
-    def logits(self, x: torch.Tensor, context_length: int, grid: Sequence[int]) -> torch.Tensor:
-        """Logits (B, K, d, h, w) of the target positions of the last block's output ``x`` (B, L, hidden)."""
-        logits = self.head(self.ln_f(x[:, context_length:]))  # (B, N, K)
-        return logits.transpose(1, 2).reshape(x.shape[0], self.codebook_size, *grid)
+    def logits(self, x: torch.Tensor, context_length: int, grid: Sequence[int],
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, K, d, h, w) of the target positions of the last block's output ``x`` (B, L, hidden); with
+        ``positions`` (B, d, h, w) bool, logits (M, K) of its M True positions only (row-major order)."""
+        target = x[:, context_length:]  # (B, N, hidden)
+        if positions is None:
+            logits = self.head(self.ln_f(target))  # (B, N, K)
+            return logits.transpose(1, 2).reshape(x.shape[0], self.codebook_size, *grid)
+        expected = (x.shape[0], *(int(s) for s in grid))
+        if positions.dtype != torch.bool or tuple(positions.shape) != expected:
+            raise ValueError(f"positions must be a bool tensor of shape {expected}, "
+                             f"got {positions.dtype} {tuple(positions.shape)}.")
+        # Layer norm and head act per row, so gathering the rows first gives the same logits for them.
+        return self.head(self.ln_f(target[positions.flatten(1)]))  # (M, K)
 
     def forward(
         self,
@@ -268,9 +281,10 @@ class TransformerDecoderSingleStream(nn.Module):
         source_tokens: torch.Tensor | None = None,
         source_labels: torch.Tensor | None = None,
         grid_origin: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x, attn_mask, context_length = self.embed_sequence(target_tokens, target_label, source_tokens,
                                                            source_labels, grid_origin)
         for block in self.blocks:
             x = block(x, attn_mask)
-        return self.logits(x, context_length, target_tokens.shape[1:])
+        return self.logits(x, context_length, target_tokens.shape[1:], positions)

@@ -112,3 +112,46 @@ def test_rebuilds_from_init_args():
     with torch.no_grad():
         assert torch.equal(rebuilt(x["target_tokens"], x["target_label"], control_mask=x["control_mask"]),
                            net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"]))
+
+
+def test_masked_rows_give_the_full_grid_loss_and_gradients(monkeypatch):
+    """forward(..., positions=mask) -> (M, K) and the trainer's step on it: the loss, token accuracy and every
+    trainable gradient of the full-grid logits restricted to the masked positions (control branch in train mode,
+    its dropout drawn alike)."""
+    from prod9_components.losses.masked_token import token_loss
+    from tests.unit.test_maskgit_transformer import full_grid_loss, loss_and_grads, trainer_step_against_full_grid
+
+    net, x = make_control("both", randomise_projections=True).train(), inputs()
+    mask = torch.rand(2, *GRID, generator=torch.Generator().manual_seed(1)) < 0.5
+    target = torch.randint(0, K, (2, *GRID), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # about half of the masked positions predicted right: accuracy neither 0 nor 1
+        guess = net.eval()(target.masked_fill(mask, K), x["target_label"], control_mask=x["control_mask"]).argmax(1)
+    target = torch.where(mask & (torch.rand(mask.shape, generator=torch.Generator().manual_seed(3)) < 0.5),
+                         guess, target)
+    net.train()
+    args = (target.masked_fill(mask, K), x["target_label"])
+
+    old = loss_and_grads(net, lambda: full_grid_loss(net(*args, control_mask=x["control_mask"]), target, mask))
+
+    def rows_loss():
+        out = token_loss(net(*args, control_mask=x["control_mask"], positions=mask), target[mask])
+        return out["loss"], out["token_accuracy"]
+
+    new = loss_and_grads(net, rows_loss)
+    assert 0 < old[1] < 1 and new[1] == old[1]
+    torch.testing.assert_close(new[0], old[0], atol=1e-6, rtol=0)
+    assert new[2].keys() == old[2].keys() and "zero_projections.0.weight" in new[2]
+    assert not any(name.startswith("base.") for name in new[2])  # the base stays frozen
+    for name, grad in new[2].items():
+        torch.testing.assert_close(grad, old[2][name], atol=1e-6, rtol=1e-5, msg=name)
+
+    # The trainer (control_mask_key="seg"), as maskgit_stage3_controlnet builds it.
+    g = torch.Generator().manual_seed(4)
+    batch = {"tokens": torch.randint(0, K, (2, 4, *GRID), generator=g), "grid_origin": torch.zeros(2, 3).long(),
+             "seg": torch.randint(0, 4, (2, 1, *(s * F for s in GRID)), generator=g)}
+    output, grads, loss, accuracy, expected = trainer_step_against_full_grid(net, batch, monkeypatch, "seg", GRID)
+    torch.testing.assert_close(output["loss"], loss, atol=1e-6, rtol=0)
+    assert output["token_accuracy"] == accuracy
+    assert grads.keys() == expected.keys() and "mask_encoder.net.0.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)

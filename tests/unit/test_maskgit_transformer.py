@@ -237,3 +237,136 @@ def test_training_on_masked_positions_learns_to_fill_from_visible_tokens():
     # Chance is 1/8 accuracy and ln(8) = 2.08 nats.
     assert out["token_accuracy"].item() > 0.9
     assert out["loss"].item() < 1.2
+
+
+def full_grid_loss(logits, target, mask, label_smoothing=0.0):
+    """The training loss before the trainer asked for the masked rows only, verbatim: cross-entropy of the full
+    (B, K, d, h, w) grid, then the mean over the masked positions; accuracy of the grid's argmax there."""
+    ce = F.cross_entropy(logits.float(), target, reduction="none", label_smoothing=label_smoothing)
+    return ce[mask].mean(), (logits.argmax(dim=1) == target)[mask].float().mean()
+
+
+def loss_and_grads(net, loss_fn, seed=0):
+    """Loss, accuracy and every parameter gradient of one backward pass (the same dropout draws for each seed;
+    None: the global generator as it is)."""
+    net.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss, accuracy = loss_fn()
+    loss.backward()
+    return loss.detach(), accuracy, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def half_right(net, args, target, mask):
+    """``target`` with about half of the masked positions set to the model's argmax there, so the token accuracy
+    compared is neither 0 nor 1 (the masked positions are [MASK] in the input: the logits do not change)."""
+    with torch.no_grad():
+        guess = net(*args).argmax(dim=1)
+    coin = torch.rand(mask.shape, generator=torch.Generator().manual_seed(7)) < 0.5
+    return torch.where(mask & coin, guess, target)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("with_context", [False, True])
+def test_masked_rows_give_the_full_grid_loss_gradients_and_accuracy(with_context, label_smoothing):
+    """forward(..., positions=mask) -> (M, K) logits and token_loss: the training loss, every gradient (head
+    included) and the token accuracy of the full-grid logits restricted to the masked positions."""
+    from prod9_components.losses.masked_token import token_loss
+
+    net = make_net(dropout=0.1).train()  # dropout on: both passes must draw the same masks
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, K, (3, *GRID), generator=g)
+    mask = torch.rand(3, *GRID, generator=g) < 0.4
+    context = ((torch.randint(0, K, (3, 2, *GRID), generator=g), torch.tensor([[0, 1], [1, -1], [-1, -1]]))
+               if with_context else (None, None))
+    origin = torch.tensor([[0, 0, 0], [1, 2, 0], [-1, 0, 1]])
+    args = (target.masked_fill(mask, K), torch.tensor([2, 3, net.null_label]), *context, origin)
+    target = half_right(net.eval(), args, target, mask)
+    net.train()
+
+    old_loss, old_acc, old_grads = loss_and_grads(net, lambda: full_grid_loss(net(*args), target, mask,
+                                                                                  label_smoothing))
+
+    def rows_loss():
+        rows = net(*args, positions=mask)
+        assert rows.shape == (int(mask.sum()), K)
+        out = token_loss(rows, target[mask], label_smoothing)
+        return out["loss"], out["token_accuracy"]
+
+    new_loss, new_acc, new_grads = loss_and_grads(net, rows_loss)
+    assert 0 < old_acc < 1 and new_acc == old_acc
+    torch.testing.assert_close(new_loss, old_loss, atol=1e-6, rtol=0)
+    assert new_grads.keys() == old_grads.keys() and "head.weight" in new_grads
+    for name, grad in new_grads.items():
+        torch.testing.assert_close(grad, old_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    # The rows are the full grid's logits at the masked positions, in target[mask] order.
+    with torch.no_grad():
+        net.eval()
+        torch.testing.assert_close(net(*args, positions=mask), net(*args).movedim(1, -1)[mask], atol=1e-6, rtol=1e-5)
+    # masked_token_loss (full-grid logits, evaluation) is the same loss.
+    with torch.no_grad():
+        logits = net(*args)
+    out = masked_token_loss(logits, target, mask, label_smoothing)
+    expected = full_grid_loss(logits, target, mask, label_smoothing)
+    torch.testing.assert_close(out["loss"], expected[0], atol=1e-6, rtol=0)
+    assert out["token_accuracy"] == expected[1]
+
+
+def test_positions_must_be_a_bool_grid():
+    net, target = make_net(), rand_tokens(2, *GRID)
+    with pytest.raises(ValueError, match="positions must be a bool tensor"):
+        net(target, torch.tensor([0, 1]), positions=torch.ones(2, *GRID, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions must be a bool tensor"):
+        net(target, torch.tensor([0, 1]), positions=torch.ones(1, *GRID, dtype=torch.bool))
+    from prod9_components.losses.masked_token import token_loss
+    with pytest.raises(ValueError, match="no position"):
+        token_loss(net(target, torch.tensor([0, 1]), positions=torch.zeros(2, *GRID, dtype=torch.bool)),
+                   target[torch.zeros(2, *GRID, dtype=torch.bool)])
+
+
+def trainer_step_against_full_grid(net, batch, monkeypatch, control_mask_key=None, grid=GRID):
+    """One MaskGiTTrainer iteration (masked rows only) beside the full-grid loss of the same mask: (output, grads of
+    the trainer's step, loss, accuracy and grads of the full-grid reference)."""
+    import copy
+
+    from prod9_components.engines import maskgit_trainer
+    from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
+
+    batch_size = batch["tokens"].shape[0]
+    mask = torch.rand(batch_size, *grid, generator=torch.Generator().manual_seed(5)) < 0.5
+    monkeypatch.setattr(maskgit_trainer, "sample_training_mask", lambda shape, schedule: mask)
+    builder = TokenContextBuilder(target_modalities=["t2"], source_modalities=["t1", "flair"],
+                                  random_source_subsets=False)
+    reference = copy.deepcopy(net)
+    trainer = maskgit_trainer.MaskGiTTrainer(
+        device="cpu", max_epochs=1, train_data_loader=[batch], network=net,
+        optimizer=torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0), context_builder=builder,
+        grad_clip=None, control_mask_key=control_mask_key)
+    torch.manual_seed(0)
+    output = trainer._iteration(trainer, batch)
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(0)  # the trainer's draws: the builder's target pick, then dropout
+    inputs = builder(batch["tokens"], train=True)
+    target = inputs["target_tokens"]
+
+    def full():
+        logits = reference.train()(target.masked_fill(mask, reference.mask_token_id),
+                                   inputs["target_label"], inputs["source_tokens"], inputs["source_labels"],
+                                   batch["grid_origin"], **control_inputs(batch, inputs["rows"], control_mask_key))
+        return full_grid_loss(logits, target, mask)
+
+    return (output, grads, *loss_and_grads(reference, full, seed=None))
+
+
+def test_trainer_loss_and_gradients_are_the_full_grid_ones(monkeypatch):
+    net = make_net(dropout=0.1)
+    g = torch.Generator().manual_seed(4)
+    batch = {"tokens": torch.randint(0, K, (2, 4, *GRID), generator=g), "grid_origin": torch.tensor([[0, 1, 0],
+                                                                                                      [1, 0, 2]])}
+    output, grads, loss, accuracy, expected = trainer_step_against_full_grid(net, batch, monkeypatch)
+    torch.testing.assert_close(output["loss"], loss, atol=1e-6, rtol=0)
+    assert output["token_accuracy"] == accuracy
+    assert grads.keys() == expected.keys() and "head.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
