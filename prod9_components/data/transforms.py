@@ -229,8 +229,8 @@ def preprocessing(
 
     Output: images float32 (1, X, Y, Z) in ``intensity_range``, labels (1, X, Y, Z) in {0, 1, 2, 3} (first
     resampled onto the first image's grid if theirs differs), on a RAS grid of ``spacing`` mm (images low-passed
-    first where that is coarser than the file: :class:`AntiAliasd`), cropped to the first image's foreground (+``margin`` voxels) and padded to a
-    multiple of ``k_divisible`` (images with the range minimum, labels with 0).
+    first where that is coarser than the file: :class:`AntiAliasd`), cropped to the first image's foreground
+    (+``margin`` voxels) and padded to a multiple of ``k_divisible`` (images with the range minimum, labels with 0).
     """
     image_keys, label_keys = list(image_keys), list(label_keys)
     if not image_keys:

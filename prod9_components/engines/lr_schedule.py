@@ -40,4 +40,5 @@ def lr_schedule(optimizer: torch.optim.Optimizer, name: str = "constant", total_
         raise ValueError(f"lr_schedule needs total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
     # A partial keeps its arguments out of LambdaLR.state_dict: a resumed run keeps its step count (last_epoch) but
     # follows the schedule of its own config (e.g. more epochs), and the checkpoint holds no callable.
-    return LambdaLR(optimizer, partial(_factor, name=name, total_steps=int(total_steps), warmup_steps=int(warmup_steps)))
+    factor = partial(_factor, name=name, total_steps=int(total_steps), warmup_steps=int(warmup_steps))
+    return LambdaLR(optimizer, factor)
