@@ -48,7 +48,8 @@ class Score:
     """One headline number of a stage's test-split ``metrics.json`` beside what it must beat (DESIGN §9).
 
     ``baseline``: the metrics.json key of the trivial baseline (or, for generation, the real-data reference);
-    ``need``: the model passes when ``value >= need * baseline`` (``<=`` when lower is better).
+    ``need``, ``plus``: the model passes when ``value >= need * baseline + plus`` (``<=`` when lower is better);
+    ``plus`` is the margin a stage-1 model is asked for over the baseline (issue 15's bar: pooling is easy to tie).
     """
 
     metric: str
@@ -56,21 +57,33 @@ class Score:
     baseline_name: str
     higher_is_better: bool = True
     need: float = 1.0
+    plus: float = 0.0
 
     def verdict(self, metrics: dict) -> dict | None:
         """``{metric, value, baseline, baseline_value, margin, passes}`` from a metrics.json, None when absent."""
         value, baseline = metrics.get(self.metric), metrics.get(self.baseline)
         if not isinstance(value, (int, float)) or not isinstance(baseline, (int, float)):
             return None
-        target = self.need * baseline
+        target = self.need * baseline + self.plus
         margin = value - target if self.higher_is_better else target - value
         return {"metric": self.metric, "value": value, "baseline": self.baseline_name, "baseline_value": baseline,
-                "need": self.need, "higher_is_better": self.higher_is_better, "margin": margin, "passes": margin > 0}
+                "need": self.need, "plus": self.plus, "higher_is_better": self.higher_is_better, "margin": margin,
+                "passes": margin > 0}
+
+
+def target_text(score: dict) -> str:
+    """What a verdict's value is held against: ``15.679``, ``0.5 x 0.227`` or ``15.679 + 3``."""
+    need = f"{score['need']:g} x " if score["need"] != 1 else ""
+    plus = f" + {score['plus']:g}" if score.get("plus") else ""
+    return f"{need}{score['baseline_value']:.3f}{plus}"
 
 
 POOL = "pool by 4, trilinear back"
 TRANSLATION = "best of copy / histogram-matched / intensity regression"
-RECONSTRUCTION_SCORES = (Score("psnr", "best_baseline_psnr", POOL), Score("ssim", "best_baseline_ssim", POOL))
+# Stage 1 must clear pooling by a margin (a model that only ties it has barely learned): +3 dB / +0.15 SSIM for the
+# FSQ autoencoder, +6 dB for the VAE, whose 4 float channels per 4^3 voxels hold far more than 5 quantised ones.
+FSQ_SCORES = (Score("psnr", "pool_baseline_psnr", POOL, plus=3.0), Score("ssim", "pool_baseline_ssim", POOL, plus=0.15))
+VAE_SCORES = (Score("psnr", "pool_baseline_psnr", POOL, plus=6.0), Score("ssim", "pool_baseline_ssim", POOL, plus=0.15))
 TRANSLATION_SCORES = tuple(Score(m, f"best_baseline_{m}", TRANSLATION)
                            for m in ("psnr", "ssim", "psnr_tumour", "ssim_tumour"))
 GENERATION_SCORES = (Score("brain_dice", "real_brain_dice", "real brains vs the closest training brain"),
@@ -78,6 +91,20 @@ GENERATION_SCORES = (Score("brain_dice", "real_brain_dice", "real brains vs the 
 CONTROL_SCORES = (Score("seg_dice_generated", "seg_dice_real", "segmenter's Dice on the real images", need=0.5),)
 # Both ControlNets score their samples with one tumour segmenter, trained once on the demo's training split.
 SEGMENTER = ("--segmenter-cache-dir", "{out}/segmenter", "--segmenter-steps", "500")
+# Stage 1 of both families (measured in issue 15): two whole 4 mm volumes per step instead of one 32^3 crop (2 CPU
+# cores only reach a useful fraction of their peak with more voxels per convolution); a learning rate 6x (FSQ) or
+# 12x (VAE: +0.4 dB at 600 steps over 6x) the tiny preset's, with Adam's usual betas, warmed up and decayed to 0 (the
+# last weights of a short run are otherwise as noisy as its steps); L1 alone: in ~1000 steps no adversarial or
+# frequency term pays. Testing and inference use one window over the whole volume (GroupNorm statistics of a tile
+# differ from the volume's).
+STAGE1_TRAIN = ("--spacing", "{mm}", "{mm}", "{mm}", "--batch-size", "2", "--roi-size", "48", "56", "40",
+                "--lr-schedule", "cosine", "--warmup-steps", "20",
+                "--optimizer#betas", "[0.9, 0.99]", "--loss#disc_start", "100000",
+                "--loss#perceptual_weight", "0")
+WHOLE_VOLUME = ("--roi-size", "52", "60", "44")
+# The transformers train on whole token grids (a 32^3 crop is 8^3 tokens of a 13x15x11 grid: the model never saw
+# where the brain ends) and sample in 12 steps (tiny.json's 4 are for tests).
+TRANSFORMER = (*WHOLE_VOLUME, "--num-steps", "12")
 
 
 @dataclass(frozen=True)
@@ -102,39 +129,41 @@ class Stage:
 
 STAGES = (
     Stage("maskgit_stage1", "maskgit", "prod9-train-autoencoder",
-          train=("--spacing", "{mm}", "{mm}", "{mm}"), epochs=5, batches=24,
+          train=(*STAGE1_TRAIN, "--learning-rate", "0.003"), epochs=60, batches=10,
           use=("infer", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t2]}",
-               "--output", "{stage}/reconstruction_T2.nii.gz", "--roi-size", "32", "32", "32", "--overlap", "0.5"),
+               "--output", "{stage}/reconstruction_T2.nii.gz", *WHOLE_VOLUME),
           rows=(Row("real T2", "{test[t2]}"),
                 Row("reconstructed", "{stage}/reconstruction_T2.nii.gz", crop_as="{test[t2]}")),
           title="MaskGiT stage 1 (FSQ autoencoder): real T2 (top) vs its reconstruction (bottom)",
-          scores=RECONSTRUCTION_SCORES),
+          scores=FSQ_SCORES, test=WHOLE_VOLUME),
     Stage("maskgit_stage2_label", "maskgit", "prod9-train-transformer",
           train=("--autoencoder-path", "{maskgit_stage1}/autoencoder_tiny.pt",
                  "--token-cache-dir", "{maskgit_stage1}/token_cache",
-                 "--validate#samples#modalities", "['T2']"),  # validation samples T2 only: 4x fewer to decode
-          epochs=4, batches=20, needs="maskgit_stage1",
+                 "--validate#samples#modalities", "['T2']",  # validation samples T2 only: 4x fewer to decode
+                 "--learning-rate", "0.002", *TRANSFORMER),
+          epochs=12, batches=20, needs="maskgit_stage1",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
                "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
           title="MaskGiT stage 2, label-conditional: a real T2 (top) vs a T2 generated from the label alone (bottom)",
           scores=GENERATION_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache",
-                                          "--validate#samples#modalities", "['T2']")),
+                                          "--validate#samples#modalities", "['T2']", *TRANSFORMER)),
     Stage("maskgit_stage2_incontext", "maskgit", "prod9-train-transformer",
           train=("--source-modality", "T1", "--target-modality", "T2", "--autoencoder-path",
-                 "{maskgit_stage1}/autoencoder_tiny.pt", "--token-cache-dir", "{maskgit_stage1}/token_cache"),
-          epochs=4, batches=20, needs="maskgit_stage1",
+                 "{maskgit_stage1}/autoencoder_tiny.pt", "--token-cache-dir", "{maskgit_stage1}/token_cache",
+                 *TRANSFORMER),
+          epochs=6, batches=20, needs="maskgit_stage1",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t1]}",
                "--output", "{stage}/translated_T2.nii.gz"),
           rows=(Row("real T1 (source)", "{test[t1]}"), Row("real T2", "{test[t2]}", crop_as="{test[t1]}"),
                 Row("translated T2", "{stage}/translated_T2.nii.gz", crop_as="{test[t1]}")),
           title="MaskGiT stage 2, in-context: real T1 source (top), real T2 (middle), T2 translated from T1 (bottom)",
-          scores=TRANSLATION_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache")),
+          scores=TRANSLATION_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache", *TRANSFORMER)),
     Stage("maskgit_stage3_controlnet", "maskgit", "prod9-train-maskgit-controlnet",
           train=("--transformer-path", "{maskgit_stage2_label}/best.ckpt", "--control-type", "mask",
                  "--token-cache-dir", "{maskgit_stage1}/token_cache", "--sample-during-validation", "False",
-                 *SEGMENTER),
-          epochs=3, batches=20, needs="maskgit_stage2_label",
+                 *SEGMENTER, *TRANSFORMER),
+          epochs=5, batches=20, needs="maskgit_stage2_label",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
                "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
@@ -142,19 +171,19 @@ STAGES = (
                     mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
           title="MaskGiT stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
                 "(bottom; red: the mask)",
-          scores=CONTROL_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache", *SEGMENTER)),
+          scores=CONTROL_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache", *SEGMENTER, *TRANSFORMER)),
     Stage("maisi_stage1_vae", "maisi", "prod9-train-maisi-vae",
-          train=("--spacing", "{mm}", "{mm}", "{mm}"), epochs=5, batches=24,
+          train=(*STAGE1_TRAIN, "--learning-rate", "0.006"), epochs=100, batches=10,
           use=("infer", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t2]}",
-               "--output", "{stage}/reconstruction_T2.nii.gz", "--roi-size", "32", "32", "32", "--overlap", "0.5"),
+               "--output", "{stage}/reconstruction_T2.nii.gz", *WHOLE_VOLUME),
           rows=(Row("real T2", "{test[t2]}"),
                 Row("reconstructed", "{stage}/reconstruction_T2.nii.gz", crop_as="{test[t2]}")),
           title="MAISI stage 1 (KL-VAE): real T2 (top) vs its reconstruction (bottom)",
-          scores=RECONSTRUCTION_SCORES),
+          scores=VAE_SCORES, test=WHOLE_VOLUME),
     Stage("maisi_stage2_diffusion", "maisi", "prod9-train-maisi-diffusion",
           train=("--vae-path", "{maisi_stage1_vae}/vae_tiny.pt",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache"),
-          epochs=12, batches=20, needs="maisi_stage1_vae",  # small latents: an epoch takes seconds
+          epochs=15, batches=20, needs="maisi_stage1_vae",  # small latents: an epoch takes seconds
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
                "--num-inference-steps", "10", "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
@@ -163,7 +192,7 @@ STAGES = (
     Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
           train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER),
-          epochs=3, batches=20, needs="maisi_stage2_diffusion",
+          epochs=5, batches=20, needs="maisi_stage2_diffusion",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
                "--num-inference-steps", "10", "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
@@ -427,9 +456,8 @@ def machine() -> dict:
 
 def score_line(score: dict) -> str:
     """``psnr 15.26 vs 14.60 (pool by 4, trilinear back): beats by 0.66`` / ``...: LOSES by 1.20``."""
-    need = f"{score['need']:g} x " if score["need"] != 1 else ""
     verdict = "beats" if score["passes"] else "LOSES"
-    return (f"{score['metric']} {score['value']:.3f} vs {need}{score['baseline_value']:.3f} ({score['baseline']}): "
+    return (f"{score['metric']} {score['value']:.3f} vs {target_text(score)} ({score['baseline']}): "
             f"{verdict} by {abs(score['margin']):.3f}")
 
 

@@ -108,6 +108,11 @@ def test_scores_are_reported_beside_their_baseline_and_a_loss_is_said_plainly():
     dice = demo.Score("seg_dice_generated", "seg_dice_real", "real", need=0.5)
     assert dice.verdict({"seg_dice_generated": 0.3, "seg_dice_real": 0.5})["passes"] is True
     assert "vs 0.5 x 0.500" in demo.score_line(dice.verdict({"seg_dice_generated": 0.3, "seg_dice_real": 0.5}))
+    # A margin over the baseline as the bar (stage 1 must clear pooling, not tie it).
+    clear = demo.Score("psnr", "pool_baseline_psnr", "pool", plus=3.0)
+    tied = clear.verdict({"psnr": 16.0, "pool_baseline_psnr": 15.0})
+    assert not tied["passes"] and tied["margin"] == -2.0 and "vs 15.000 + 3 (pool)" in demo.score_line(tied)
+    assert clear.verdict({"psnr": 18.5, "pool_baseline_psnr": 15.0})["passes"]
 
 
 def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
@@ -116,15 +121,17 @@ def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
     spec.loader.exec_module(quality)
     demo = _demo()
     scores = [demo.Score("psnr", "best_baseline_psnr", "pool").verdict({"psnr": 12.9, "best_baseline_psnr": 14.6}),
-              demo.Score("ssim", "best_baseline_ssim", "pool").verdict({"ssim": 0.5, "best_baseline_ssim": 0.4})]
+              demo.Score("ssim", "best_baseline_ssim", "pool").verdict({"ssim": 0.5, "best_baseline_ssim": 0.4}),
+              demo.Score("psnr", "pool_baseline_psnr", "pool", plus=3).verdict({"psnr": 19, "pool_baseline_psnr": 15})]
     summary = {"seconds": 600.0, "spacing_mm": 4.0, "stages": [
         {"stage": "maskgit_stage1", "train_seconds": 80.2, "steps": 120, "num_cases": 4, "scores": scores}],
         "machine": {"cpu": "test CPU", "cores": 2, "torch_threads": 2, "device": "cpu", "torch": "2.13.0"}}
     rows = quality.table_rows(summary)
-    assert [(r["metric"], r["passes"]) for r in rows] == [("psnr", False), ("ssim", True)]
+    assert [(r["metric"], r["passes"]) for r in rows] == [("psnr", False), ("ssim", True), ("psnr", True)]
     table = quality.markdown(summary, rows)
     assert "| maskgit_stage1 | 80 | 120 | 4 | psnr | 12.900 | pool | 14.600 | -1.700 | **loses** |" in table
     assert "| ssim | 0.500 | pool | 0.400 | +0.100 | beats |" in table
+    assert "| psnr | 19.000 | pool | 15.000 + 3 | +1.000 | beats |" in table
     # A noisy full-colour sheet over 300 KB is re-encoded under the limit.
     from PIL import Image
 
