@@ -5,8 +5,8 @@ MaskGiT: FSQ autoencoder -> label-conditional and in-context (T1 -> T2) transfor
 MAISI:   KL-VAE -> rectified-flow latent diffusion -> tumour-mask ControlNet.
 
 Every step is a command a user types (``prod9-train-autoencoder train ...``, ``prod9-train-transformer generate
-...``), so the demo also proves the console scripts work. Each stage trains its bundle's ``configs/tiny.json`` for a
-few epochs, tests it on the whole test split (``metrics.json``: every score beside its trivial baseline),
+...``), so the demo also proves the console scripts work. Each stage trains its bundle's ``configs/tiny.json`` with the
+demo's recipe flags (``STAGE1_TRAIN``, ``TRANSFORMER``, ...: what learns in minutes on 2 cores), tests it on the whole test split (``metrics.json``: every score beside its trivial baseline),
 reconstructs / generates / translates / controls with the trained model and draws real vs model mid slices (axial,
 coronal, sagittal) into ``<output-dir>/<stage>.png``. Stages run one after another; a later stage reads the files of
 the one before it. The summary prints each stage's headline scores beside their baselines, says plainly where the

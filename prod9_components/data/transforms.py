@@ -210,7 +210,13 @@ class AntiAliasd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             source = [float(s) for s in d[key].pixdim[:3]]
-            sigma = [max(0.0, (t / s - 1.0) / 2.0) for t, s in zip(self.spacing, source)]
+            if not all(np.isfinite(s) and s > 0 for s in source):
+                raise ValueError(f"{_source_name(d[key], key)}: voxel size {tuple(source)} mm; expected positive "
+                                 "finite voxel sizes in the NIfTI header")
+            # Capped at the axis length: a wider kernel changes nothing more (edges repeat), and a header claiming
+            # micrometre voxels would otherwise ask for a kernel of millions of taps.
+            sigma = [min(max(0.0, (t / s - 1.0) / 2.0), float(n))
+                     for t, s, n in zip(self.spacing, source, d[key].shape[1:])]
             if any(sg > 0 for sg in sigma):  # scipy's separable filter: ~30x faster than MONAI's GaussianSmooth
                 smooth = [gaussian_filter(channel, sigma, mode="nearest", truncate=3.0) for channel in d[key].numpy()]
                 d[key] = d[key].clone().copy_(torch.from_numpy(np.stack(smooth)))

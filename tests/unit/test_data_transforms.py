@@ -209,3 +209,15 @@ def test_anti_aliasing_keeps_the_local_mean_when_downsampling():
     same = AntiAliasd(["image"], (1.0, 1.0, 1.0))({"image": volume.clone()})["image"]
     assert torch.equal(same, volume)
     assert isinstance(same, MetaTensor)
+
+
+def test_anti_aliasing_refuses_a_degenerate_header_and_bounds_its_kernel():
+    """A NaN voxel size is refused naming the file; a header claiming 1e-6 mm voxels (a kernel of millions of taps)
+    costs no more than smoothing over the whole axis."""
+    flat = MetaTensor(torch.zeros(1, 8, 8, 8), affine=torch.diag(torch.tensor([float("nan"), 1.0, 1.0, 1.0])),
+                      meta={"filename_or_obj": "bad.nii.gz"})
+    with pytest.raises(ValueError, match="bad.nii.gz: voxel size"):
+        AntiAliasd(["image"], (4.0, 4.0, 4.0))({"image": flat})
+    tiny = MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.diag(torch.tensor([1e-6, 1e-6, 1e-6, 1.0])))
+    out = AntiAliasd(["image"], (4.0, 4.0, 4.0))({"image": tiny})["image"]
+    assert out.shape == tiny.shape and float(out.std()) < 0.5 * float(tiny.std())
