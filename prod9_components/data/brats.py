@@ -18,6 +18,7 @@ import nibabel as nib
 
 from prod9_components.atomic import write_json
 from prod9_components.data.modalities import MODALITIES, canonical_modality, modality_index
+from prod9_components.data.provenance import check_resumed_splits
 
 logger = logging.getLogger("prod9")
 
@@ -213,11 +214,13 @@ def prepare_splits(
     datalist: str | os.PathLike | None = None,
     val_fraction: float = 0.2,
     test_fraction: float = 0.1,
+    resume: bool | str = False,
 ) -> dict[str, list[dict]]:
     """Discover (or read ``datalist``), check geometry, split, and write ``<output_dir>/datalist.json``.
 
     A given datalist with a non-empty "validation" split is kept as it is; otherwise all its items are
-    pooled and split from ``seed`` like discovered cases.
+    pooled and split from ``seed`` like discovered cases. With ``resume`` and a ``last.ckpt`` in ``output_dir``, the
+    saved ``datalist.json`` is kept, and a different split raises (see :func:`provenance.check_resumed_splits`).
     """
     if datalist:
         given = load_datalist(datalist, dataset_dir)
@@ -229,7 +232,8 @@ def prepare_splits(
         splits = given
     else:
         splits = split_cases(pooled, seed, val_fraction, test_fraction)
-    save_datalist(splits, Path(output_dir).expanduser() / "datalist.json")
+    if not check_resumed_splits(output_dir, splits, resume):  # a resumed run keeps the record of its data
+        save_datalist(splits, Path(output_dir).expanduser() / "datalist.json")
     return splits
 
 
