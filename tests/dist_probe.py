@@ -1,4 +1,4 @@
-"""Test-only handler layered onto a bundle run: records which items each rank's engine saw, and its metrics."""
+"""Test-only handlers layered onto a bundle run: which items each rank saw and its metrics; learning rates."""
 
 from __future__ import annotations
 
@@ -37,3 +37,18 @@ class SeenItems:
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
         path = self.output_dir / f"seen_{tag}_rank{rank}.json"
         path.write_text(json.dumps({"items": seen, "metrics": metrics}))
+
+
+class LearningRates:
+    """Write ``<output_dir>/learning_rates.json``: ``{iteration: learning rate of the optimizer's first group}``,
+    read after every iteration (after the schedule stepped); attach after the bundle's own handlers."""
+
+    def __init__(self, output_dir: str, optimizer: torch.optim.Optimizer) -> None:
+        self.path = Path(output_dir) / "learning_rates.json"
+        self.optimizer = optimizer
+        self.lrs: dict[int, float] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED,
+                                 lambda e: self.lrs.__setitem__(e.state.iteration, self.optimizer.param_groups[0]["lr"]))
+        engine.add_event_handler(Events.COMPLETED, lambda e: self.path.write_text(json.dumps(self.lrs)))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import os
 
-from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
+from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
+                                                 resolved, run_bundle)
 
 STAGE = "maskgit_stage1"
 VERBS = ("train", "validate", "test", "infer")
@@ -61,8 +62,8 @@ class StageOneCommands:
         """
         workflow = run_bundle(self._stage, "train", config, {"output_dir": output_dir, **flag_overrides(overrides)})
         out = resolved(workflow, "output_dir")
-        report(f"trained: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs, "
-               f"export {resolved(workflow, 'export_path')}")
+        report_training(workflow, f"trained: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
+                                  f"{out}/logs, export {resolved(workflow, 'export_path')}")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  **overrides):

@@ -146,3 +146,11 @@ def report(message: str) -> None:
     """The one closing line every verb prints."""
     print(message, flush=True)
 
+
+def report_training(workflow: Any, trained: str) -> None:
+    """The closing line of a ``train`` verb: ``trained``, or, when a resumed run had already reached its last epoch,
+    the checkpoint handler's sentence that says nothing was trained."""
+    handlers = resolved(workflow, "train#handlers", []) or []
+    said = [h.nothing_trained for h in handlers if getattr(h, "nothing_trained", None)]
+    report(said[0] if said else trained)
+

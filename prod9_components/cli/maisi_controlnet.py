@@ -8,7 +8,7 @@ as an override (e.g. ``--epochs 5``, ``--contrastive-weight 0.1``).
 from __future__ import annotations
 
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
-                                                 resolved, run_bundle)
+                                                 report_training, resolved, run_bundle)
 
 STAGE = "maisi_stage3_controlnet"
 
@@ -36,7 +36,8 @@ class MaisiControlNetCommands:
             "output_dir": output_dir, "diffusion_path": diffusion_path, "condition_type": condition_type,
             "source_modality": source_modality, **flag_overrides(overrides)})
         out = resolved(workflow, "output_dir")
-        report(f"trained {STAGE}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs")
+        report_training(workflow, f"trained {STAGE}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
+                                  f"{out}/logs")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  **overrides):

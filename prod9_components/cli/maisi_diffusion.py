@@ -6,7 +6,8 @@ as an override (e.g. ``--epochs 5``, ``--vae-path outputs/maisi_vae_final.pt``).
 
 from __future__ import annotations
 
-from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
+from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
+                                                 resolved, run_bundle)
 
 STAGE = "maisi_stage2_diffusion"
 
@@ -27,7 +28,8 @@ class MaisiDiffusionCommands:
         workflow = run_bundle(STAGE, "train", config, {"output_dir": output_dir, "vae_path": vae_path,
                                                        **flag_overrides(overrides)})
         out = resolved(workflow, "output_dir")
-        report(f"trained: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs")
+        report_training(workflow, f"trained: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
+                                  f"{out}/logs")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  **overrides):

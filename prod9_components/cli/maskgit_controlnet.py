@@ -8,7 +8,7 @@ as an override (e.g. ``--epochs 5``, ``--num-control-blocks 6``).
 from __future__ import annotations
 
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
-                                                 resolved, run_bundle)
+                                                 report_training, resolved, run_bundle)
 
 STAGE = "maskgit_stage3_controlnet"
 
@@ -31,7 +31,8 @@ class ControlNetCommands:
         workflow = run_bundle(STAGE, "train", config, {"output_dir": output_dir, "transformer_path": transformer_path,
                                                        "control_type": control_type, **flag_overrides(overrides)})
         out = resolved(workflow, "output_dir")
-        report(f"trained {STAGE}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs")
+        report_training(workflow, f"trained {STAGE}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
+                                  f"{out}/logs")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  **overrides):

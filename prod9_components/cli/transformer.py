@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
+from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
+                                                 resolved, run_bundle)
 
 LABEL, INCONTEXT = "maskgit_stage2_label", "maskgit_stage2_incontext"
 
@@ -67,7 +68,8 @@ class TransformerCommands:
                                                        **_modalities(source_modality, target_modality),
                                                        **flag_overrides(overrides)})
         out = resolved(workflow, "output_dir")
-        report(f"trained {stage}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in {out}/logs")
+        report_training(workflow, f"trained {stage}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
+                                  f"{out}/logs")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  **overrides):

@@ -5,6 +5,7 @@ networks were saved unwrapped, and says so when there is nothing left to train."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,20 @@ def test_a_resumed_run_keeps_its_datalist_and_refuses_another(tmp_path):
     assert message == (f"{tmp_path / 'last.ckpt'}: it was trained on the data split in {tmp_path / 'datalist.json'}, "
                        "and this run's differs (its validation split holds ['c'] where this run's holds ['d']); "
                        "pass --resume false to start a new run there, or choose a new --output-dir")
+
+
+BUNDLES = sorted(p.parent.parent for p in (Path(__file__).resolve().parents[2] / "bundles").glob("*/configs/train.json"))
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_every_bundle_wires_resume_the_same_way(bundle):
+    """What the tests above show for one handler holds in every bundle: the split is written with ``resume`` and
+    fingerprinted, and every optimizer and schedule of the config is restored (so its learning rate is re-applied)."""
+    config = json.loads((bundle / "configs" / "train.json").read_text())
+    assert config["resume"] is True
+    assert config["splits"].endswith("datalist=@datalist, resume=@resume)")
+    (handler,) = [h for h in config["train"]["handlers"] if h["_target_"].endswith("checkpoint.CheckpointHandler")]
+    assert handler["resume"] == "@resume" and handler["splits"] == "@splits"
+    stateful = {f"@{key}" for key, value in config.items() if isinstance(value, dict)
+                and str(value.get("_target_", "")).startswith(("torch.optim.", "prod9_components.engines.lr_schedule"))}
+    assert len(stateful) >= 1 and stateful <= set(handler["save_dict"].values()), stateful
