@@ -1,6 +1,7 @@
 """2-process gloo `torchrun` runs of stage 1 and stage 2 of both families: every bundle's multi_gpu_train.json
 trains, the ranks see disjoint shards of the training data every epoch, they validate disjoint shards of the
-validation split and end with the same (reduced) metrics, and only rank 0 writes checkpoints."""
+validation split and end with the same (reduced) metrics, and only rank 0 writes checkpoints; a torchrun run resumes
+from its last.ckpt."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.stage1_helpers import ROOT, TEST_SPACING, cli
 
@@ -23,7 +25,7 @@ PROBE = {"probe": {"_target_": "tests.dist_probe.SeenItems", "output_dir": "@out
 
 def torchrun(bundle: str, out: Path, overrides: dict) -> subprocess.CompletedProcess:
     configs = ROOT / "bundles" / bundle / "configs"
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)  # exists when a test resumes a run
     probe = out.parent / f"{bundle}_probe.json"
     probe.write_text(json.dumps(PROBE))
     files = [configs / "train.json", configs / "tiny.json", configs / "multi_gpu_train.json", probe]
@@ -78,6 +80,23 @@ def test_stage1_trains_on_two_gloo_processes(bundle, demo_dataset_dir, tmp_path)
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     for name in ("psnr", "ssim"):
         assert single[name] == pytest.approx(metrics[name], rel=1e-5), name
+
+
+def test_stage1_resumes_on_two_gloo_processes(demo_dataset_dir, tmp_path):
+    """A DDP run stopped after epoch 1 (a short max_epochs) continues to epoch 2 from its last.ckpt."""
+    out = tmp_path / "run"
+    settings = {"dataset_dir": demo_dataset_dir, "spacing": TEST_SPACING, "limit_train_batches": 2,
+                "limit_val_batches": 2}
+    torchrun("maskgit_stage1", out, {**settings, "epochs": 1})
+    first = torch.load(out / "last.ckpt", weights_only=True)
+    assert first["epoch"] == 1 and not (out / "best.ckpt").exists()  # validation comes at epoch 2
+    assert not [key for key in first["network"] if key.startswith("module.")]  # the bare network's keys
+    result = torchrun("maskgit_stage1", out, {**settings, "epochs": 2})
+    text = result.stdout + result.stderr
+    assert text.count(f"resumed from {out / 'last.ckpt'} at epoch 1 (iteration 2); training to epoch 2") == 2  # ranks
+    final = torch.load(out / "last.ckpt", weights_only=True)
+    assert (final["epoch"], final["trainer"]["iteration"]) == (2, 4)
+    assert (out / "best.ckpt").is_file() and final["best_epoch"] == 2
 
 
 def test_maskgit_stage2_trains_on_two_gloo_processes(stage2_runs, tmp_path):
