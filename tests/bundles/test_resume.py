@@ -94,7 +94,8 @@ def test_resuming_a_finished_run_says_nothing_was_trained(finished_run):
 
 
 def test_resuming_on_other_data_is_refused_before_anything_is_overwritten(finished_run, tmp_path):
-    out = finished_run["output_dir"]
+    out = tmp_path / "run"  # a copy: the run the other tests resume stays as it was, whatever happens here
+    shutil.copytree(finished_run["output_dir"], out)
     before = snapshot(out)
     saved = json.loads((out / "datalist.json").read_text())
     other = tmp_path / "five_cases.json"  # the same dataset less one case: another split
