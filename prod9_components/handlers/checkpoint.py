@@ -136,8 +136,10 @@ class CheckpointHandler:
                 raise resume_refusal(self.last_path, "it was trained on another data split (other cases, files or "
                                                      "file sizes) than this run's")
             elif _plain(saved[key]) != _plain(current[key]):
+                path = self.extra.get(f"{key.rsplit('_', 1)[0]}_path")  # autoencoder_sha256 -> autoencoder_path
                 raise resume_refusal(self.last_path, f"it was trained with {key}={str(saved[key])[:16]}…, this run "
-                                                     f"has {str(current[key])[:16]}… (another upstream file)")
+                                                     f"has {str(current[key])[:16]}… (another upstream file"
+                                                     + (f": {path})" if path else ")"))
 
     def load_last(self, engine: Engine) -> None:
         """Restore everything from last.ckpt when resuming (checked against this run's fingerprint first), then put

@@ -91,7 +91,8 @@ def test_a_finished_run_says_nothing_was_trained(tmp_path):
         assert torch.equal(again["network"].state_dict()[name], value), name
 
 
-@pytest.mark.parametrize("change", [{"width": 8}, {"dropout": 0.5}, {"extra": {"autoencoder_sha256": "b" * 64}}],
+@pytest.mark.parametrize("change", [{"width": 8}, {"dropout": 0.5},
+                                    {"extra": {"autoencoder_sha256": "b" * 64, "autoencoder_path": "/x/ae.pt"}}],
                          ids=["network-shape", "network-args-same-shapes", "upstream-file"])
 def test_a_resume_of_another_run_is_refused_in_one_line(tmp_path, change):
     run(tmp_path, epochs=1, extra={"autoencoder_sha256": "a" * 64, "roi_size": [32, 32, 32]})
@@ -102,6 +103,8 @@ def test_a_resume_of_another_run_is_refused_in_one_line(tmp_path, change):
     assert message.startswith(f"{tmp_path / 'last.ckpt'}: ") and "\n" not in message
     assert "--resume false" in message and "--output-dir" in message
     assert ("autoencoder_sha256=aaaa" if "extra" in change else f"{next(iter(change))}=") in message
+    if "extra" in change:
+        assert "(another upstream file: /x/ae.pt)" in message
 
 
 def test_the_data_split_is_part_of_the_fingerprint(tmp_path):
