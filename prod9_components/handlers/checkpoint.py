@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -153,6 +152,9 @@ class CheckpointHandler:
                                                  f"{_first_line(error)})") from None
         if not isinstance(checkpoint, dict) or "trainer" not in checkpoint:
             raise resume_refusal(self.last_path, "is not a prod9 last.ckpt (expected a dict with the trainer state)")
+        if "fingerprint" not in checkpoint:
+            logger.warning(f"{self.last_path} predates fingerprints: resuming without checking it was written by this "
+                           "network, data split and upstream files")
         self.check_fingerprint(checkpoint.get("fingerprint", {}))
         max_epochs = engine.state.max_epochs  # the current config decides how long to train
         config_lrs = {name: [group.get("initial_lr", group["lr"]) for group in obj.param_groups]
