@@ -49,6 +49,8 @@ class LearningRates:
         self.lrs: dict[int, float] = {}
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED,
-                                 lambda e: self.lrs.__setitem__(e.state.iteration, self.optimizer.param_groups[0]["lr"]))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         engine.add_event_handler(Events.COMPLETED, lambda e: self.path.write_text(json.dumps(self.lrs)))
+
+    def record(self, engine: Engine) -> None:
+        self.lrs[engine.state.iteration] = self.optimizer.param_groups[0]["lr"]

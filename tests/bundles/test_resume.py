@@ -78,7 +78,9 @@ def train_cli(out, *args):
 
 
 def snapshot(folder):
-    return {name: ((folder / name).read_bytes(), (folder / name).stat().st_mtime_ns) for name in ("last.ckpt", "datalist.json")}
+    """Bytes and modification time of the files a resume must not rewrite."""
+    return {name: ((folder / name).read_bytes(), (folder / name).stat().st_mtime_ns)
+            for name in ("last.ckpt", "datalist.json")}
 
 
 def test_resuming_a_finished_run_says_nothing_was_trained(finished_run):
@@ -113,7 +115,8 @@ def test_a_changed_learning_rate_applies_on_resume(finished_run, tmp_path):
     shutil.copytree(finished_run["output_dir"], out)
     probe = tmp_path / "probe.json"
     probe.write_text(json.dumps({
-        "lr_probe": {"_target_": "tests.dist_probe.LearningRates", "output_dir": "@output_dir", "optimizer": "@optimizer"},
+        "lr_probe": {"_target_": "tests.dist_probe.LearningRates", "output_dir": "@output_dir",
+                     "optimizer": "@optimizer"},
         "run": ["$@lr_probe.attach(@train#trainer)", "$@train#trainer.run()"]}))
     bundle_run(["train.json", "tiny.json", str(probe)], {"dataset_dir": finished_run["dataset_dir"], "output_dir": out,
                                                           **SHORT_RUN, "epochs": 2, "learning_rate": 0.002})

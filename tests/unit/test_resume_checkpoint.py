@@ -86,7 +86,8 @@ def test_a_finished_run_says_nothing_was_trained(tmp_path):
     assert first["handler"].nothing_trained is None
     again = run(tmp_path, epochs=2)
     assert again["lrs"] == {}  # not one iteration
-    assert again["handler"].nothing_trained.startswith(f"already at epoch 2 in {tmp_path / 'last.ckpt'}, nothing trained")
+    said = again["handler"].nothing_trained
+    assert said.startswith(f"already at epoch 2 in {tmp_path / 'last.ckpt'}, nothing trained")
     for name, value in first["network"].state_dict().items():
         assert torch.equal(again["network"].state_dict()[name], value), name
 
@@ -162,7 +163,8 @@ def test_a_resumed_run_keeps_its_datalist_and_refuses_another(tmp_path):
                        "pass --resume false to start a new run there, or choose a new --output-dir")
 
 
-BUNDLES = sorted(p.parent.parent for p in (Path(__file__).resolve().parents[2] / "bundles").glob("*/configs/train.json"))
+BUNDLES = sorted(path.parent.parent
+                 for path in (Path(__file__).resolve().parents[2] / "bundles").glob("*/configs/train.json"))
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
