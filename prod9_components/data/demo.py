@@ -54,7 +54,7 @@ TUMOUR_INTENSITY = {  # (necrosis, enhancing, oedema)
     "flair": (0.50, 0.75, 0.95),
 }
 NECROSIS, OEDEMA, ENHANCING = 1, 2, 4
-MARKER_NAME = "prod9_demo.json"  # what make_demo_dataset generated (seed, shape, version): its folders only
+MARKER_NAME = "prod9_demo.json"  # marks make_demo_dataset's folders: seed, shape, version and the cases it made
 
 
 @dataclass(frozen=True, eq=False)
@@ -337,13 +337,14 @@ def make_demo_dataset(
 ) -> list[str]:
     """Build (or complete) a demo dataset of ``num_cases`` cases in ``output_dir``; returns the case dirs.
 
-    Only a new or empty folder, or one this function made (its ``prod9_demo.json`` marker records seed, shape and
-    version), is written into. There, complete cases are reused and missing cases or files are written; nothing
-    already in the folder is deleted or replaced, and a folder built with other settings is never mixed in.
+    Only a new or empty folder, or one this function made (its ``prod9_demo.json`` marker records seed, shape,
+    version and the cases it wrote), is written into. There, complete cases are reused and missing cases, or missing
+    files of cases it made, are written; nothing already in the folder is deleted or replaced, and a folder built
+    with other settings is never mixed in.
 
     Raises:
         ValueError: ``output_dir`` is not empty and has no marker (e.g. a user's own dataset), holds a demo
-            dataset built with other settings, or bad arguments.
+            dataset built with other settings or an incomplete case it did not make, or bad arguments.
     """
     if int(num_cases) < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
@@ -355,7 +356,13 @@ def make_demo_dataset(
     settings = {"version": DEMO_VERSION, "seed": int(seed), "shape": list(shape)}
     marker = root / MARKER_NAME
     if marker.is_file():
-        existing = json.loads(marker.read_text())
+        try:
+            existing = json.loads(marker.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{marker}: not valid JSON ({error}); use another dir") from None
+        if not isinstance(existing, dict):
+            raise ValueError(f"{marker}: expected a JSON object with version, seed and shape; use another dir")
+        made = set(existing.pop("cases", []))  # markers written before the list existed have none
         if existing != settings:
             raise ValueError(f"{root}: holds a demo dataset built with {existing}, not {settings}; use another dir")
     else:
@@ -367,13 +374,19 @@ def make_demo_dataset(
                 f"{root}: not empty and not a prod9 demo dataset (no {MARKER_NAME}; holds {', '.join(entries[:3])}"
                 f"{', ...' if len(entries) > 3 else ''}); give a new or empty folder"
             )
+        made = set()
         write_json(settings, marker)
 
     case_dirs = []
     for index in range(int(num_cases)):
         case_dir = root / _case_name(index)
         if not _case_complete(case_dir):
+            if case_dir.exists() and case_dir.name not in made:  # e.g. a user's case copied in: never write into it
+                raise ValueError(f"{case_dir}: an incomplete case this generator did not make (not listed in "
+                                 f"{marker}); move it out of {root} or use another dir")
             logger.info("demo dataset: building case %d/%d in %s", index + 1, num_cases, case_dir)
             write_case(synthesize_case(int(seed), index, shape), case_dir)  # adds missing files, deletes none
+            made.add(case_dir.name)
+            write_json({**settings, "cases": sorted(made)}, marker)
         case_dirs.append(str(case_dir))
     return case_dirs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -173,3 +174,28 @@ def test_rerun_in_its_own_folder_fills_in_deleted_case_and_file(tmp_path):
     expected = synthesize_case(0, 1, (16, 16, 12))  # the refilled case is the same case again
     np.testing.assert_array_equal(np.asarray(nib.load(cases[1]["seg"]).dataobj), expected.seg)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # its temp dirs are gone
+
+
+def test_an_incomplete_case_it_did_not_make_is_never_written_into(tmp_path, monkeypatch):
+    """Its own (marked) folder, but a case folder someone copied in: refused by name, not completed with
+    synthetic files; and the default demo folder ($PROD9_DEMO_DIR) follows the same rules."""
+    make_demo_dataset(tmp_path, num_cases=1, seed=0, shape=(16, 16, 12))
+    marker = json.loads((tmp_path / "prod9_demo.json").read_text())
+    assert marker == {"version": 1, "seed": 0, "shape": [16, 16, 12], "cases": ["BraTS2021_00000"]}
+    copied = tmp_path / "BraTS2021_00001"
+    copied.mkdir()
+    (copied / "BraTS2021_00001_t1.nii.gz").write_bytes(b"a real scan")
+    with pytest.raises(ValueError, match=r"BraTS2021_00001: an incomplete case this generator did not make"):
+        make_demo_dataset(tmp_path, num_cases=2, seed=0, shape=(16, 16, 12))
+    assert [p.name for p in copied.iterdir()] == ["BraTS2021_00001_t1.nii.gz"]
+
+    from prod9_components.data.brats import resolve_dataset_dir
+
+    user_data = tmp_path / "user"
+    (user_data / "BraTS2021_00000").mkdir(parents=True)
+    (user_data / "BraTS2021_00000" / "BraTS2021_00000_flair.nii.gz").write_bytes(b"a real scan")
+    monkeypatch.delenv("BRATS_DATA_DIR", raising=False)
+    monkeypatch.setenv("PROD9_DEMO_DIR", str(user_data))
+    with pytest.raises(ValueError, match=r"user: not empty and not a prod9 demo dataset"):
+        resolve_dataset_dir(None)
+    assert sorted(p.name for p in user_data.rglob("*")) == ["BraTS2021_00000", "BraTS2021_00000_flair.nii.gz"]
