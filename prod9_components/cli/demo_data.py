@@ -16,8 +16,9 @@ def demo_data(*, output: str, num_cases: int = 8, seed: int = 0, shape: tuple[in
     """Write a synthetic BraTS 2021-layout dataset built from the MNI152 anatomy shipped with nilearn.
 
     Each case is BraTS2021_NNNNN/BraTS2021_NNNNN_{t1,t1ce,t2,flair,seg}.nii.gz (seg labels 0, 1 necrotic
-    core, 2 oedema, 4 enhancing) on a 240x240x155 mm field of view. Complete cases already in OUTPUT are
-    reused, so a re-run only fills in missing cases.
+    core, 2 oedema, 4 enhancing) on a 240x240x155 mm field of view. OUTPUT must be new, empty, or a folder this
+    command made (marked by its prod9_demo.json): there complete cases are reused and a re-run only fills in
+    missing cases; nothing in OUTPUT is deleted or replaced.
 
     Args:
         output: directory to write the cases into (created if missing).
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: ``prod9-demo-data --output DIR --num-cases N --seed S [--shape X Y Z]``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = normalise_multi_value_flags(list(sys.argv[1:] if argv is None else argv))
-    fire.Fire(demo_data, command=args, name="prod9-demo-data")
+    try:
+        fire.Fire(demo_data, command=args, name="prod9-demo-data")
+    except (ValueError, OSError) as error:  # e.g. a folder of the user's: one line naming it, no traceback
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import nibabel as nib
-
 from prod9_components.atomic import write_json
+from prod9_components.data.geometry import check_case_geometry  # noqa: F401 (re-exported)
 from prod9_components.data.modalities import MODALITIES, canonical_modality, modality_index
 from prod9_components.data.provenance import check_resumed_splits
 
@@ -88,33 +87,6 @@ def discover_cases(dataset_dir: str | os.PathLike) -> list[dict]:
     if not cases:
         raise ValueError(f"{root}: no BraTS cases found; expected {EXPECTED_LAYOUT}")
     return cases
-
-
-def check_case_geometry(cases: Iterable[Mapping]) -> None:
-    """Check (from the NIfTI headers only) that every volume is 3D and each case's volumes share one shape.
-
-    Raises:
-        ValueError: naming the offending file(s) and shape(s).
-    """
-    for case in cases:
-        reference = None
-        for role in (*MODALITIES, "seg"):
-            if role not in case:
-                continue
-            path = case[role]
-            try:
-                shape = tuple(int(s) for s in nib.load(path).shape)
-            except Exception as error:  # nibabel raises several types for corrupt headers
-                raise ValueError(f"{path}: cannot read NIfTI header ({error})") from error
-            if len(shape) != 3:
-                raise ValueError(f"{path}: expected a 3D volume, got shape {shape}")
-            if reference is None:
-                reference = (path, shape)
-            elif shape != reference[1]:
-                raise ValueError(
-                    f"case {case.get('case', '?')}: {path} has shape {shape} but {reference[0]} has shape "
-                    f"{reference[1]}; all modalities and seg of a case must share one grid"
-                )
 
 
 def _normalise_item(item: Mapping, dataset_dir: Path, where: str) -> dict:
@@ -215,19 +187,22 @@ def prepare_splits(
     val_fraction: float = 0.2,
     test_fraction: float = 0.1,
     resume: bool | str = False,
+    **geometry,
 ) -> dict[str, list[dict]]:
     """Discover (or read ``datalist``), check geometry, split, and write ``<output_dir>/datalist.json``.
 
     A given datalist with a non-empty "validation" split is kept as it is; otherwise all its items are
     pooled and split from ``seed`` like discovered cases. With ``resume`` and a ``last.ckpt`` in ``output_dir``, the
     saved ``datalist.json`` is kept, and a different split raises (see :func:`provenance.check_resumed_splits`).
+    ``geometry``: the run's ``spacing``, ``min_side`` and ``k_divisible`` for
+    :func:`~prod9_components.data.geometry.check_case_geometry` (size checks before training).
     """
     if datalist:
         given = load_datalist(datalist, dataset_dir)
         pooled = [item for split in SPLITS for item in given[split]]
     else:
         given, pooled = None, discover_cases(dataset_dir)
-    check_case_geometry(pooled)
+    check_case_geometry(pooled, **geometry)
     if given is not None and given["validation"]:
         splits = given
     else:

@@ -54,6 +54,7 @@ TUMOUR_INTENSITY = {  # (necrosis, enhancing, oedema)
     "flair": (0.50, 0.75, 0.95),
 }
 NECROSIS, OEDEMA, ENHANCING = 1, 2, 4
+MARKER_NAME = "prod9_demo.json"  # marks make_demo_dataset's folders: seed, shape, version and the cases it made
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,7 +295,11 @@ def _case_complete(case_dir: Path) -> bool:
 
 
 def write_case(case: DemoCase, case_dir: str | os.PathLike) -> str:
-    """Write a DemoCase in the BraTS 2021 layout: into a temp dir, then renamed (never half-written)."""
+    """Write a DemoCase in the BraTS 2021 layout: into a temp dir, then renamed (never half-written).
+
+    When ``case_dir`` already exists (a case of this generator with files deleted) only the missing files are
+    moved in: an existing file is never replaced. The temp dir is the only thing ever removed.
+    """
     case_dir = Path(case_dir)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{case_dir.name}.", dir=case_dir.parent))
     try:
@@ -302,10 +307,17 @@ def write_case(case: DemoCase, case_dir: str | os.PathLike) -> str:
             counts = np.clip(np.rint(image * INTENSITY_SCALE), 0, np.iinfo(np.int16).max).astype(np.int16)
             _save_nifti(counts, case.affine, tmp_dir / f"{case_dir.name}_{modality}.nii.gz")
         _save_nifti(case.seg.astype(np.uint8), case.affine, tmp_dir / f"{case_dir.name}_seg.nii.gz")
-        os.replace(tmp_dir, case_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        if not case_dir.exists():
+            try:
+                os.replace(tmp_dir, case_dir)
+                return str(case_dir)
+            except OSError:  # another process built this case first: fill in whatever it still lacks
+                pass
+        for written in tmp_dir.iterdir():
+            if not (case_dir / written.name).exists():
+                os.replace(written, case_dir / written.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # our own temp dir (already gone after the whole-dir rename)
     return str(case_dir)
 
 
@@ -325,11 +337,14 @@ def make_demo_dataset(
 ) -> list[str]:
     """Build (or complete) a demo dataset of ``num_cases`` cases in ``output_dir``; returns the case dirs.
 
-    Complete cases already present are reused; a ``prod9_demo.json`` marker records seed, shape and version
-    so a directory built with other settings is never mixed in.
+    Only a new or empty folder, or one this function made (its ``prod9_demo.json`` marker records seed, shape,
+    version and the cases it wrote), is written into. There, complete cases are reused and missing cases, or missing
+    files of cases it made, are written; nothing already in the folder is deleted or replaced, and a folder built
+    with other settings is never mixed in.
 
     Raises:
-        ValueError: ``output_dir`` holds a demo dataset built with other settings, or bad arguments.
+        ValueError: ``output_dir`` is not empty and has no marker (e.g. a user's own dataset), holds a demo
+            dataset built with other settings or an incomplete case it did not make, or bad arguments.
     """
     if int(num_cases) < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
@@ -339,21 +354,39 @@ def make_demo_dataset(
     root = Path(output_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     settings = {"version": DEMO_VERSION, "seed": int(seed), "shape": list(shape)}
-    marker = root / "prod9_demo.json"
+    marker = root / MARKER_NAME
     if marker.is_file():
-        existing = json.loads(marker.read_text())
+        try:
+            existing = json.loads(marker.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{marker}: not valid JSON ({error}); use another dir") from None
+        if not isinstance(existing, dict):
+            raise ValueError(f"{marker}: expected a JSON object with version, seed and shape; use another dir")
+        made = set(existing.pop("cases", []))  # markers written before the list existed have none
         if existing != settings:
             raise ValueError(f"{root}: holds a demo dataset built with {existing}, not {settings}; use another dir")
     else:
+        # Why: a folder without our marker may hold a user's data (e.g. real BraTS cases without seg); the
+        # generator writes only into a new or empty folder, then marks it as its own.
+        entries = sorted(p.name for p in root.iterdir() if not p.name.startswith(f".{MARKER_NAME}."))
+        if entries:
+            raise ValueError(
+                f"{root}: not empty and not a prod9 demo dataset (no {MARKER_NAME}; holds {', '.join(entries[:3])}"
+                f"{', ...' if len(entries) > 3 else ''}); give a new or empty folder"
+            )
+        made = set()
         write_json(settings, marker)
 
     case_dirs = []
     for index in range(int(num_cases)):
         case_dir = root / _case_name(index)
         if not _case_complete(case_dir):
-            if case_dir.exists():
-                shutil.rmtree(case_dir)  # an incomplete case from an older, interrupted layout
+            if case_dir.exists() and case_dir.name not in made:  # e.g. a user's case copied in: never write into it
+                raise ValueError(f"{case_dir}: an incomplete case this generator did not make (not listed in "
+                                 f"{marker}); move it out of {root} or use another dir")
             logger.info("demo dataset: building case %d/%d in %s", index + 1, num_cases, case_dir)
-            write_case(synthesize_case(int(seed), index, shape), case_dir)
+            write_case(synthesize_case(int(seed), index, shape), case_dir)  # adds missing files, deletes none
+            made.add(case_dir.name)
+            write_json({**settings, "cases": sorted(made)}, marker)
         case_dirs.append(str(case_dir))
     return case_dirs

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelReader
@@ -30,6 +29,8 @@ from monai.transforms import (
 )
 
 from prod9_components.data.modalities import map_brats_labels
+from prod9_components.data.nifti import check_volume_size, read_header
+from prod9_components.limits import MAX_VOXELS, check_voxels, voxel_count
 
 
 def _source_name(image, fallback: str) -> str:
@@ -38,38 +39,65 @@ def _source_name(image, fallback: str) -> str:
     return str(meta.get("filename_or_obj", fallback))
 
 
+class NativeNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader`` for real-world files: a trailing axis of size 1 is dropped (MONAI's
+    ``squeeze_non_spatial_dims``) and the data is returned in native byte order (torch refuses big-endian arrays:
+    "given numpy array has byte order different from the native byte order").
+
+    Call :func:`~prod9_components.data.nifti.read_header` first: this reader would turn a (X, Y, Z, 3) file into
+    three channels.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(squeeze_non_spatial_dims=True, **kwargs)
+
+    def _get_array_data(self, img, filename):
+        data = super()._get_array_data(img, filename)
+        if not data.dtype.isnative:  # a copy only for the files that need it
+            data = data.astype(data.dtype.newbyteorder("="))
+        return data
+
+
 class LoadVolumed(MapTransform):
     """Load 3D NIfTI volumes as channel-first MetaTensors (1, X, Y, Z) with their affine.
 
-    Images become float32; keys in ``label_keys`` keep the file's integer values.
+    Images become float32; keys in ``label_keys`` keep the file's integer values. The header is read and checked
+    first (:mod:`prod9_components.data.nifti`): a trailing axis of size 1 is a 3D volume, and with ``spacing`` the
+    grid after resampling to it must stay within ``max_voxels``, so a header claiming billions of voxels fails
+    before any allocation. Big-endian, scaled-integer and float64 files load like any other.
 
     Reader: MONAI's NibabelReader for ``.nii`` and ``.nii.gz``. Not ITK (why, measured with MONAI 1.6.1 /
     itk 5.4 on this machine): ITK silently replaces NaN/Inf voxels with 0, reads a truncated ``.nii.gz``
     without any error, costs ~4 s to import, and was no faster (full 240x240x155 int16: 0.08 s both).
 
+    Args:
+        keys / label_keys: volumes to load; which of them are label maps.
+        spacing: the run's voxel size (mm) the volumes will be resampled to; None skips that size check.
+        max_voxels: the largest grid accepted, on the file and after resampling
+            (:data:`~prod9_components.limits.MAX_VOXELS`).
+
     Raises:
-        ValueError: ``"{path}: cannot read (...)"``, ``"{path}: expected a 3D volume, got shape ..."`` or
-            ``"{path}: N NaN/Inf voxels"``.
+        ValueError: ``"{path}: cannot read (...)"``, ``"{path}: expected a 3D volume, got shape ..."``,
+            ``"{path}: ... voxels; the limit is ..."`` or ``"{path}: N NaN/Inf voxels"``.
     """
 
-    def __init__(self, keys, label_keys: Sequence[str] = (), allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys, label_keys: Sequence[str] = (), allow_missing_keys: bool = False,
+                 spacing: Sequence[float] | None = None, max_voxels: int = MAX_VOXELS) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_keys = tuple(label_keys)
-        self._loader = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True, dtype=None)
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.max_voxels = int(max_voxels)
+        self._loader = LoadImage(reader=NativeNibabelReader(), image_only=True, ensure_channel_first=True, dtype=None)
 
     def load(self, path: str, is_label: bool) -> MetaTensor:
         path = str(path)
-        try:
-            shape = nib.load(path).shape  # header only: cheap, and gives the clear 2D/4D message
-        except Exception as error:
-            raise ValueError(f"{path}: cannot read ({error})") from error
-        if len(shape) != 3:
-            raise ValueError(f"{path}: expected a 3D volume, got shape {tuple(shape)}")
+        check_volume_size(read_header(path), self.spacing, self.max_voxels)  # header only: before any allocation
         try:
             volume = self._loader(path)
         except Exception as error:  # nibabel raises OSError, EOFError, zlib.error, ValueError, ...
             reason = " ".join(str(error).split()) or type(error).__name__
-            raise ValueError(f"{path}: cannot read ({reason})") from error
+            # from None: the CLI reports an error's innermost cause, and only this one names the file
+            raise ValueError(f"{path}: cannot read ({reason})") from None
         if volume.is_floating_point():
             non_finite = int((~torch.isfinite(volume)).sum())
             if non_finite:
@@ -244,7 +272,7 @@ def preprocessing(
     keys = image_keys + label_keys
     background = float(intensity_range[0])
     transforms = [
-        LoadVolumed(keys, label_keys=label_keys),
+        LoadVolumed(keys, label_keys=label_keys, spacing=spacing),
         *([MatchLabelGridd(label_keys, image_keys[0])] if label_keys else []),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         AntiAliasd(image_keys, spacing),
@@ -271,7 +299,7 @@ def mask_preprocessing(spacing: Sequence[float], image_grid: Sequence[int], key:
     pad/crop to ``image_grid`` (the training volume: BraTS volumes centre the brain, so the tumour keeps its place).
     Output ``key``: (1, *image_grid) MetaTensor whose affine is the output grid's."""
     return [
-        LoadVolumed([key], label_keys=[key]),
+        LoadVolumed([key], label_keys=[key], spacing=spacing),
         Orientationd([key], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd([key], pixdim=tuple(spacing), mode="nearest"),
         MapBraTSLabelsd([key]),
@@ -285,7 +313,11 @@ def training_crop(
     """Pad to at least ``roi_size`` then take one random ``roi_size`` crop (same crop for all keys).
 
     ``background`` pads image keys (use the intensity range minimum, e.g. -1); ``label_keys`` pad with 0.
+
+    Raises:
+        ValueError: ``roi_size`` above :data:`~prod9_components.limits.MAX_VOXELS` (every volume is padded to it).
     """
+    check_voxels(voxel_count(roi_size), f"roi_size {tuple(int(r) for r in roi_size)}", "lower --roi-size")
     image_keys = [k for k in keys if k not in set(label_keys)]
     label_keys = [k for k in keys if k in set(label_keys)]
     transforms = []

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 
+from prod9_components.limits import check_voxels, voxel_count
+
 __all__ = ["SlidingWindowConfig", "AutoencoderInferenceWrapper"]
 
 
@@ -23,7 +25,8 @@ class SlidingWindowConfig:
         roi_size: window size on the image grid (an int means a cube); each entry must be divisible by the
             autoencoder's downsample factor, and the decoder windows are ``roi_size / f`` on the latent grid.
         overlap: fraction of a window shared with its neighbour, in [0, 1).
-        sw_batch_size: windows run per network call.
+        sw_batch_size: windows run per network call; ``roi_size`` voxels x ``sw_batch_size`` must stay within
+            :data:`~prod9_components.limits.MAX_VOXELS` (a memory bound checked before anything is allocated).
         mode: blending of overlapping windows, ``"gaussian"`` (weights fall off from the window centre, which
             hides seams) or ``"constant"`` (plain average).
         sigma_scale: Gaussian sigma as a fraction of the window size.
@@ -44,6 +47,10 @@ class SlidingWindowConfig:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap!r}.")
         if int(self.sw_batch_size) < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size!r}.")
+        # Checked here, before any window is built: the windows of one network call are allocated together.
+        check_voxels(voxel_count(self.roi_size) * int(self.sw_batch_size),
+                     f"--roi-size {list(self.roi_size)} x --sw-batch-size {int(self.sw_batch_size)} windows per network "
+                     "call", "lower --roi-size or --sw-batch-size")
         if self.mode not in ("gaussian", "constant"):
             raise ValueError(f"mode must be 'gaussian' or 'constant', got {self.mode!r}.")
         if float(self.sigma_scale) <= 0:

@@ -52,6 +52,9 @@ def check_ranks(out: Path, result: subprocess.CompletedProcess, key_metric: str)
     assert text.count("is the best so far; wrote") == 1  # one validation, one writer
     assert sorted(p.name for p in out.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    # Only rank 0 opens TensorBoard files (rank 1 used to leave empty ones: 88 bytes, the file header alone).
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events and all(f.stat().st_size > 88 for f in events), [(f.name, f.stat().st_size) for f in events]
 
     validated = [json.loads((out / f"seen_validate_rank{r}.json").read_text()) for r in (0, 1)]
     shards = [set(v["items"]["2"]) for v in validated]  # validated once, after epoch 2

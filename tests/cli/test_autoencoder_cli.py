@@ -123,3 +123,30 @@ def test_help_prints_flags_and_runs_nothing(command, flag):
     text = result.stdout + result.stderr
     assert flag in text and "--checkpoint" in text
     assert "error:" not in text and "parsing config_file" not in text
+
+
+def test_infer_reads_big_endian_files_with_a_trailing_singleton_axis(stage1_run, tmp_path):
+    """A big-endian (X, Y, Z, 1) file, as some scanners and tools write them, reconstructs exactly like the plain
+    little-endian 3D file (infer used to stop at "given numpy array has byte order different from the native byte
+    order"), and the one-line error of a truncated gzip names the file, not just zlib's complaint."""
+    plain = _odd_volume(tmp_path / "plain.nii.gz")
+    data = np.asarray(plain.dataobj)[..., None].astype(">f4")
+    nib.save(nib.Nifti1Image(data, plain.affine, header=nib.Nifti1Header().as_byteswapped(">")),
+             str(tmp_path / "scanner.nii.gz"))
+    assert nib.load(tmp_path / "scanner.nii.gz").header.endianness == ">"
+    for name in ("plain", "scanner"):
+        cli("prod9-train-autoencoder", "infer", "--checkpoint", stage1_run["export_path"], "--input",
+            str(tmp_path / f"{name}.nii.gz"), "--output", str(tmp_path / f"{name}_recon.nii.gz"), "--roi-size", "32",
+            "32", "32", in_process=True)
+    recon = nib.load(tmp_path / "scanner_recon.nii.gz")
+    assert recon.shape == plain.shape
+    np.testing.assert_allclose(recon.affine, plain.affine, atol=1e-5)
+    np.testing.assert_allclose(recon.get_fdata(), nib.load(tmp_path / "plain_recon.nii.gz").get_fdata(), atol=1e-3)
+
+    whole = (tmp_path / "plain.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    result = cli("prod9-train-autoencoder", "infer", "--checkpoint", stage1_run["export_path"], "--input",
+                 str(tmp_path / "cut.nii.gz"), "--output", str(tmp_path / "cut_recon.nii.gz"), check=False,
+                 in_process=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'cut.nii.gz'}: cannot read (")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -139,3 +141,61 @@ def test_demo_data_cli_help_lists_flags():
     help_text = result.stdout + result.stderr  # fire writes help to stderr when not on a terminal
     for text in ("--output", "--num_cases", "--seed", "--shape", "--shape 48 48 32", "BraTS2021_NNNNN"):
         assert text in help_text
+
+
+def test_a_folder_it_did_not_make_is_refused_and_nothing_deleted(tmp_path, capsys):
+    # A real BraTS validation case has no seg: the generator used to take it for its own half-written case and
+    # delete the folder with everything in it.
+    case = tmp_path / "BraTS2021_00000"
+    case.mkdir()
+    for modality in ("t1", "t1ce", "t2", "flair"):
+        nib.save(nib.Nifti1Image(np.full((4, 4, 4), 7, np.int16), np.eye(4)), case / f"BraTS2021_00000_{modality}.nii.gz")
+    (case / "notes.txt").write_text("mine")
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        demo_data_main(["--output", str(tmp_path), "--num-cases", "1", "--shape", "16", "16", "12"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(tmp_path) in error[0] and "not a prod9 demo dataset" in error[0]
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+    assert (case / "notes.txt").read_text() == "mine"
+
+
+def test_rerun_in_its_own_folder_fills_in_deleted_case_and_file(tmp_path):
+    make_demo_dataset(tmp_path, num_cases=2, seed=0, shape=(16, 16, 12))
+    shutil.rmtree(tmp_path / "BraTS2021_00001")  # a deleted case
+    (tmp_path / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz").unlink()  # and a deleted file
+    kept = tmp_path / "BraTS2021_00000" / "BraTS2021_00000_t1.nii.gz"
+    stamp = kept.stat().st_mtime_ns
+    make_demo_dataset(tmp_path, num_cases=2, seed=0, shape=(16, 16, 12))
+    cases = discover_cases(tmp_path)
+    assert [c["case"] for c in cases] == ["BraTS2021_00000", "BraTS2021_00001"] and all("seg" in c for c in cases)
+    assert kept.stat().st_mtime_ns == stamp  # the files left in place are not rewritten
+    expected = synthesize_case(0, 1, (16, 16, 12))  # the refilled case is the same case again
+    np.testing.assert_array_equal(np.asarray(nib.load(cases[1]["seg"]).dataobj), expected.seg)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # its temp dirs are gone
+
+
+def test_an_incomplete_case_it_did_not_make_is_never_written_into(tmp_path, monkeypatch):
+    """Its own (marked) folder, but a case folder someone copied in: refused by name, not completed with
+    synthetic files; and the default demo folder ($PROD9_DEMO_DIR) follows the same rules."""
+    make_demo_dataset(tmp_path, num_cases=1, seed=0, shape=(16, 16, 12))
+    marker = json.loads((tmp_path / "prod9_demo.json").read_text())
+    assert marker == {"version": 1, "seed": 0, "shape": [16, 16, 12], "cases": ["BraTS2021_00000"]}
+    copied = tmp_path / "BraTS2021_00001"
+    copied.mkdir()
+    (copied / "BraTS2021_00001_t1.nii.gz").write_bytes(b"a real scan")
+    with pytest.raises(ValueError, match=r"BraTS2021_00001: an incomplete case this generator did not make"):
+        make_demo_dataset(tmp_path, num_cases=2, seed=0, shape=(16, 16, 12))
+    assert [p.name for p in copied.iterdir()] == ["BraTS2021_00001_t1.nii.gz"]
+
+    from prod9_components.data.brats import resolve_dataset_dir
+
+    user_data = tmp_path / "user"
+    (user_data / "BraTS2021_00000").mkdir(parents=True)
+    (user_data / "BraTS2021_00000" / "BraTS2021_00000_flair.nii.gz").write_bytes(b"a real scan")
+    monkeypatch.delenv("BRATS_DATA_DIR", raising=False)
+    monkeypatch.setenv("PROD9_DEMO_DIR", str(user_data))
+    with pytest.raises(ValueError, match=r"user: not empty and not a prod9 demo dataset"):
+        resolve_dataset_dir(None)
+    assert sorted(p.name for p in user_data.rglob("*")) == ["BraTS2021_00000", "BraTS2021_00000_flair.nii.gz"]
