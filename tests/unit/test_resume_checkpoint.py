@@ -173,7 +173,7 @@ def test_every_bundle_wires_resume_the_same_way(bundle):
     fingerprinted, and every optimizer and schedule of the config is restored (so its learning rate is re-applied)."""
     config = json.loads((bundle / "configs" / "train.json").read_text())
     assert config["resume"] is True
-    assert config["splits"].endswith("datalist=@datalist, resume=@resume)")
+    assert "datalist=@datalist, resume=@resume" in config["splits"]
     (handler,) = [h for h in config["train"]["handlers"] if h["_target_"].endswith("checkpoint.CheckpointHandler")]
     assert handler["resume"] == "@resume" and handler["splits"] == "@splits"
     stateful = {f"@{key}" for key, value in config.items() if isinstance(value, dict)
