@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prod9_components.cli.bundle_runner import evaluate_bundle, flag_overrides, main_for, report, resolved, run_bundle
+from prod9_components.cli.literal_flags import Expression
 
 LABEL, INCONTEXT = "maskgit_stage2_label", "maskgit_stage2_incontext"
 
@@ -125,7 +126,7 @@ class TransformerCommands:
         if stage == LABEL:
             ids.update(num_samples=num_samples, modality=modality)
             if roi_size is not None:
-                ids["token_grid"] = f"$[r // @downsample_factor for r in {list(_ints(roi_size))}]"
+                ids["token_grid"] = Expression(f"$[r // @downsample_factor for r in {list(_ints(roi_size))}]")
         else:
             if modality is not None:
                 raise ValueError("--modality is for label-conditional checkpoints; use --target-modality")
