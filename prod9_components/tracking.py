@@ -9,7 +9,10 @@ written beside the checkpoints. Changed:
 - the artifacts are named by file: MONAI joins the config path onto the *text* of ``output_dir``, which breaks
   when ``output_dir`` is a plain path (as in every prod9 bundle); a training run logs the executed config and
   ``datalist.json``, an evaluation run the executed config and ``metrics.json``, and closes its run;
-- the experiment is named after the bundle directory (``maskgit_stage1`` ...), not ``monai_experiment``.
+- the experiment is named after the bundle directory (``maskgit_stage1`` ...), not ``monai_experiment``;
+- data paths in the logged artifacts are relative to the dataset directory (case names, not absolute patient paths;
+  see :mod:`prod9_components.handlers.mlflow_shareable`) unless the bundle id ``tracking_log_paths`` is true
+  (``--tracking-log-paths``).
 
 The ``prod9-train-*`` commands apply these settings for ``--tracking mlflow``. For ``python -m monai.bundle run``,
 write them to a file and pass the file: ``python -m prod9_components.tracking > mlflow.json`` (add ``--evaluate``
@@ -31,6 +34,8 @@ __all__ = ["mlflow_settings", "tracking_settings"]
 EXECUTED_CONFIG = ("[os.path.join(@output_dir, f) for f in sorted(os.listdir(@output_dir)) "
                    "if f.startswith('config_') and f.endswith('.json')][-1:]")
 
+SHAREABLE_HANDLER = "prod9_components.handlers.mlflow_shareable.ShareableMLFlowHandler"
+
 
 def mlflow_settings(evaluation: bool = False) -> dict:
     """Settings for MONAI's ``tracking`` argument (see module docstring).
@@ -42,6 +47,9 @@ def mlflow_settings(evaluation: bool = False) -> dict:
     settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
     configs = settings["configs"]
     configs["experiment_name"] = "$os.path.basename(os.path.normpath(@bundle_root))"
+    configs["tracking_log_paths"] = False  # set only where the bundle or a flag does not
+    for name in ("trainer", "validator", "evaluator"):
+        configs[name].update(_target_=SHAREABLE_HANDLER, dataset_dir="@dataset_dir", log_paths="@tracking_log_paths")
     configs["trainer"]["output_transform"] = "$lambda output: output['loss']"
     configs["trainer"]["artifacts"] = f"${EXECUTED_CONFIG} + [os.path.join(@output_dir, 'datalist.json')]"
     if evaluation:

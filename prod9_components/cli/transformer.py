@@ -62,6 +62,8 @@ class TransformerCommands:
             source_modality: in-context mode: the context modalities, e.g. --source-modality T1 T1ce.
             target_modality: in-context mode: the modality to translate into, e.g. --target-modality T2.
             overrides: any bundle id, e.g. --autoencoder-path FILE --epochs 5 --roi-size 64 64 64.
+                --tracking mlflow logs to <output_dir>/mlruns.db with data paths relative to the dataset
+                directory (add --tracking-log-paths to log them absolute).
         """
         stage = _stage(config, None, source_modality)
         workflow = run_bundle(stage, "train", config, {"output_dir": output_dir,
