@@ -58,13 +58,17 @@ def mlflow_settings(evaluation: bool = False) -> dict:
     return settings
 
 
-def tracking_settings(tracking: str | dict | None, evaluation: bool = False) -> str | dict | None:
-    """What to hand MONAI's workflow for a ``--tracking`` value: prod9's settings for ``"mlflow"``, anything else
-    (a settings file, a dict, None) unchanged.
+def tracking_settings(tracking: str | None, evaluation: bool = False) -> str | dict | None:
+    """What to hand MONAI's workflow for a ``--tracking`` value: prod9's settings for ``"mlflow"``, a settings file
+    path or None unchanged.
 
     Raises:
         ModuleNotFoundError: ``"mlflow"`` without MLflow installed (before any data is loaded).
+        ValueError: settings written on the command line (a dict): their expressions would run, and flag values are
+            data; a settings file the user names is like a ``--config`` file.
     """
+    if tracking is not None and not isinstance(tracking, str):
+        raise ValueError(f"--tracking takes mlflow or a settings file path, got a {type(tracking).__name__}")
     if tracking != "mlflow":
         return tracking
     if importlib.util.find_spec("mlflow") is None:

@@ -7,6 +7,7 @@ import pytest
 from monai.bundle import ConfigParser
 
 from prod9_components.cli.literal_flags import Expression, FlagValueError, literal_overrides
+from prod9_components.tracking import tracking_settings
 
 TRICKY = ['$open("PWNED","w")', "@seed", "%train.json#seed", "runs::a", "out/@#x", "x%##y", "$", "plain/path.nii.gz",
           "it's \\ \"quoted\"", "ünïcødé 🧠", ""]
@@ -52,3 +53,9 @@ def test_plain_values_and_the_clis_own_expressions_pass_unchanged():
     assert parser.get_parsed_content("seed") == 3
     assert parser.get_parsed_content("grid") == [8, 8, 8]
     assert parser.get("output_dir") == "outputs"
+
+
+def test_tracking_settings_from_the_command_line_are_a_name_not_a_config():
+    with pytest.raises(ValueError, match="^--tracking takes mlflow or a settings file path, got a dict$"):
+        tracking_settings({"configs": {"x": "$open('PWNED', 'w')"}, "handlers_id": {}})
+    assert tracking_settings("settings.json") == "settings.json" and tracking_settings(None) is None
