@@ -118,8 +118,15 @@ def build_network(record: dict, expected_args: dict | None = None, source: str =
     cls = network_class(record.get("network_target"), source)
     check_constructor_args(cls, record.get("network_args"), source)
     check_network_args(record, expected_args or {}, source)
-    network = cls(**record["network_args"])
-    network.load_state_dict(record["state_dict"])
+    try:
+        network = cls(**record["network_args"])
+    except (TypeError, ValueError) as error:  # values the constructor refuses (e.g. a downsampling of 3)
+        raise ValueError(f"{source}: cannot build {cls.__name__} from its network_args ({_first_line(error)})") from None
+    try:
+        network.load_state_dict(record.get("state_dict"))
+    except (TypeError, RuntimeError, AttributeError) as error:  # missing keys, other shapes, not a dict
+        raise ValueError(f"{source}: its state_dict does not fit the {cls.__name__} its network_args describe "
+                         f"({_first_line(error)})") from None
     return network
 
 
@@ -137,6 +144,12 @@ def load_network(path: str | os.PathLike, expected_args: dict | None = None) -> 
     """Load a record and rebuild its network. Returns ``(network, record)``."""
     record = load_record(path)
     return build_network(record, expected_args, source=str(path)), record
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of an error in one line (torch's state-dict errors name the problem on their second line)."""
+    lines = str(error).strip().splitlines()
+    return " ".join(" ".join(lines[:2]).split()) if lines else type(error).__name__
 
 
 def _plain(value: Any) -> Any:

@@ -70,3 +70,19 @@ def test_a_controlnet_record_rebuilds_with_its_weights(tmp_path):
 def test_an_unregistered_class_is_not_written():
     with pytest.raises(ValueError, match="torch.nn.modules.linear.Linear is not in .*NETWORK_CLASSES"):
         network_record(nn.Linear(2, 2), network_args={"in_features": 2, "out_features": 2})
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"network_args": {**TINY_TRANSFORMER, "num_heads": 3}},
+     "cannot build TransformerDecoderSingleStream from its network_args (hidden_dim (16) must be divisible"),
+    ({"network_args": {**TINY_TRANSFORMER, "hidden_dim": 32}},
+     "its state_dict does not fit the TransformerDecoderSingleStream its network_args describe (Error(s) in loading "
+     "state_dict for TransformerDecoderSingleStream: size mismatch for token_embedding.weight"),
+    ({"state_dict": None}, "its state_dict does not fit"),
+])
+def test_a_record_its_class_refuses_is_one_line_naming_the_file(tmp_path, change, expected):
+    path = tmp_path / "odd.ckpt"
+    atomic_save({**network_record(TransformerDecoderSingleStream(**TINY_TRANSFORMER)), **change}, path)
+    with pytest.raises(ValueError) as error:
+        load_network(path)
+    assert str(error.value).startswith(f"{path}: {expected}") and "\n" not in str(error.value), str(error.value)
