@@ -121,7 +121,8 @@ def build_network(record: dict, expected_args: dict | None = None, source: str =
     try:
         network = cls(**record["network_args"])
     except (TypeError, ValueError) as error:  # values the constructor refuses (e.g. a downsampling of 3)
-        raise ValueError(f"{source}: cannot build {cls.__name__} from its network_args ({_first_line(error)})") from None
+        raise ValueError(f"{source}: cannot build {cls.__name__} from its network_args "
+                         f"({_first_line(error)})") from None
     try:
         network.load_state_dict(record.get("state_dict"))
     except (TypeError, RuntimeError, AttributeError) as error:  # missing keys, other shapes, not a dict

@@ -34,7 +34,8 @@ def test_a_string_flag_is_kept_exactly(value, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flag, value, expected", [
-    ("seed", '$open("PWNED","w")', "--seed: expected a number like the bundle's default 0, got '$open(\"PWNED\",\"w\")'"),
+    ("seed", '$open("PWNED","w")',
+     "--seed: expected a number like the bundle's default 0, got '$open(\"PWNED\",\"w\")'"),
     ("roi_size", "@seed", "--roi-size: expected a list like the bundle's default [64, 64, 64], got '@seed'"),
     ("roi_size", [64, "$1+1", 64], "--roi-size: expected a number like the bundle's default 64, got '$1+1'"),
     ("network_def#num_channels", "%x.json#a", "--network_def#num_channels: expected a list"),

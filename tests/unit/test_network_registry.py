@@ -34,7 +34,8 @@ def test_a_record_naming_a_function_is_refused_and_runs_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    ({**TINY_TRANSFORMER, "__path": "subprocess.run"}, "network_args has '__path', which TransformerDecoderSingleStream"),
+    ({**TINY_TRANSFORMER, "__path": "subprocess.run"},
+     "network_args has '__path', which TransformerDecoderSingleStream"),
     ({"hidden_dim": 16}, "network_args lacks codebook_size"),
     ({**TINY_TRANSFORMER, "hidden_dim": {"_target_": "os.system"}}, "network_args.hidden_dim is a dict"),
     ("codebook_size=8", "network_args is a str, expected a dict"),
