@@ -12,7 +12,8 @@ written beside the checkpoints. Changed:
 - the experiment is named after the bundle directory (``maskgit_stage1`` ...), not ``monai_experiment``;
 - data paths in the logged artifacts are relative to the dataset directory (case names, not absolute patient paths;
   see :mod:`prod9_components.handlers.mlflow_shareable`) unless the bundle id ``tracking_log_paths`` is true
-  (``--tracking-log-paths``).
+  (``--tracking-log-paths``);
+- artifacts go to ``<output_dir>/mlruns`` also when ``output_dir`` has a space or a ``$`` in its name.
 
 The ``prod9-train-*`` commands apply these settings for ``--tracking mlflow``. For ``python -m monai.bundle run``,
 write them to a file and pass the file: ``python -m prod9_components.tracking > mlflow.json`` (add ``--evaluate``
@@ -35,6 +36,11 @@ EXECUTED_CONFIG = ("[os.path.join(@output_dir, f) for f in sorted(os.listdir(@ou
                    "if f.startswith('config_') and f.endswith('.json')][-1:]")
 
 SHAREABLE_HANDLER = "prod9_components.handlers.mlflow_shareable.ShareableMLFlowHandler"
+# MONAI hands MLflow the local artifact folder as a URI, which MLflow does not decode: an output_dir with a space or a
+# "$" got its artifacts in a sibling folder "run%20dir/". A plain path keeps them in <output_dir>/mlruns. (A remote
+# store set by MLFLOW_TRACKING_URI or a non-SQLite tracking_uri decides for itself, as in MONAI.)
+ARTIFACT_LOCATION = ("$os.path.join(os.path.abspath(@output_dir), 'mlruns') if str(@tracking_uri).startswith('sqlite:')"
+                     " and not os.environ.get('MLFLOW_TRACKING_URI') else None")
 
 
 def mlflow_settings(evaluation: bool = False) -> dict:
@@ -49,7 +55,8 @@ def mlflow_settings(evaluation: bool = False) -> dict:
     configs["experiment_name"] = "$os.path.basename(os.path.normpath(@bundle_root))"
     configs["tracking_log_paths"] = False  # set only where the bundle or a flag does not
     for name in ("trainer", "validator", "evaluator"):
-        configs[name].update(_target_=SHAREABLE_HANDLER, dataset_dir="@dataset_dir", log_paths="@tracking_log_paths")
+        configs[name].update(_target_=SHAREABLE_HANDLER, dataset_dir="@dataset_dir", log_paths="@tracking_log_paths",
+                             artifact_location=ARTIFACT_LOCATION)
     configs["trainer"]["output_transform"] = "$lambda output: output['loss']"
     configs["trainer"]["artifacts"] = f"${EXECUTED_CONFIG} + [os.path.join(@output_dir, 'datalist.json')]"
     if evaluation:

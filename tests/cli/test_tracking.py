@@ -68,6 +68,9 @@ def test_training_and_evaluation_runs_are_tracked(demo_dataset_dir, tmp_path):
     stored = [out / "mlruns.db", *(p for p in (tmp_path / "all").rglob("*") if p.is_file())]
     assert len(stored) == 5 and not [p for p in stored if str(demo_dataset_dir).encode() in p.read_bytes()]
     assert str(demo_dataset_dir) in (out / "datalist.json").read_text()  # the run's own files keep the paths
+    # MONAI's artifact URI, undecoded, put the artifacts in this sibling folder (MLflow still makes it, empty)
+    assert not [p for p in (tmp_path / "run%20dir").rglob("*") if p.is_file()]
+    assert (out / "mlruns" / training.info.run_id / "artifacts" / "datalist.json").is_file()
 
 
 def test_tracking_without_mlflow_is_one_line_naming_the_install(monkeypatch):
