@@ -59,6 +59,8 @@ class StageOneCommands:
             config: bundle directory, its train.json, or a preset JSON/YAML layered on the stage's bundle.
             output_dir: where checkpoints and TensorBoard logs go (default {output_dir}).
             overrides: any bundle id, e.g. --epochs 5 --batch-size 2 --roi-size 64 64 64 --dataset-dir DIR.
+                --tracking mlflow logs to <output_dir>/mlruns.db with data paths relative to the dataset
+                directory (add --tracking-log-paths to log them absolute).
         """
         workflow = run_bundle(self._stage, "train", config, {"output_dir": output_dir, **flag_overrides(overrides)})
         out = resolved(workflow, "output_dir")

@@ -4,21 +4,26 @@ Every verb is the bundle workflow ``python -m monai.bundle run`` would execute (
 only picks the config files, turns flags into bundle id overrides and reports errors in one line.
 
 ``--config`` takes
-- nothing: the stage's bundle in ``bundles/<stage>``;
+- nothing: the stage's bundle in ``bundles/<stage>`` beside the installed package (never a ``bundles/`` folder of the
+  working directory: a bundle runs its ``$`` expressions, so only a path the user names may replace it);
 - a bundle directory (``bundles/maskgit_stage1``) or its ``configs/train.json``: that bundle;
 - any other JSON/YAML file: a preset layered on top of the stage's bundle (e.g. the bundle's ``tiny.json``, or a
   file with ``network_def#num_channels`` etc.), applied last.
+
+Flag values are data: :mod:`prod9_components.cli.literal_flags` keeps MONAI from evaluating them.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prod9_components.cli.argv import normalise_multi_value_flags
+from prod9_components.cli.literal_flags import literal_overrides
 
 VERB_CONFIGS = {
     "train": ["train.json"],
@@ -34,9 +39,8 @@ class UsageError(ValueError):
 
 
 def bundles_root() -> Path:
-    """``bundles/`` of the working directory if present, else the one beside the installed package."""
-    local = Path.cwd() / "bundles"
-    return local if local.is_dir() else Path(__file__).resolve().parents[2] / "bundles"
+    """The stage bundles installed with the package (the one place to change when they move into the wheel)."""
+    return Path(__file__).resolve().parents[2] / "bundles"
 
 
 def config_files(stage: str, verb: str, config: str | None = None) -> tuple[Path, list[str]]:
@@ -71,6 +75,7 @@ def path_list(value) -> list[str] | None:
 
 def run_bundle(stage: str, verb: str, config: str | None, overrides: dict[str, Any]) -> Any:
     """Create, run and finalize the bundle workflow; return it so callers can read resolved ids."""
+    from monai.bundle import ConfigParser
     from monai.bundle.scripts import create_workflow
 
     from prod9_components.tracking import tracking_settings
@@ -78,9 +83,16 @@ def run_bundle(stage: str, verb: str, config: str | None, overrides: dict[str, A
     bundle, files = config_files(stage, verb, config)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.setdefault("bundle_root", str(bundle))
+    defaults = ConfigParser()
+    defaults.read_config(files)  # the raw values tell which ids are typed (numbers, lists)
     tracking = tracking_settings(overrides.pop("tracking", None), evaluation=verb in ("validate", "test"))
-    workflow = create_workflow(config_file=files, meta_file=str(bundle / "configs" / "metadata.json"),
-                               logging_file=str(bundle / "configs" / "logging.conf"), tracking=tracking, **overrides)
+    overrides = literal_overrides(overrides, defaults)
+    with warnings.catch_warnings():
+        if config is None:  # MONAI warns that configs run code: the installed bundles are the package's own code
+            warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
+        workflow = create_workflow(config_file=files, meta_file=str(bundle / "configs" / "metadata.json"),
+                                   logging_file=str(bundle / "configs" / "logging.conf"), tracking=tracking,
+                                   **overrides)
     workflow.run()
     workflow.finalize()
     return workflow

@@ -31,6 +31,8 @@ class MaisiControlNetCommands:
                 modality only), both or all (mask + source image).
             source_modality: the modality translated from, for image, both and all (e.g. T1).
             overrides: any bundle id, e.g. --epochs 50 --contrastive-weight 0.1 --contrastive-margin 0.05.
+                --tracking mlflow logs to <output_dir>/mlruns.db with data paths relative to the dataset
+                directory (add --tracking-log-paths to log them absolute).
         """
         workflow = run_bundle(STAGE, "train", config, {
             "output_dir": output_dir, "diffusion_path": diffusion_path, "condition_type": condition_type,

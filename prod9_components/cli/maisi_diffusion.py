@@ -24,6 +24,8 @@ class MaisiDiffusionCommands:
             output_dir: where checkpoints and TensorBoard logs go (default outputs/maisi_stage2).
             vae_path: the stage-1 VAE export (default outputs/maisi_vae_final.pt).
             overrides: any bundle id, e.g. --epochs 50 --batch-size 2 --latent-cache-dir DIR --dataset-dir DIR.
+                --tracking mlflow logs to <output_dir>/mlruns.db with data paths relative to the dataset
+                directory (add --tracking-log-paths to log them absolute).
         """
         workflow = run_bundle(STAGE, "train", config, {"output_dir": output_dir, "vae_path": vae_path,
                                                        **flag_overrides(overrides)})

@@ -27,6 +27,8 @@ class ControlNetCommands:
             transformer_path: the stage-2 best.ckpt (default outputs/maskgit_stage2_label/best.ckpt).
             control_type: mask (tumour mask), label (modality) or both (default mask).
             overrides: any bundle id, e.g. --epochs 5 --num-control-blocks 6 --roi-size 64 64 64.
+                --tracking mlflow logs to <output_dir>/mlruns.db with data paths relative to the dataset
+                directory (add --tracking-log-paths to log them absolute).
         """
         workflow = run_bundle(STAGE, "train", config, {"output_dir": output_dir, "transformer_path": transformer_path,
                                                        "control_type": control_type, **flag_overrides(overrides)})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
                                                  resolved, run_bundle)
+from prod9_components.cli.literal_flags import Expression
 
 LABEL, INCONTEXT = "maskgit_stage2_label", "maskgit_stage2_incontext"
 
@@ -62,6 +63,8 @@ class TransformerCommands:
             source_modality: in-context mode: the context modalities, e.g. --source-modality T1 T1ce.
             target_modality: in-context mode: the modality to translate into, e.g. --target-modality T2.
             overrides: any bundle id, e.g. --autoencoder-path FILE --epochs 5 --roi-size 64 64 64.
+                --tracking mlflow logs to <output_dir>/mlruns.db with data paths relative to the dataset
+                directory (add --tracking-log-paths to log them absolute).
         """
         stage = _stage(config, None, source_modality)
         workflow = run_bundle(stage, "train", config, {"output_dir": output_dir,
@@ -127,7 +130,7 @@ class TransformerCommands:
         if stage == LABEL:
             ids.update(num_samples=num_samples, modality=modality)
             if roi_size is not None:
-                ids["token_grid"] = f"$[r // @downsample_factor for r in {list(_ints(roi_size))}]"
+                ids["token_grid"] = Expression(f"$[r // @downsample_factor for r in {list(_ints(roi_size))}]")
         else:
             if modality is not None:
                 raise ValueError("--modality is for label-conditional checkpoints; use --target-modality")

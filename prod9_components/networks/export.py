@@ -2,7 +2,8 @@
 
 Every best checkpoint and every stage export is one of these records, so the next stage (or `validate`,
 `test`, `infer`) rebuilds the network from the file alone, whatever size variant it was trained with.
-Records hold only tensors and plain Python values: they load with ``torch.load(weights_only=True)``.
+Records hold only tensors and plain Python values: they load with ``torch.load(weights_only=True)``, and
+``network_target`` must name a class of :mod:`prod9_components.networks.registry` (a record never names other code).
 
 Record layout::
 
@@ -16,7 +17,6 @@ Record layout::
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from prod9_components.atomic import atomic_path
+from prod9_components.networks.registry import NETWORK_CLASSES, check_constructor_args, network_class, target_name
 
 RECORD_FORMAT = "prod9-network"
-# Only classes from these packages may be instantiated from a file: a record names code, it must not run arbitrary code.
-TRUSTED_PREFIXES = ("prod9_components.", "monai.")
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -66,11 +65,13 @@ def network_record(network: nn.Module, preprocessing: dict | None = None, networ
     args = network_args if network_args is not None else getattr(net, "init_args", None)
     if args is None:
         raise ValueError(f"{type(net).__name__} has no init_args; pass network_args to describe it")
-    cls = type(net)
+    target = target_name(type(net))
+    if target not in NETWORK_CLASSES:  # a record no loader would rebuild: fail now, not at the next stage
+        raise ValueError(f"{target} is not in prod9_components.networks.registry.NETWORK_CLASSES; register it")
     return {
         "format": RECORD_FORMAT,
         "version": 1,
-        "network_target": f"{cls.__module__}.{cls.__qualname__}",
+        "network_target": target,
         "network_args": dict(args),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "preprocessing": dict(preprocessing or {}),
@@ -106,19 +107,27 @@ def load_record(path: str | os.PathLike, stages: tuple[str, ...] | list[str] | N
 def build_network(record: dict, expected_args: dict | None = None, source: str = "checkpoint") -> nn.Module:
     """Rebuild the network a record describes and load its weights.
 
+    The class comes from :data:`~prod9_components.networks.registry.NETWORK_CLASSES` and its arguments are checked
+    against its constructor before anything is called: a record is data, it cannot name other code.
+
     Args:
         record: from :func:`load_record`.
         expected_args: constructor arguments the caller relies on (e.g. FSQ ``levels``); any that differ raise.
         source: name of the file, for error messages.
     """
-    target = record["network_target"]
-    if not target.startswith(TRUSTED_PREFIXES):
-        raise ValueError(f"{source}: refusing to build '{target}' (only prod9_components/monai networks)")
+    cls = network_class(record.get("network_target"), source)
+    check_constructor_args(cls, record.get("network_args"), source)
     check_network_args(record, expected_args or {}, source)
-    module_name, _, class_name = target.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    network = cls(**record["network_args"])
-    network.load_state_dict(record["state_dict"])
+    try:
+        network = cls(**record["network_args"])
+    except (TypeError, ValueError) as error:  # values the constructor refuses (e.g. a downsampling of 3)
+        raise ValueError(f"{source}: cannot build {cls.__name__} from its network_args "
+                         f"({_first_line(error)})") from None
+    try:
+        network.load_state_dict(record.get("state_dict"))
+    except (TypeError, RuntimeError, AttributeError) as error:  # missing keys, other shapes, not a dict
+        raise ValueError(f"{source}: its state_dict does not fit the {cls.__name__} its network_args describe "
+                         f"({_first_line(error)})") from None
     return network
 
 
@@ -136,6 +145,12 @@ def load_network(path: str | os.PathLike, expected_args: dict | None = None) -> 
     """Load a record and rebuild its network. Returns ``(network, record)``."""
     record = load_record(path)
     return build_network(record, expected_args, source=str(path)), record
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of an error in one line (torch's state-dict errors name the problem on their second line)."""
+    lines = str(error).strip().splitlines()
+    return " ".join(" ".join(lines[:2]).split()) if lines else type(error).__name__
 
 
 def _plain(value: Any) -> Any:

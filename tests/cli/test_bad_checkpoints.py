@@ -50,3 +50,22 @@ def test_bad_checkpoint_is_one_clear_line(command, fault, bad_files, demo_datase
     assert "Traceback" not in result.stderr
     assert not bad_files["marker"].exists()  # weights_only loading never ran the pickle's code
     assert not out.exists() or not any(out.rglob("*.ckpt"))
+
+
+def test_a_record_naming_a_function_is_refused_by_the_cli(tmp_path):
+    """A well-formed record whose ``network_target`` is MONAI's ``instantiate`` (it would call ``open``) given as the
+    stage-1 export a transformer trains on: one line naming the file, nothing run, nothing written."""
+    from prod9_components.networks.export import atomic_save
+    from tests.unit.test_network_registry import hostile_record
+
+    evil, marker, out = tmp_path / "evil.pt", tmp_path / "PWNED", tmp_path / "out"
+    atomic_save(hostile_record(marker), evil)
+    result = cli("prod9-train-transformer", "train", "--autoencoder-path", str(evil), "--output-dir", str(out),
+                 "--dataset-dir", str(tmp_path / "no data"), check=False, in_process=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {evil}: refusing to build network_target 'monai.utils.module.instantiate': not one of the project's "
+        "network classes (AutoencoderFSQ, MaisiVAE, TransformerDecoderSingleStream, MaskGiTControlNet, "
+        "MaisiDiffusionUNet, MaisiControlNet)"], result.stderr
+    assert not marker.exists()
+    assert not out.exists() or not any(out.rglob("*.ckpt"))

@@ -54,7 +54,23 @@ def test_training_and_evaluation_runs_are_tracked(demo_dataset_dir, tmp_path):
     assert artifacts[-1] == "metrics.json" and artifacts[0].startswith("config_")
     executed = json.loads(Path(client.download_artifacts(evaluation.info.run_id, artifacts[0], str(tmp_path)))
                           .read_text())
-    assert executed["output_dir"] == str(out) and executed["split"] == "validation"
+    assert executed["output_dir"] == "run dir" and executed["split"] == "validation"  # a name, not the path
+
+    # Case names relative to the dataset, not absolute patient paths, anywhere MLflow stored something.
+    datalist = json.loads(Path(client.download_artifacts(training.info.run_id, "datalist.json", str(tmp_path / "d")))
+                          .read_text())
+    case = datalist["validation"][0]
+    assert case["t1"] == f"{case['case']}/{case['case']}_t1.nii.gz", case
+    assert executed["dataset_dir"] == Path(demo_dataset_dir).name
+    for run in (training, evaluation):
+        client.download_artifacts(run.info.run_id, "", str(tmp_path / "all" / run.info.run_id))
+        assert str(demo_dataset_dir) not in json.dumps([run.data.params, run.data.tags])
+    stored = [out / "mlruns.db", *(p for p in (tmp_path / "all").rglob("*") if p.is_file())]
+    assert len(stored) == 5 and not [p for p in stored if str(demo_dataset_dir).encode() in p.read_bytes()]
+    assert str(demo_dataset_dir) in (out / "datalist.json").read_text()  # the run's own files keep the paths
+    # MONAI's artifact URI, undecoded, put the artifacts in this sibling folder (MLflow still makes it, empty)
+    assert not [p for p in (tmp_path / "run%20dir").rglob("*") if p.is_file()]
+    assert (out / "mlruns" / training.info.run_id / "artifacts" / "datalist.json").is_file()
 
 
 def test_tracking_without_mlflow_is_one_line_naming_the_install(monkeypatch):
