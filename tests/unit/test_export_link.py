@@ -4,6 +4,7 @@ trains on, and resuming on another one is refused with one line naming both file
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -73,3 +74,35 @@ def test_last_ckpt_records_the_export_and_a_resume_on_another_one_is_refused(tmp
         _train(out, ExportLink(second, sha_second, "stage-1 export"), epochs=2)
     _train(out, ExportLink(first, sha_first, "stage-1 export"), epochs=2)  # the same export resumes
     assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+STAGE1_EXPORTS = {  # stage-1 bundle -> (default output_dir, export file name, the stage-2 bundles reading it, its id)
+    "maskgit_stage1": ("outputs/maskgit_stage1", "brats_autoencoder-large.pt",
+                       ("maskgit_stage2_label", "maskgit_stage2_incontext"), "autoencoder_path"),
+    "maisi_stage1_vae": ("outputs/maisi_stage1", "maisi_vae_final.pt", ("maisi_stage2_diffusion",), "vae_path"),
+}
+
+
+def _parsed(bundle: str, key: str, **overrides):
+    from monai.bundle import ConfigParser
+
+    from tests.stage1_helpers import ROOT
+
+    parser = ConfigParser(globals={"os": "os"})
+    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
+    for name, value in overrides.items():
+        parser[name] = value
+    return parser.get_parsed_content(key)
+
+
+@pytest.mark.parametrize("stage1", sorted(STAGE1_EXPORTS))
+def test_the_default_export_lives_in_the_runs_output_dir_where_stage_2_reads_it(stage1):
+    """A stage-1 run writes nothing outside the output_dir it was given: its export defaults to a file in it, and the
+    stage-2 bundles read that file by default (a seed-style explicit --export-path / --autoencoder-path still works:
+    both are ordinary ids)."""
+    output_dir, name, readers, link_id = STAGE1_EXPORTS[stage1]
+    assert _parsed(stage1, "export_path") == os.path.join(output_dir, name)
+    assert _parsed(stage1, "export_path", output_dir="runs/a") == os.path.join("runs/a", name)
+    assert _parsed(stage1, "export_path", export_path="outputs/elsewhere.pt") == "outputs/elsewhere.pt"
+    for reader in readers:
+        assert _parsed(reader, link_id) == os.path.join(output_dir, name)
