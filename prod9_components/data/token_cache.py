@@ -39,7 +39,8 @@ LABEL_PRIORITY = (3, 1, 2, 0)
 
 
 def token_cache_key(autoencoder_sha256: str, preprocessing: Mapping, extra: Mapping | None = None) -> str:
-    """:func:`~prod9_components.data.case_cache.cache_key` of a token cache (``autoencoder_sha256``: the export's hash)."""
+    """:func:`~prod9_components.data.case_cache.cache_key` of a token cache (``autoencoder_sha256``: the export's
+    hash)."""
     return cache_key(autoencoder_sha256, preprocessing, extra, TOKEN_CACHE_VERSION)
 
 

@@ -43,7 +43,7 @@ def cached(demo_dataset_dir, tmp_path_factory):
     export = tiny_vae_export(root / "vae.pt", seed=0)
     encoder = CaseLatentEncoder.from_export(export, SW)
     cases = discover_cases(demo_dataset_dir)[:2]
-    key = latent_cache_key(file_sha256(export), encoder.preprocessing, encoder.settings)
+    key = latent_cache_key(encoder.autoencoder_sha256, encoder.preprocessing, encoder.settings)
     items = build_latent_cache(cases, root / "cache", key, encoder)
     return {"root": root, "export": export, "encoder": encoder, "cases": cases, "key": key, "items": items}
 
@@ -64,7 +64,8 @@ def test_latents_are_the_deterministic_posterior_mean(cached):
 
 def test_another_vae_file_gets_another_key(cached, tmp_path):
     other = tiny_vae_export(tmp_path / "vae.pt", seed=1)
-    assert latent_cache_key(file_sha256(other), cached["encoder"].preprocessing, cached["encoder"].settings) != cached["key"]
+    encoder = cached["encoder"]
+    assert latent_cache_key(file_sha256(other), encoder.preprocessing, encoder.settings) != cached["key"]
 
 
 def test_scale_factor_gives_unit_std_and_is_stored(cached):

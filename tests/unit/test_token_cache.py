@@ -59,7 +59,7 @@ def stage1(demo_dataset_dir, tmp_path_factory):
     atomic_save(network_record(net, preprocessing=preprocessing_contract([5, 5, 5], [0, 1])), export)
     tokenizer = CaseTokenizer.from_export(export, SW)
     cases = discover_cases(demo_dataset_dir)[:2]
-    key = token_cache_key(file_sha256(export), tokenizer.preprocessing, tokenizer.settings)
+    key = token_cache_key(tokenizer.autoencoder_sha256, tokenizer.preprocessing, tokenizer.settings)
     encoder = CountingEncoder(tokenizer)
     items = build_token_cache(cases[:1], root / "cache", key, encoder, metadata=tokenizer.cache_metadata)
     return {"root": root, "export": export, "tokenizer": tokenizer, "cases": cases, "key": key, "items": items,
@@ -126,6 +126,7 @@ def test_second_build_reuses_and_a_new_export_re_encodes(stage1, caplog):
     info = json.loads((stage1["root"] / "cache" / stage1["key"] / "cache.json").read_text())
     assert info["key"] == stage1["key"] and info["autoencoder_path"] == str(stage1["export"])
     assert info["preprocessing"]["spacing"] == [5.0, 5.0, 5.0]
+    assert stage1["tokenizer"].autoencoder_sha256 == file_sha256(stage1["export"])  # the bytes it was built from
 
     changed = stage1["root"] / "autoencoder_changed.pt"
     data = bytearray(stage1["export"].read_bytes())
@@ -136,7 +137,8 @@ def test_second_build_reuses_and_a_new_export_re_encodes(stage1, caplog):
     assert key != stage1["key"] and len(key) == 16
     # The preprocessing contract and the tiling are part of the key too.
     sha = file_sha256(stage1["export"])
-    assert token_cache_key(sha, preprocessing_contract([4, 4, 4], [0, 1]), stage1["tokenizer"].settings) != stage1["key"]
+    settings = stage1["tokenizer"].settings
+    assert token_cache_key(sha, preprocessing_contract([4, 4, 4], [0, 1]), settings) != stage1["key"]
     assert token_cache_key(sha, stage1["tokenizer"].preprocessing) != stage1["key"]
     with pytest.raises(ValueError, match="expected the hex sha256 of the encoder export, got '.*autoencoder.pt'"):
         token_cache_key(str(stage1["export"]), stage1["tokenizer"].preprocessing)  # a path is not a hash
