@@ -154,10 +154,21 @@ def _reuse_problem(path: Path, names: Sequence[str], fingerprint: str) -> str | 
     return None
 
 
-def _other_case_claims(path: Path, fingerprint: str) -> bool:
-    """Whether this process cached another, still unchanged, case at ``path`` (a duplicate name, not an edit)."""
+def _other_case_at(path: Path, fingerprint: str) -> Mapping | None:
+    """The other, still unchanged, case this process cached at ``path`` (a duplicate name, not an edited volume)."""
     claimed = _claimed.get(str(path))
-    return claimed is not None and claimed[0] != fingerprint and input_fingerprint(claimed[1]) == claimed[0]
+    if claimed is not None and claimed[0] != fingerprint and input_fingerprint(claimed[1]) == claimed[0]:
+        return claimed[1]
+    return None
+
+
+def _folder_of(case: Mapping) -> str:
+    """Where a case's input files are (the folder of its first one), to tell two cases of one name apart."""
+    for key in sorted(case, key=str):
+        value = case[key]
+        if key != "case" and isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+            return os.path.dirname(os.path.abspath(value))
+    return "no input files"
 
 
 def build_case_cache(
@@ -201,17 +212,18 @@ def build_case_cache(
         write_json({"key": str(key), "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info},
                    folder / "cache.json")
 
-    items, todo, seen = [], [], set()
+    items, todo, seen = [], [], {}
     for case in cases:
         name = str(case["case"])
         if not name or os.sep in name or name.startswith("."):
             raise ValueError(f"case name {name!r} cannot name a cache file")
         path = folder / f"{name}.npz"
         fingerprint = input_fingerprint(case)
-        if name in seen or _other_case_claims(path, fingerprint):
-            raise ValueError(f"case name {name!r} is given to two cases; both would be cached as {path} "
-                             f"(case names must be unique within a dataset)")
-        seen.add(name)
+        other = seen.get(name) or _other_case_at(path, fingerprint)
+        if other is not None:
+            raise ValueError(f"case name {name!r} is given to two cases (in {_folder_of(other)} and "
+                             f"{_folder_of(case)}); both would be cached as {path} (case names must be unique)")
+        seen[name] = case
         if not path.is_file():
             todo.append((case, path, fingerprint))
         elif problem := _reuse_problem(path, names, fingerprint):

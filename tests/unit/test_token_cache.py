@@ -213,8 +213,9 @@ def test_a_changed_input_volume_is_encoded_again(tmp_path, caplog, monkeypatch):
 def test_two_cases_of_one_name_are_refused(tmp_path):
     first, second = _fake_case(tmp_path / "a"), _fake_case(tmp_path / "b")
     encoder = CountingEncoder(arrays=_tiny_token_arrays(1))
-    with pytest.raises(ValueError, match=r"case name 'BraTS_0001' is given to two cases; both would be cached as "
-                                         r".*BraTS_0001.npz \(case names must be unique"):
+    with pytest.raises(ValueError, match=rf"^case name 'BraTS_0001' is given to two cases \(in {tmp_path / 'a'} and "
+                                         rf"{tmp_path / 'b'}\); both would be cached as .*BraTS_0001.npz \(case names "
+                                         r"must be unique\)$"):
         build_token_cache([first, second], tmp_path / "cache", "k", encoder)
     assert encoder.calls == []
     build_token_cache([first], tmp_path / "cache", "k", encoder)  # the training split ...
