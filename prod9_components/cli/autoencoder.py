@@ -120,7 +120,7 @@ class StageOneCommands:
 
 
 class AutoencoderCommands(StageOneCommands, stage=STAGE, title="MaskGiT stage-1 FSQ autoencoder",
-                          output_dir="outputs/maskgit_stage1", export_path="outputs/brats_autoencoder-large.pt"):
+                          output_dir="outputs/maskgit_stage1", export_path="<output_dir>/brats_autoencoder-large.pt"):
     """Train, evaluate and run the {title} (MONAI bundle ``{stage}``)."""
 
 

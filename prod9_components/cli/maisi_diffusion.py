@@ -1,7 +1,7 @@
 """``prod9-train-maisi-diffusion``: MAISI stage 2, rectified-flow latent diffusion (bundle ``maisi_stage2_diffusion``).
 
 Verbs: ``train``, ``validate``, ``test``, ``generate``. Any ``--<bundle id> value`` not listed is passed to the bundle
-as an override (e.g. ``--epochs 5``, ``--vae-path outputs/maisi_vae_final.pt``).
+as an override (e.g. ``--epochs 5``, ``--vae-path outputs/maisi_stage1/maisi_vae_final.pt``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class MaisiDiffusionCommands:
         Args:
             config: bundle directory, its train.json, or a preset JSON/YAML layered on the stage's bundle.
             output_dir: where checkpoints and TensorBoard logs go (default outputs/maisi_stage2).
-            vae_path: the stage-1 VAE export (default outputs/maisi_vae_final.pt).
+            vae_path: the stage-1 VAE export (default outputs/maisi_stage1/maisi_vae_final.pt).
             overrides: any bundle id, e.g. --epochs 50 --batch-size 2 --latent-cache-dir DIR --dataset-dir DIR.
                 --tracking mlflow logs to <output_dir>/mlruns.db with data paths relative to the dataset
                 directory (add --tracking-log-paths to log them absolute).

@@ -14,7 +14,7 @@ STAGE = "maisi_stage1_vae"
 
 
 class MaisiVAECommands(StageOneCommands, stage=STAGE, title="MAISI stage-1 KL-VAE",
-                       output_dir="outputs/maisi_stage1", export_path="outputs/maisi_vae_final.pt"):
+                       output_dir="outputs/maisi_stage1", export_path="<output_dir>/maisi_vae_final.pt"):
     """Train, evaluate and run the {title} (MONAI bundle ``{stage}``); its export feeds the stage-2 diffusion
     model."""
 

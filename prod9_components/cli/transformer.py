@@ -55,7 +55,7 @@ class TransformerCommands:
 
     def train(self, config: str | None = None, output_dir: str | None = None, source_modality=None,
               target_modality: str | None = None, **overrides):
-        """Train on tokens of the stage-1 export (default outputs/brats_autoencoder-large.pt).
+        """Train on tokens of the stage-1 export (default outputs/maskgit_stage1/brats_autoencoder-large.pt).
 
         Args:
             config: bundle directory, its train.json, or a preset layered on the chosen bundle.

@@ -1,8 +1,8 @@
 """MAISI stage-2 latent cache: the KL-VAE latent mean of every case, encoded once, plus the latent scale factor.
 
 One ``.npz`` file per case under ``<cache_dir>/<key>/`` (:mod:`prod9_components.data.case_cache`); ``key`` hashes the
-VAE file's bytes, the preprocessing contract and the encoder settings, so a new VAE never reuses stale latents.
-Each file holds:
+VAE file's bytes, the preprocessing contract and the encoder settings, so a new VAE never reuses stale latents; each
+file records the fingerprint of the case's input volumes, so a changed volume is encoded again. Each file holds:
 
     latent     float32 (4, C, d, h, w)  latent mean (never a posterior sample), modality order T1, T1ce, T2, FLAIR
     seg        uint8   (D, H, W)        tumour mask 0..3 on the preprocessed image grid, D = d * f, ...
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from monai.transforms import MapTransform
 
 from prod9_components.atomic import write_json
-from prod9_components.data.case_cache import build_case_cache, cache_key, cast_arrays, load_case_file
+from prod9_components.data.case_cache import (build_case_cache, cache_key, cast_arrays, load_case_file,
+                                              stored_fingerprint)
 from prod9_components.data.modalities import MODALITIES, modality_index
 
 LATENT_CACHE_VERSION = 1
@@ -39,9 +40,9 @@ LATENT_ARRAYS = {  # name -> (dtype, number of dimensions)
 }
 
 
-def latent_cache_key(vae_path: str | os.PathLike, preprocessing: Mapping, extra: Mapping | None = None) -> str:
-    """:func:`~prod9_components.data.case_cache.cache_key` of a latent cache."""
-    return cache_key(vae_path, preprocessing, extra, LATENT_CACHE_VERSION)
+def latent_cache_key(vae_sha256: str, preprocessing: Mapping, extra: Mapping | None = None) -> str:
+    """:func:`~prod9_components.data.case_cache.cache_key` of a latent cache (``vae_sha256``: the VAE export's hash)."""
+    return cache_key(vae_sha256, preprocessing, extra, LATENT_CACHE_VERSION)
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -70,13 +71,16 @@ def build_latent_cache(cases: Sequence[Mapping], cache_dir: str | os.PathLike, k
 def latent_scale_factor(items: Sequence[Mapping]) -> float:
     """``1 / std`` of every latent value of ``items`` (all modalities and channels), float64 sums.
 
-    Computed once per set of cases and stored as ``scale_factor_<hash of the case names>.json`` beside the cache
-    files (with the mean and std), so every run on the same training split reads the same factor.
+    Computed once per set of cached latents and stored as ``scale_factor_<hash>.json`` beside the cache files (with
+    the mean and std), so every run on the same training split reads the same factor. The hash covers each case's
+    name and the input fingerprint its file was encoded from, so a corrected volume (or another dataset with the
+    same case names) gets a new factor, never the old one.
     """
     if not items:
         raise ValueError("no cached latents to compute the scale factor from")
     cases = sorted(str(item["case"]) for item in items)
-    digest = hashlib.sha256(json.dumps(cases).encode()).hexdigest()[:16]
+    inputs = sorted([str(item["case"]), stored_fingerprint(item["latent"])] for item in items)
+    digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
     path = Path(items[0]["latent"]).parent / f"scale_factor_{digest}.json"
     if path.is_file():
         return float(json.loads(path.read_text())["scale_factor"])
@@ -88,7 +92,7 @@ def latent_scale_factor(items: Sequence[Mapping]) -> float:
     std = float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
     if not std > 0:
         raise ValueError(f"{path.parent}: the cached latents are constant (std 0); is the VAE trained?")
-    write_json({"scale_factor": 1.0 / std, "std": std, "mean": mean, "cases": cases}, path)
+    write_json({"scale_factor": 1.0 / std, "std": std, "mean": mean, "cases": cases, "inputs": inputs}, path)
     return 1.0 / std
 
 

@@ -2,7 +2,8 @@
 
 One ``.npz`` file per case under ``<cache_dir>/<key>/`` (:mod:`prod9_components.data.case_cache`); ``key`` hashes the
 export file's bytes, the preprocessing contract and the cache format version, so a new autoencoder (or other
-preprocessing) never reuses stale tokens. Each file holds:
+preprocessing) never reuses stale tokens, and each file records the fingerprint of the case's input volumes, so a
+changed volume is encoded again. Each file holds:
 
     tokens      int16   (4, d, h, w)  token indices, modality order T1, T1ce, T2, FLAIR (index < 32768)
     seg         uint8   (D, H, W)     tumour mask 0..3 on the same preprocessed grid, D = d * f, ...
@@ -37,11 +38,10 @@ CACHE_ARRAYS = {  # name -> (dtype, number of dimensions)
 LABEL_PRIORITY = (3, 1, 2, 0)
 
 
-def token_cache_key(
-    autoencoder_path: str | os.PathLike, preprocessing: Mapping, extra: Mapping | None = None
-) -> str:
-    """:func:`~prod9_components.data.case_cache.cache_key` of a token cache (see there)."""
-    return cache_key(autoencoder_path, preprocessing, extra, TOKEN_CACHE_VERSION)
+def token_cache_key(autoencoder_sha256: str, preprocessing: Mapping, extra: Mapping | None = None) -> str:
+    """:func:`~prod9_components.data.case_cache.cache_key` of a token cache (``autoencoder_sha256``: the export's
+    hash)."""
+    return cache_key(autoencoder_sha256, preprocessing, extra, TOKEN_CACHE_VERSION)
 
 
 def seg_to_token_grid(seg: np.ndarray | torch.Tensor, factor: int) -> np.ndarray:

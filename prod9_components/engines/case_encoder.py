@@ -14,7 +14,7 @@ from torch import nn
 from prod9_components.data.modalities import MODALITIES
 from prod9_components.data.transforms import preprocessing, preprocessing_contract
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
-from prod9_components.networks.export import load_network
+from prod9_components.networks.export import build_network, read_record
 
 __all__ = ["CaseEncoder", "CaseLatentEncoder"]
 
@@ -51,6 +51,7 @@ class CaseEncoder:
         self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
         self.preprocessing = preprocessing_contract(self.spacing, self.intensity_range)
         self.autoencoder_path: str | None = None
+        self.autoencoder_sha256: str | None = None
         self._pipelines: dict[bool, Compose] = {}
 
     @classmethod
@@ -61,8 +62,12 @@ class CaseEncoder:
         expected_args: dict | None = None,
         device: str | torch.device = "cpu",
     ) -> CaseEncoder:
-        """Encoder of a stage-1 export, with the spacing and intensity range of its preprocessing contract."""
-        autoencoder, record = load_network(path, expected_args)
+        """Encoder of a stage-1 export, with the spacing and intensity range of its preprocessing contract.
+
+        ``autoencoder_sha256`` is the hash of the bytes the network was built from (the cache key's input).
+        """
+        record, sha256 = read_record(path)
+        autoencoder = build_network(record, expected_args, source=str(path))
         contract = record.get("preprocessing") or {}
         try:
             spacing, intensity_range = contract["spacing"], contract["intensity"]["range"]
@@ -71,6 +76,7 @@ class CaseEncoder:
         encoder = cls(autoencoder, sw_config, spacing, tuple(intensity_range), device)
         encoder.preprocessing = dict(contract)
         encoder.autoencoder_path = os.path.abspath(os.fspath(path))
+        encoder.autoencoder_sha256 = sha256
         return encoder
 
     @property

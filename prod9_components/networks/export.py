@@ -17,6 +17,8 @@ Record layout::
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -89,11 +91,21 @@ def load_record(path: str | os.PathLike, stages: tuple[str, ...] | list[str] | N
     Raises:
         FileNotFoundError / ValueError: with the path and what was expected.
     """
+    return read_record(path, stages)[0]
+
+
+def read_record(path: str | os.PathLike, stages: tuple[str, ...] | list[str] | None = None) -> tuple[dict, str]:
+    """:func:`load_record` plus the hex SHA-256 of the very bytes the record was loaded from: ``(record, sha256)``.
+
+    The file is read once; hashing it and loading it in two reads could pair one file's hash with another file's
+    weights when the export is replaced in between (a stage 1 still writing its best export, a copy in progress).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    data = path.read_bytes()
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        record = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or a pickle that would run code
         raise ValueError(f"{path}: not a loadable prod9 checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -101,7 +113,7 @@ def load_record(path: str | os.PathLike, stages: tuple[str, ...] | list[str] | N
         raise ValueError(f"{path}: not a prod9 network file (expected a dict with format '{RECORD_FORMAT}')")
     if stages is not None and record.get("stage") not in stages:
         raise ValueError(f"{path}: a '{record.get('stage')}' checkpoint, expected one of {', '.join(stages)}")
-    return record
+    return record, hashlib.sha256(data).hexdigest()
 
 
 def build_network(record: dict, expected_args: dict | None = None, source: str = "checkpoint") -> nn.Module:

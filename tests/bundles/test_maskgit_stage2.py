@@ -4,6 +4,8 @@ stage-1 export made by the test session itself."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -96,3 +98,26 @@ def test_label_chain(stage2_runs):
     image = nib.load(samples[0])
     assert list(image.shape) == [4 * g for g in record["volume_grid"]]
     np.testing.assert_allclose(np.diag(image.affine)[:3], [4.0, 4.0, 4.0])
+
+
+def test_last_ckpt_records_the_export_and_a_resume_on_another_one_is_refused(stage2_runs, tmp_path):
+    """last.ckpt names the stage-1 export (path + sha256) the run trained on; resuming it with another export (a
+    retrained stage 1: other bytes) stops with one line naming both files instead of training on other tokens."""
+    from prod9_components.data.case_cache import file_sha256
+    from prod9_components.networks.export import atomic_save, load_record
+
+    export = os.path.abspath(stage2_runs["autoencoder_path"])
+    last = torch.load(Path(stage2_runs["label"]) / "last.ckpt", weights_only=True)
+    assert last["stage1_export"] == {"path": export, "sha256": file_sha256(export)}
+
+    other = tmp_path / "retrained.pt"
+    atomic_save({**load_record(export), "note": "retrained"}, other)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(Path(stage2_runs["label"]) / "last.ckpt", run / "last.ckpt")
+    result = stage2_run(LABEL, ["train.json", "tiny.json"], {
+        "dataset_dir": stage2_runs["dataset_dir"], "output_dir": run, "autoencoder_path": other,
+        "token_cache_dir": tmp_path / "cache", "epochs": 2}, check=False)
+    assert result.returncode != 0
+    assert (f"{other}: this stage-1 export (sha256 {file_sha256(other)[:12]}…) is not the one the run being resumed "
+            f"was trained on, {export}") in result.stderr

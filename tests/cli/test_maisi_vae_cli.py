@@ -23,7 +23,7 @@ def test_help_lists_the_verbs_and_the_bundle_defaults():
     assert "maisi_stage1_vae" in text
     train = cli("prod9-train-maisi-vae", "train", "--help")
     text = train.stdout + train.stderr  # fire prints help on stderr when not on a terminal
-    assert "export (outputs/maisi_vae_final.pt)" in text and "(default outputs/maisi_stage1)" in text
+    assert "export (<output_dir>/maisi_vae_final.pt)" in text and "(default outputs/maisi_stage1)" in text
     assert "maskgit" not in text and "brats_autoencoder" not in text
     infer = cli("prod9-train-maisi-vae", "infer", "--help")
     text = infer.stdout + infer.stderr

@@ -87,7 +87,7 @@ def test_export_with_another_vocabulary_is_refused(stage2_runs, tmp_path):
                  check=False, in_process=True)
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
-    assert "other.pt" in line and "changed since the checkpoint was trained" in line
+    assert "other.pt" in line and f"changed since {Path(stage2_runs['label']) / 'best.ckpt'} was trained" in line
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 

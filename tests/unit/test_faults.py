@@ -3,6 +3,7 @@ half-way (the disk is full) leaves the previous checkpoint intact."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -59,3 +60,55 @@ def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(tmp_path
     kept = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(10))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the half-written temp file is gone
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_kill_mid_write_keeps_the_old_file_and_the_next_write_removes_its_temp_file(tmp_path):
+    """SIGKILL while atomic_path's temp file is half written: the target keeps its old bytes; the temp file left
+    behind is removed by the next atomic write into that folder (its writer is dead), with nothing else."""
+    from prod9_components import atomic
+
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"old")
+    script = textwrap.dedent(f"""
+        import sys, time
+        from prod9_components.atomic import atomic_path
+        with atomic_path({str(target)!r}) as tmp:
+            open(tmp, "wb").write(b"half of the new")
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+    finally:
+        process.kill()
+        process.wait()
+    assert target.read_bytes() == b"old"
+    leftover = [p for p in tmp_path.iterdir() if p != target]
+    assert len(leftover) == 1 and atomic.TEMP_PATTERN.match(leftover[0].name)
+    assert f"-{process.pid}-" in leftover[0].name
+
+    atomic.write_json({"a": 1}, tmp_path / "other.json")  # the next write into the folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "other.json"]
+
+
+def test_the_temp_file_sweep_keeps_live_writers_and_files_it_did_not_make(tmp_path):
+    from prod9_components.atomic import TEMP_MARK, _host, remove_stale_temp_files
+
+    host = _host()
+    dead = tmp_path / f".best.ckpt{TEMP_MARK}{host}-{_dead_pid()}-abc_12xy.tmp"
+    live = tmp_path / f".best.ckpt{TEMP_MARK}{host}-{os.getpid()}-abc_12xy.tmp"
+    other_host = tmp_path / f".best.ckpt{TEMP_MARK}elsewhere{host}-{_dead_pid()}-abc_12xy.npz"
+    unrelated = [tmp_path / name for name in (".best.ckpt.abc_12xy.tmp", ".hidden", f"case{TEMP_MARK}1-2-abcdefgh",
+                                              f".x{TEMP_MARK}{host}-notapid-abc_12xy.tmp", "best.ckpt")]
+    for path in (dead, live, other_host, *unrelated):
+        path.write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, other_host, *unrelated))

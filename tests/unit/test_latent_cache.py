@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from prod9_components.data.brats import discover_cases
+from prod9_components.data.case_cache import file_sha256
 from prod9_components.data.latent_cache import (
     LoadLatentd,
     build_latent_cache,
@@ -41,7 +43,7 @@ def cached(demo_dataset_dir, tmp_path_factory):
     export = tiny_vae_export(root / "vae.pt", seed=0)
     encoder = CaseLatentEncoder.from_export(export, SW)
     cases = discover_cases(demo_dataset_dir)[:2]
-    key = latent_cache_key(export, encoder.preprocessing, encoder.settings)
+    key = latent_cache_key(encoder.autoencoder_sha256, encoder.preprocessing, encoder.settings)
     items = build_latent_cache(cases, root / "cache", key, encoder)
     return {"root": root, "export": export, "encoder": encoder, "cases": cases, "key": key, "items": items}
 
@@ -62,7 +64,8 @@ def test_latents_are_the_deterministic_posterior_mean(cached):
 
 def test_another_vae_file_gets_another_key(cached, tmp_path):
     other = tiny_vae_export(tmp_path / "vae.pt", seed=1)
-    assert latent_cache_key(other, cached["encoder"].preprocessing, cached["encoder"].settings) != cached["key"]
+    encoder = cached["encoder"]
+    assert latent_cache_key(file_sha256(other), encoder.preprocessing, encoder.settings) != cached["key"]
 
 
 def test_scale_factor_gives_unit_std_and_is_stored(cached):
@@ -124,3 +127,25 @@ def test_control_items_put_mask_and_source_on_the_latent_cells(cached):
     with pytest.raises(ValueError, match="no target modality is left once the source T2 is removed"):
         control_items(cached["items"], ["T2"], "T2")
     assert "source_modality" not in control_items(cached["items"], ["T2"], "T1", uses_source=False)[0]
+
+
+def test_the_scale_factor_follows_the_input_volumes(tmp_path):
+    """The stored scale factor is keyed by the cases' input fingerprints, not their names: after a volume changes,
+    its latents are encoded again and the factor is computed again, never read from the old file."""
+    case = {"case": "BraTS_0001"}
+    for key in ("t1", "t1ce", "t2", "flair"):
+        case[key] = str(tmp_path / f"{key}.nii.gz")
+        (tmp_path / f"{key}.nii.gz").write_bytes(key.encode())
+    rng = np.random.default_rng(0)
+
+    def encode(std):
+        return lambda c: {"latent": rng.normal(0, std, (4, 1, 2, 2, 2)), "seg": np.zeros((4, 4, 4), np.uint8),
+                          "affine": np.eye(4), "intensity": np.tile([0.0, 1.0], (4, 1))}
+
+    items = build_latent_cache([case], tmp_path / "cache", "k", encode(1.0))
+    first = latent_scale_factor(items)
+    stat = os.stat(case["flair"])
+    os.utime(case["flair"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a corrected volume
+    items = build_latent_cache([case], tmp_path / "cache", "k", encode(10.0))
+    assert latent_scale_factor(items) == pytest.approx(first / 10, rel=0.5)
+    assert len(list((tmp_path / "cache" / "k").glob("scale_factor_*.json"))) == 2

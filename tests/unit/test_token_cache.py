@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ def stage1(demo_dataset_dir, tmp_path_factory):
     atomic_save(network_record(net, preprocessing=preprocessing_contract([5, 5, 5], [0, 1])), export)
     tokenizer = CaseTokenizer.from_export(export, SW)
     cases = discover_cases(demo_dataset_dir)[:2]
-    key = token_cache_key(export, tokenizer.preprocessing, tokenizer.settings)
+    key = token_cache_key(tokenizer.autoencoder_sha256, tokenizer.preprocessing, tokenizer.settings)
     encoder = CountingEncoder(tokenizer)
     items = build_token_cache(cases[:1], root / "cache", key, encoder, metadata=tokenizer.cache_metadata)
     return {"root": root, "export": export, "tokenizer": tokenizer, "cases": cases, "key": key, "items": items,
@@ -125,18 +126,22 @@ def test_second_build_reuses_and_a_new_export_re_encodes(stage1, caplog):
     info = json.loads((stage1["root"] / "cache" / stage1["key"] / "cache.json").read_text())
     assert info["key"] == stage1["key"] and info["autoencoder_path"] == str(stage1["export"])
     assert info["preprocessing"]["spacing"] == [5.0, 5.0, 5.0]
+    assert stage1["tokenizer"].autoencoder_sha256 == file_sha256(stage1["export"])  # the bytes it was built from
 
     changed = stage1["root"] / "autoencoder_changed.pt"
     data = bytearray(stage1["export"].read_bytes())
     data[len(data) // 2] ^= 1
     changed.write_bytes(bytes(data))
     assert file_sha256(changed) != file_sha256(stage1["export"])
-    key = token_cache_key(changed, stage1["tokenizer"].preprocessing, stage1["tokenizer"].settings)
+    key = token_cache_key(file_sha256(changed), stage1["tokenizer"].preprocessing, stage1["tokenizer"].settings)
     assert key != stage1["key"] and len(key) == 16
     # The preprocessing contract and the tiling are part of the key too.
-    assert token_cache_key(stage1["export"], preprocessing_contract([4, 4, 4], [0, 1]), stage1["tokenizer"].settings) \
-        != stage1["key"]
-    assert token_cache_key(stage1["export"], stage1["tokenizer"].preprocessing) != stage1["key"]
+    sha = file_sha256(stage1["export"])
+    settings = stage1["tokenizer"].settings
+    assert token_cache_key(sha, preprocessing_contract([4, 4, 4], [0, 1]), settings) != stage1["key"]
+    assert token_cache_key(sha, stage1["tokenizer"].preprocessing) != stage1["key"]
+    with pytest.raises(ValueError, match="expected the hex sha256 of the encoder export, got '.*autoencoder.pt'"):
+        token_cache_key(str(stage1["export"]), stage1["tokenizer"].preprocessing)  # a path is not a hash
     encoder = CountingEncoder(arrays=stage1["arrays"])
     items = build_token_cache([case], stage1["root"] / "cache", key, encoder)
     assert encoder.calls == [case["case"]] and items[0]["tokens"] != stage1["items"][0]["tokens"]
@@ -160,6 +165,63 @@ def test_truncated_file_is_re_encoded_with_a_warning(stage1, caplog, tmp_path):
     for name, value in load_token_file(path).items():
         np.testing.assert_array_equal(value, arrays[name])
     assert not list(tmp_path.glob("k/.*"))  # no temp files left behind
+
+
+def _tiny_token_arrays(value: int) -> dict:
+    """Arrays a token cache accepts (2^3 token grid, f = 2), every token ``value``."""
+    return {"tokens": np.full((4, 2, 2, 2), value), "seg": np.zeros((4, 4, 4), np.uint8),
+            "seg_tokens": np.zeros((2, 2, 2), np.uint8), "affine": np.eye(4), "intensity": np.tile([0.0, 1.0], (4, 1))}
+
+
+def _fake_case(folder, name: str = "BraTS_0001") -> dict:
+    """A case dict whose input files exist (their bytes do not matter to the cache, only path, size and mtime)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    case = {"case": name}
+    for key in (*MODALITIES, "seg"):
+        case[key] = str(folder / f"{name}_{key}.nii.gz")
+        with open(case[key], "wb") as f:
+            f.write(key.encode())
+    return case
+
+
+def test_a_changed_input_volume_is_encoded_again(tmp_path, caplog, monkeypatch):
+    """The cache key covers the encoder, not the volumes: each file stores its inputs' fingerprint, and a corrected
+    volume - or, in a later run, another dataset with the same case names - is encoded again, never reused."""
+    from prod9_components.data import case_cache
+
+    case = _fake_case(tmp_path / "data")
+    items = build_token_cache([case], tmp_path / "cache", "k", CountingEncoder(arrays=_tiny_token_arrays(1)))
+    assert case_cache.stored_fingerprint(items[0]["tokens"]) == case_cache.input_fingerprint(case)
+    encoder = CountingEncoder(arrays=_tiny_token_arrays(2))
+    build_token_cache([case], tmp_path / "cache", "k", encoder)
+    assert encoder.calls == []  # unchanged inputs: reused
+
+    stat = os.stat(case["t2"])
+    os.utime(case["t2"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # the volume was rewritten
+    with caplog.at_level(logging.INFO, logger="prod9"):
+        items = build_token_cache([case], tmp_path / "cache", "k", encoder)
+    assert encoder.calls == [case["case"]] and "encoded from other input files" in caplog.text
+    assert (load_token_file(items[0]["tokens"])["tokens"] == 2).all()
+
+    monkeypatch.setattr(case_cache, "_claimed", {})  # a new run ...
+    other = _fake_case(tmp_path / "other_dataset")  # ... on another dataset with the same case name
+    encoder = CountingEncoder(arrays=_tiny_token_arrays(3))
+    items = build_token_cache([other], tmp_path / "cache", "k", encoder)
+    assert encoder.calls == [other["case"]] and (load_token_file(items[0]["tokens"])["tokens"] == 3).all()
+
+
+def test_two_cases_of_one_name_are_refused(tmp_path):
+    first, second = _fake_case(tmp_path / "a"), _fake_case(tmp_path / "b")
+    encoder = CountingEncoder(arrays=_tiny_token_arrays(1))
+    with pytest.raises(ValueError, match=rf"^case name 'BraTS_0001' is given to two cases \(in {tmp_path / 'a'} and "
+                                         rf"{tmp_path / 'b'}\); both would be cached as .*BraTS_0001.npz \(case names "
+                                         r"must be unique\)$"):
+        build_token_cache([first, second], tmp_path / "cache", "k", encoder)
+    assert encoder.calls == []
+    build_token_cache([first], tmp_path / "cache", "k", encoder)  # the training split ...
+    with pytest.raises(ValueError, match="'BraTS_0001' is given to two cases"):
+        build_token_cache([second], tmp_path / "cache", "k", encoder)  # ... and a validation case of the same name
+    assert encoder.calls == ["BraTS_0001"]
 
 
 def test_load_tokens_gives_tensors(stage1):
