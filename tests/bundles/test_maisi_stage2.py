@@ -32,8 +32,8 @@ def test_training_writes_an_ema_record_with_everything_generation_needs(maisi_di
     assert all(n % 4 == 0 for n in record["latent_size"])  # the tiny UNet downsamples twice
     last = torch.load(out / "last.ckpt", weights_only=True)
     assert last["epoch"] == 4 and last["trainer"]["iteration"] == int(last["network"]["num_updates"]) == 16  # 4 x 4
-    # last.ckpt names the VAE export it trained on: a resume on another one is refused (tests/unit/test_export_link.py)
-    assert last["stage1_export"] == {"path": record["vae_path"], "sha256": record["vae_sha256"]}
+    # last.ckpt's fingerprint holds the VAE export's hash: a resume on another export is refused
+    assert last["fingerprint"]["vae_sha256"] == record["vae_sha256"]
     # best.ckpt holds the average, not the raw weights the optimizer moved
     raw, ema = last["unet"], {k.removeprefix("module."): v for k, v in last["network"].items() if k != "num_updates"}
     assert max(float((raw[k] - ema[k]).abs().max()) for k in raw) > 1e-6

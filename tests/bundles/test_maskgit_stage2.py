@@ -101,14 +101,15 @@ def test_label_chain(stage2_runs):
 
 
 def test_last_ckpt_records_the_export_and_a_resume_on_another_one_is_refused(stage2_runs, tmp_path):
-    """last.ckpt names the stage-1 export (path + sha256) the run trained on; resuming it with another export (a
-    retrained stage 1: other bytes) stops with one line naming both files instead of training on other tokens."""
+    """last.ckpt's fingerprint holds the stage-1 export's sha256; resuming it with another export (a retrained
+    stage 1: other bytes) stops with one line naming last.ckpt and the new export instead of training on other
+    tokens."""
     from prod9_components.data.case_cache import file_sha256
     from prod9_components.networks.export import atomic_save, load_record
 
     export = os.path.abspath(stage2_runs["autoencoder_path"])
     last = torch.load(Path(stage2_runs["label"]) / "last.ckpt", weights_only=True)
-    assert last["stage1_export"] == {"path": export, "sha256": file_sha256(export)}
+    assert last["fingerprint"]["autoencoder_sha256"] == file_sha256(export)
 
     other = tmp_path / "retrained.pt"
     atomic_save({**load_record(export), "note": "retrained"}, other)
@@ -119,5 +120,5 @@ def test_last_ckpt_records_the_export_and_a_resume_on_another_one_is_refused(sta
         "dataset_dir": stage2_runs["dataset_dir"], "output_dir": run, "autoencoder_path": other,
         "token_cache_dir": tmp_path / "cache", "epochs": 2}, check=False)
     assert result.returncode != 0
-    assert (f"{other}: this stage-1 export (sha256 {file_sha256(other)[:12]}…) is not the one the run being resumed "
-            f"was trained on, {export}") in result.stderr
+    assert (f"{run / 'last.ckpt'}: it was trained with autoencoder_sha256={file_sha256(export)[:16]}…, this run has "
+            f"{file_sha256(other)[:16]}… (another upstream file: {other})") in result.stderr
