@@ -121,6 +121,19 @@ def flag_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key.replace("-", "_") if "#" not in key else key: value for key, value in kwargs.items()}
 
 
+def one_line(error: BaseException) -> str:
+    """The line that names the problem: the first of the message, except for an error re-raised from a DataLoader
+    worker ("Caught ValueError in DataLoader worker process 0." + the worker's traceback as text), whose last line is
+    the worker's own error (e.g. ``ValueError: <file>: ...``, naming the file)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        kind, _, text = lines[-1].partition(": ")  # "ValueError: <file>: ..." -> "<file>: ..."
+        return text if text and kind.endswith(("Error", "Exception")) else lines[-1]
+    return lines[0]
+
+
 def root_cause(error: BaseException) -> BaseException:
     """MONAI wraps errors raised while evaluating config expressions; the innermost one names the problem."""
     while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
@@ -149,8 +162,7 @@ def main_for(component: Callable, argv: list[str] | None = None, name_list_flags
         if debug:
             raise
         cause = root_cause(error)
-        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(cause)}", file=sys.stderr)
         sys.exit(2)
 
 
