@@ -86,6 +86,7 @@ def discover_cases(dataset_dir: str | os.PathLike) -> list[dict]:
         raise ValueError(f"{root}: {len(incomplete)} incomplete case(s): " + "; ".join(incomplete))
     if not cases:
         raise ValueError(f"{root}: no BraTS cases found; expected {EXPECTED_LAYOUT}")
+    check_case_names({"training": cases}, root)
     return cases
 
 
@@ -116,6 +117,36 @@ def check_case_geometry(cases: Iterable[Mapping]) -> None:
                 )
 
 
+def check_case_names(splits: Mapping[str, Sequence[Mapping]], source: str | os.PathLike) -> None:
+    """Check every case name once, where datalists and folders are read: names become output file names
+    (``<case>_T2.nii.gz``), so each must be a plain, non-empty file name, unique across all splits.
+
+    Args:
+        splits: split name -> items with a ``"case"`` key.
+        source: the datalist file or dataset folder the names come from (named in the error).
+
+    Raises:
+        ValueError: one line naming ``source``, the split and the bad value.
+    """
+    seen: dict[str, str] = {}
+    for split, items in splits.items():
+        for item in items:
+            name = item.get("case")
+            if not isinstance(name, str) or not name:
+                problem = "is empty or not a string"
+            elif Path(name).is_absolute():
+                problem = "is an absolute path"
+            elif name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
+                problem = "holds a path separator or is '.'/'..'"
+            elif name in seen:
+                problem = f"is used twice ({seen[name]} and {split})"
+            else:
+                seen[name] = split
+                continue
+            raise ValueError(f"{source}: case name {name!r} in {split} {problem}; expected a plain file name "
+                             "(no '/', '\\' or '..'), unique across training, validation and test")
+
+
 def _normalise_item(item: Mapping, dataset_dir: Path, where: str) -> dict:
     """Canonical keys (aliases -> t1/t1ce/t2/flair, 'label' -> 'seg') and absolute paths."""
     out: dict[str, str] = {}
@@ -129,7 +160,7 @@ def _normalise_item(item: Mapping, dataset_dir: Path, where: str) -> dict:
     missing = [m for m in MODALITIES if m not in out]
     if missing:
         raise ValueError(f"{where}: item {dict(item)} lacks modalities {missing}")
-    out.setdefault("case", Path(out["t1"]).parent.name)
+    out.setdefault("case", Path(out["t1"]).parent.name)  # checked with all names by check_case_names
     return out
 
 
@@ -157,6 +188,7 @@ def load_datalist(path: str | os.PathLike, dataset_dir: str | os.PathLike) -> di
         split: [_normalise_item(item, root, f"{path} [{split}][{i}]") for i, item in enumerate(raw.get(split) or [])]
         for split in SPLITS
     }
+    check_case_names(splits, path)
     missing = [
         item[role]
         for items in splits.values()
