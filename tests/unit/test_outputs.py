@@ -48,3 +48,24 @@ def test_check_outputs_never_replaces_an_input(tmp_path):
 def test_check_outputs_refuses_colliding_names(tmp_path):
     with pytest.raises(ValueError, match=rf"two outputs would both be written to {tmp_path / 't1_recon.nii.gz'}"):
         check_outputs([tmp_path / "t1_recon.nii.gz", tmp_path / "t1_recon.nii.gz"])
+
+
+def test_reconstructions_are_named_per_case_and_modality(tmp_path):
+    """Datalist files ``a/t1.nii.gz`` and ``b/t1.nii.gz`` share a name; their reconstructions must not."""
+    from prod9_components.data.postprocessing import reconstruction_items
+
+    split = [{"image": str(tmp_path / c / "t1.nii.gz"), "modality": 0, "case": c} for c in ("a", "b")]
+    items = reconstruction_items(split, None, tmp_path / "out")
+    assert [i["output"] for i in items] == [str(tmp_path / "out" / f"{c}_T1_recon.nii.gz") for c in ("a", "b")]
+    # Plain files from two folders with one name collide: refused in one line before anything is written.
+    with pytest.raises(ValueError, match=r"two outputs would both be written to .*t1_recon\.nii\.gz"):
+        reconstruction_items([s["image"] for s in split], None, tmp_path / "out")
+    # --output equal to --input: always refused.
+    volume = tmp_path / "a" / "t1.nii.gz"
+    volume.parent.mkdir()
+    volume.write_bytes(b"x")
+    with pytest.raises(ValueError, match="is the input"):
+        reconstruction_items(str(volume), str(volume), tmp_path / "out", overwrite=True)
+    # A case name that escapes the folder never reaches a writer.
+    with pytest.raises(ValueError, match="outside"):
+        reconstruction_items([{**split[0], "case": "../x"}], None, tmp_path / "out")
