@@ -249,7 +249,8 @@ def prepare_splits(
     """Discover (or read ``datalist``), check geometry, split, and write ``<output_dir>/datalist.json``.
 
     A given datalist with a non-empty "validation" split is kept as it is; otherwise all its items are
-    pooled and split from ``seed`` like discovered cases.
+    pooled and split from ``seed`` like discovered cases. When the given datalist is that very file (a run's own
+    record passed back in), it is left as it is, and a new split that would replace it is refused.
     """
     if datalist:
         given = load_datalist(datalist, dataset_dir)
@@ -261,7 +262,13 @@ def prepare_splits(
         splits = given
     else:
         splits = split_cases(pooled, seed, val_fraction, test_fraction)
-    save_datalist(splits, Path(output_dir).expanduser() / "datalist.json")
+    destination = Path(output_dir).expanduser() / "datalist.json"
+    if datalist and destination.is_file() and os.path.samefile(Path(datalist).expanduser(), destination):
+        if splits is not given:  # an input is never overwritten (DESIGN §10)
+            raise ValueError(f"{datalist}: has no validation split, so it would be re-split and written over itself; "
+                             "pass a datalist outside the output folder, or one with a validation split")
+        return splits
+    save_datalist(splits, destination)
     return splits
 
 

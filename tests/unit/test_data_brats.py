@@ -235,6 +235,21 @@ def test_prepare_splits_writes_datalist_and_keeps_given_splits(demo_dataset_dir,
     assert again == splits
 
 
+def test_prepare_splits_never_rewrites_the_datalist_it_reads(demo_dataset_dir, tmp_path):
+    run = tmp_path / "run"
+    splits = prepare_splits(demo_dataset_dir, run, seed=1)
+    record = run / "datalist.json"
+    record.write_text(json.dumps(splits, indent=4))  # as a user may have reformatted it
+    before = record.read_text()
+    assert prepare_splits(demo_dataset_dir, run, seed=1, datalist=record) == splits
+    assert record.read_text() == before  # read, not rewritten
+    record.write_text(json.dumps({"training": [c for s in splits.values() for c in s]}))  # no validation split
+    with pytest.raises(ValueError, match=rf"^{record}: has no validation split, so it would be re-split and written "
+                                         "over itself"):
+        prepare_splits(demo_dataset_dir, run, seed=1, datalist=record)
+    assert "validation" not in json.loads(record.read_text())
+
+
 def test_per_modality_items(demo_dataset_dir):
     cases = discover_cases(demo_dataset_dir)[:2]
     items = per_modality_items(cases)
