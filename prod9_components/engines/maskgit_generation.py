@@ -103,9 +103,10 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
     if output_path and len(items) != 1:
         raise ValueError(f"--output names one file but there are {len(items)} inputs")
     keys = [MODALITIES[s] for s in sources]
-    missing = next(([i, k] for i, item in enumerate(items) for k in keys if k not in item), None)
-    if missing:
-        raise ValueError(f"input {missing[0]} has no {missing[1]} volume (sources: {', '.join(keys)})")
+    for index, item in enumerate(items):
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise ValueError(f"input {index} has no {', '.join(missing)} volume (sources: {', '.join(keys)})")
     # Every output is named (inside output_dir) and checked before the first volume is translated.
     cases = [item.get("case") or Path(str(item[keys[0]])).name.split(".nii")[0] for item in items]
     paths = check_outputs([Path(output_path)] if output_path else
