@@ -6,7 +6,7 @@ MAISI:   KL-VAE -> rectified-flow latent diffusion -> tumour-mask ControlNet.
 
 Every step is a command a user types (``prod9-train-autoencoder train ...``, ``prod9-train-transformer generate
 ...``), so the demo also proves the console scripts work. Each stage trains its bundle's ``configs/tiny.json`` with the
-demo's recipe flags (``STAGE1_TRAIN``, ``TRANSFORMER``, ...: what learns in minutes on 2 cores), tests it on the whole test split (``metrics.json``: every score beside its trivial baseline),
+demo's recipe flags (``STAGE1_TRAIN``, ``TRANSFORMER``, ...: what learns in minutes on 2 cores), tests it on the whole test split (``metrics_test.json``: every score beside its trivial baseline),
 reconstructs / generates / translates / controls with the trained model and draws real vs model mid slices (axial,
 coronal, sagittal) into ``<output-dir>/<stage>.png``. Stages run one after another; a later stage reads the files of
 the one before it. The summary prints each stage's headline scores beside their baselines, says plainly where the
@@ -45,9 +45,9 @@ class Row:
 
 @dataclass(frozen=True)
 class Score:
-    """One headline number of a stage's test-split ``metrics.json`` beside what it must beat (DESIGN §9).
+    """One headline number of a stage's test-split ``metrics_test.json`` beside what it must beat (DESIGN §9).
 
-    ``baseline``: the metrics.json key of the trivial baseline (or, for generation, the real-data reference);
+    ``baseline``: the metrics_test.json key of the trivial baseline (or, for generation, the real-data reference);
     ``need``, ``plus``: the model passes when ``value >= need * baseline + plus`` (``<=`` when lower is better);
     ``plus`` is the margin a stage-1 model is asked for over the baseline (issue 15's bar: pooling is easy to tie).
     """
@@ -60,7 +60,7 @@ class Score:
     plus: float = 0.0
 
     def verdict(self, metrics: dict) -> dict | None:
-        """``{metric, value, baseline, baseline_value, margin, passes}`` from a metrics.json, None when absent."""
+        """``{metric, value, baseline, baseline_value, margin, passes}`` from a metrics_test.json, None when absent."""
         value, baseline = metrics.get(self.metric), metrics.get(self.baseline)
         if not isinstance(value, (int, float)) or not isinstance(baseline, (int, float)):
             return None
@@ -280,7 +280,7 @@ def run_stage(stage: Stage, context: dict) -> dict:
     train_seconds = time.time() - started
     context = {**context, "stage": str(folder), "test": first_test_case(folder)}
     run_command(stage, test_command(stage, context))
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = json.loads((folder / "metrics_test.json").read_text())
     run_command(stage, fill(stage.use, context))
     png = Path(context["out"]) / f"{stage.name}.png"
     write_sheet([load_row(row, context) for row in stage.rows], stage.title, png)
@@ -303,7 +303,7 @@ def train_command(stage: Stage, context: dict) -> list[str]:
 
 
 def test_command(stage: Stage, context: dict) -> list[str]:
-    """`test` of best.ckpt on the whole test split (metrics.json: every score beside its baselines)."""
+    """`test` of best.ckpt on the whole test split (metrics_test.json: every score beside its baselines)."""
     return ["test", "--config", tiny_config(stage), "--output-dir", context["stage"], "--dataset-dir", context["data"],
             "--limit-val-batches", "100000", *fill(stage.test, context)]  # every test item (tiny.json keeps 2)
 
@@ -430,7 +430,7 @@ def print_summary(results: list[dict], seconds: float, args: argparse.Namespace)
         for score in r["scores"]:
             print(f"{'':<28}{score_line(score)}")
         if not r["scores"]:
-            print(f"{'':<28}no headline score in metrics.json")
+            print(f"{'':<28}no headline score in metrics_test.json")
         print(f"{'':<28}sheet {r['png']}")
     losing = [f"{r['stage']} {s['metric']}" for r in results for s in r["scores"] if not s["passes"]]
     print(f"total {seconds:.0f} s ({seconds / 60:.1f} min). TensorBoard: tensorboard --logdir {args.output_dir}")

@@ -63,7 +63,7 @@ def main() -> int:
     bundle_run([CONTROLNET / "train.json", CONTROLNET / "tiny.json", CONTROLNET / "evaluate.json"], **stage3,
                split="test", limit_val_batches="$None", num_inference_steps=args.num_inference_steps)
 
-    return report_against_baselines(work / "controlnet" / "metrics.json", "val_loss")
+    return report_against_baselines(work / "controlnet" / "metrics_test.json", "val_loss")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def main() -> int:
     bundle_run([STAGE2 / "train.json", STAGE2 / "evaluate.json"], **stage2, split="test", num_steps=8,
                **{"sampler#sampling_temperature": 0.1})
 
-    return report_against_baselines(work / "stage2" / "metrics.json", "token_accuracy")
+    return report_against_baselines(work / "stage2" / "metrics_test.json", "token_accuracy")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
                                                  resolved, run_bundle)
+from prod9_components.cli.written import start_clock, summary
 
 STAGE = "maskgit_stage1"
 VERBS = ("train", "validate", "test", "infer")
@@ -68,55 +69,63 @@ class StageOneCommands:
                                   f"{out}/logs, export {resolved(workflow, 'export_path')}")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-                 **overrides):
-        """Evaluate a checkpoint on the validation split; writes <output_dir>/metrics.json.
+                 overwrite: bool = False, **overrides):
+        """Evaluate a checkpoint on the validation split; writes <output_dir>/metrics_validation.json.
 
         Args:
             config: bundle directory, its train.json, or a preset layered on the stage's bundle.
             checkpoint: best.ckpt or an export (default <output_dir>/best.ckpt); the network is rebuilt from it.
             output_dir: run directory (default {output_dir}).
+            overwrite: replace an existing metrics_validation.json.
             overrides: any bundle id (e.g. --limit-val-batches 4, --roi-size 64 64 64).
         """
-        evaluate_bundle(self._stage, "validation", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(self._stage, "validation", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
     def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-             **overrides):
-        """Evaluate a checkpoint on the held-out test split; writes <output_dir>/metrics.json.
+             overwrite: bool = False, **overrides):
+        """Evaluate a checkpoint on the held-out test split; writes <output_dir>/metrics_test.json.
 
         Args:
             config: bundle directory, its train.json, or a preset layered on the stage's bundle.
             checkpoint: best.ckpt or an export (default <output_dir>/best.ckpt).
             output_dir: run directory (default {output_dir}).
+            overwrite: replace an existing metrics_test.json.
             overrides: any bundle id.
         """
-        evaluate_bundle(self._stage, "test", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(self._stage, "test", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
     def infer(self, input: str | None = None, output: str | None = None, config: str | None = None,
               checkpoint: str | None = None, roi_size=None, overlap: float | None = None,
-              sw_batch_size: int | None = None, output_dir: str | None = None, **overrides):
+              sw_batch_size: int | None = None, output_dir: str | None = None, overwrite: bool = False,
+              **overrides):
         """Reconstruct a NIfTI volume through the sliding window; the output keeps the input's shape, affine and
         intensity range.
 
         Args:
-            input: a NIfTI file (.nii or .nii.gz); default: every volume of the test split.
-            output: the reconstruction to write (default <input name>_recon.nii.gz in <output_dir>/reconstructions).
+            input: a NIfTI file (.nii or .nii.gz); default: every volume of the test split
+                (<case>_<MOD>_recon.nii.gz in <output_dir>/reconstructions).
+            output: the reconstruction to write (default <input name>_recon.nii.gz in <output_dir>/reconstructions);
+                never the input itself.
             config: bundle directory, its train.json, or a preset layered on the stage's bundle.
             checkpoint: best.ckpt or an export (default <output_dir>/best.ckpt).
             roi_size: sliding-window size, e.g. --roi-size 64 64 64.
             overlap: window overlap in [0, 1) (default 0.5).
             sw_batch_size: windows per forward pass (default 1).
             output_dir: run directory (default {output_dir}).
+            overwrite: replace reconstructions that already exist (the input is never replaced).
             overrides: any bundle id.
         """
         if input is not None and not os.path.isfile(input):
             raise FileNotFoundError(f"--input {input}: no such file")
         if output is not None and input is None:
             raise ValueError("--output needs --input (one input, one output file)")
+        start = start_clock()
         workflow = run_bundle(self._stage, "infer", config, {
             "input": input, "output": output, "checkpoint": checkpoint, "roi_size": roi_size, "overlap": overlap,
-            "sw_batch_size": sw_batch_size, "output_dir": output_dir, **flag_overrides(overrides)})
-        where = output or resolved(workflow, "infer_dir")
-        report(f"reconstruction written to {where}")
+            "sw_batch_size": sw_batch_size, "output_dir": output_dir, "overwrite": overwrite,
+            **flag_overrides(overrides)})
+        report(f"reconstruction written to {output}" if output else
+               summary("reconstructions", resolved(workflow, "infer_dir"), start))
 
 
 class AutoencoderCommands(StageOneCommands, stage=STAGE, title="MaskGiT stage-1 FSQ autoencoder",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
                                                  report_training, resolved, run_bundle)
+from prod9_components.cli.written import start_clock, summary
 
 STAGE = "maisi_stage3_controlnet"
 
@@ -42,35 +43,37 @@ class MaisiControlNetCommands:
                                   f"{out}/logs")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-                 **overrides):
-        """Evaluate on the validation split; writes <output_dir>/metrics.json.
+                 overwrite: bool = False, **overrides):
+        """Evaluate on the validation split; writes <output_dir>/metrics_validation.json.
 
         Args:
             config: bundle directory or preset.
             checkpoint: best.ckpt of a stage-3 run (default <output_dir>/best.ckpt); everything is rebuilt from it.
             output_dir: run directory (default outputs/maisi_stage3).
+            overwrite: replace an existing metrics_validation.json.
             overrides: any bundle id, e.g. --num-inference-steps 30.
         """
-        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
     def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-             **overrides):
+             overwrite: bool = False, **overrides):
         """Evaluate on the held-out test split: velocity loss; with a source image PSNR/SSIM of the translation (whole
         brain and tumour) beside the VAE round trip and copy-the-source; with a mask the tumour contrast errors and
-        control sensitivity (the keys MaskGiT stage 3 reports).
+        control sensitivity (the keys MaskGiT stage 3 reports); writes <output_dir>/metrics_test.json.
 
         Args:
             config: bundle directory or preset.
             checkpoint: best.ckpt of a stage-3 run (default <output_dir>/best.ckpt).
             output_dir: run directory (default outputs/maisi_stage3).
+            overwrite: replace an existing metrics_test.json.
             overrides: any bundle id.
         """
-        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
     def generate(self, config: str | None = None, checkpoint: str | None = None, mask=None, source=None,
                  source_modality: str | None = None, modality: str | None = None, output: str | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 seed: int | None = None, output_dir: str | None = None, **overrides):
+                 seed: int | None = None, output_dir: str | None = None, overwrite: bool = False, **overrides):
         """Sample volumes steered by tumour masks and/or source images: <case>_<MOD>.nii.gz and the mask used,
         <case>_mask.nii.gz, on the model's grid (RAS, the VAE's spacing).
 
@@ -87,14 +90,16 @@ class MaisiControlNetCommands:
             guidance_scale: classifier-free guidance of the modality label (default 1 = off).
             seed: sample i starts from the noise of seed + i (default 0).
             output_dir: run directory (default outputs/maisi_stage3).
+            overwrite: replace volumes that already exist (a --mask or --source is never replaced).
             overrides: any bundle id.
         """
+        start = start_clock()
         workflow = run_bundle(STAGE, "generate", config, {
             "checkpoint": checkpoint, "generate_dir": output, "mask": path_list(mask), "source": path_list(source),
             "source_modality": source_modality, "modality": modality, "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "seed": seed, "output_dir": output_dir,
+            "guidance_scale": guidance_scale, "seed": seed, "output_dir": output_dir, "overwrite": overwrite,
             **flag_overrides(overrides)})
-        report(f"controlled samples written to {resolved(workflow, 'generate_dir')}")
+        report(summary("controlled samples", resolved(workflow, "generate_dir"), start))
 
 
 def main(argv: list[str] | None = None) -> None:

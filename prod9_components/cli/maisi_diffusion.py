@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
                                                  resolved, run_bundle)
+from prod9_components.cli.written import start_clock, summary
 
 STAGE = "maisi_stage2_diffusion"
 
@@ -34,33 +35,36 @@ class MaisiDiffusionCommands:
                                   f"{out}/logs")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-                 **overrides):
-        """Velocity loss and sample-vs-real distances on the validation split; writes <output_dir>/metrics.json.
+                 overwrite: bool = False, **overrides):
+        """Velocity loss and sample-vs-real distances on the validation split; writes
+        <output_dir>/metrics_validation.json.
 
         Args:
             config: bundle directory or preset.
             checkpoint: a best.ckpt of this stage (default <output_dir>/best.ckpt); the network is rebuilt from it.
             output_dir: run directory (default outputs/maisi_stage2).
+            overwrite: replace an existing metrics_validation.json.
             overrides: any bundle id (e.g. --val-samples 4 --num-inference-steps 30).
         """
-        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
     def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-             **overrides):
-        """As validate, on the held-out test split.
+             overwrite: bool = False, **overrides):
+        """As validate, on the held-out test split; writes <output_dir>/metrics_test.json.
 
         Args:
             config: bundle directory or preset.
             checkpoint: a best.ckpt of this stage (default <output_dir>/best.ckpt).
             output_dir: run directory (default outputs/maisi_stage2).
+            overwrite: replace an existing metrics_test.json.
             overrides: any bundle id.
         """
-        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
     def generate(self, config: str | None = None, checkpoint: str | None = None, output: str | None = None,
                  num_samples: int = 4, num_inference_steps: int | None = None, modality: str | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, output_dir: str | None = None,
-                 **overrides):
+                 overwrite: bool = False, **overrides):
         """Sample volumes from noise: sample_0001.nii.gz, ... (sample_0001_T2.nii.gz with --modality), 1 mm RAS
         (the VAE's spacing), decoded through the sliding window.
 
@@ -74,13 +78,15 @@ class MaisiDiffusionCommands:
             guidance_scale: classifier-free guidance (1 = the conditional model, 0 = unconditional; default 1).
             seed: sample i starts from the noise of seed + i (default 0).
             output_dir: run directory (default outputs/maisi_stage2).
+            overwrite: replace samples that already exist.
             overrides: any bundle id.
         """
+        start = start_clock()
         workflow = run_bundle(STAGE, "generate", config, {
             "checkpoint": checkpoint, "generate_dir": output, "num_samples": num_samples,
             "num_inference_steps": num_inference_steps, "modality": modality, "guidance_scale": guidance_scale,
-            "seed": seed, "output_dir": output_dir, **flag_overrides(overrides)})
-        report(f"generated volumes written to {resolved(workflow, 'generate_dir')}")
+            "seed": seed, "output_dir": output_dir, "overwrite": overwrite, **flag_overrides(overrides)})
+        report(summary("generated volumes", resolved(workflow, "generate_dir"), start))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,8 +7,11 @@ as an override (e.g. ``--epochs 5``, ``--num-control-blocks 6``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
                                                  report_training, resolved, run_bundle)
+from prod9_components.cli.written import start_clock, summary
 
 STAGE = "maskgit_stage3_controlnet"
 
@@ -37,33 +40,37 @@ class ControlNetCommands:
                                   f"{out}/logs")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-                 **overrides):
-        """Evaluate on the validation split; writes <output_dir>/metrics.json.
+                 overwrite: bool = False, **overrides):
+        """Evaluate on the validation split; writes <output_dir>/metrics_validation.json.
 
         Args:
             config: bundle directory or preset.
             checkpoint: best.ckpt of a stage-3 run (default <output_dir>/best.ckpt).
             output_dir: run directory (default outputs/maskgit_stage3).
+            overwrite: replace an existing metrics_validation.json.
             overrides: any bundle id, e.g. --num-steps 8.
         """
-        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
     def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-             **overrides):
+             overwrite: bool = False, **overrides):
         """Evaluate on the held-out test split: masked-token loss and accuracy, tumour fidelity (tumour-vs-healthy
-        contrast per label, generated vs real) and control sensitivity (the same seed with and without the mask).
+        contrast per label, generated vs real) and control sensitivity (the same seed with and without the mask);
+        writes <output_dir>/metrics_test.json.
 
         Args:
             config: bundle directory or preset.
             checkpoint: best.ckpt of a stage-3 run (default <output_dir>/best.ckpt).
             output_dir: run directory (default outputs/maskgit_stage3).
+            overwrite: replace an existing metrics_test.json.
             overrides: any bundle id.
         """
-        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
     def generate(self, config: str | None = None, checkpoint: str | None = None, mask=None,
                  modality: str | None = None, output: str | None = None, num_steps: int | None = None,
-                 guidance_scale: float | None = None, output_dir: str | None = None, **overrides):
+                 guidance_scale: float | None = None, output_dir: str | None = None, overwrite: bool = False,
+                 **overrides):
         """Sample volumes steered by tumour masks: <case>_<MOD>.nii.gz and the mask used, <case>_mask.nii.gz.
 
         Args:
@@ -76,14 +83,18 @@ class ControlNetCommands:
             num_steps: MaskGiT steps (default 12).
             guidance_scale: classifier-free guidance (0 = off).
             output_dir: run directory (default outputs/maskgit_stage3).
+            overwrite: replace volumes that already exist (a --mask is never replaced).
             overrides: any bundle id.
         """
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
         ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_steps": num_steps,
                "guidance_scale": guidance_scale, "modality": modality, "mask": path_list(mask),
-               "output" if single_file else "generate_dir": output, **flag_overrides(overrides)}
+               "output" if single_file else "generate_dir": output, "overwrite": overwrite,
+               **flag_overrides(overrides)}
+        start = start_clock()
         workflow = run_bundle(STAGE, "generate", config, ids)
-        report(f"mask-controlled samples written to {output if single_file else resolved(workflow, 'generate_dir')}")
+        folder = resolved(workflow, "generate_dir") if not single_file else str(Path(output).parent)
+        report(summary("mask-controlled samples", folder, start))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
                                                  resolved, run_bundle)
 from prod9_components.cli.literal_flags import Expression
+from prod9_components.cli.written import start_clock, summary
 
 LABEL, INCONTEXT = "maskgit_stage2_label", "maskgit_stage2_incontext"
 
@@ -75,34 +76,38 @@ class TransformerCommands:
                                   f"{out}/logs")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-                 **overrides):
-        """Evaluate on the validation split; writes <output_dir>/metrics.json.
+                 overwrite: bool = False, **overrides):
+        """Evaluate on the validation split; writes <output_dir>/metrics_validation.json.
 
         Args:
             config: bundle directory or preset.
             checkpoint: best.ckpt of a stage-2 run (its stage picks the bundle).
             output_dir: run directory.
+            overwrite: replace an existing metrics_validation.json.
             overrides: any bundle id.
         """
-        evaluate_bundle(_stage(config, checkpoint, None), "validation", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(_stage(config, checkpoint, None), "validation", config, checkpoint, output_dir,
+                        {**overrides, "overwrite": overwrite})
 
     def test(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
-             **overrides):
-        """Evaluate on the held-out test split; writes <output_dir>/metrics.json (in-context: PSNR/SSIM of the
+             overwrite: bool = False, **overrides):
+        """Evaluate on the held-out test split; writes <output_dir>/metrics_test.json (in-context: PSNR/SSIM of the
         translation, inside the brain and the tumour, beside the stage-1 round trip and the copy-the-source baseline).
 
         Args:
             config: bundle directory or preset.
             checkpoint: best.ckpt of a stage-2 run.
             output_dir: run directory.
+            overwrite: replace an existing metrics_test.json.
             overrides: any bundle id.
         """
-        evaluate_bundle(_stage(config, checkpoint, None), "test", config, checkpoint, output_dir, overrides)
+        evaluate_bundle(_stage(config, checkpoint, None), "test", config, checkpoint, output_dir,
+                        {**overrides, "overwrite": overwrite})
 
     def generate(self, config: str | None = None, checkpoint: str | None = None, output: str | None = None,
                  num_samples: int = 4, num_steps: int | None = None, guidance_scale: float | None = None,
                  modality: str | None = None, source_modality=None, target_modality: str | None = None,
-                 input=None, roi_size=None, output_dir: str | None = None, **overrides):
+                 input=None, roi_size=None, output_dir: str | None = None, overwrite: bool = False, **overrides):
         """Sample volumes: label mode writes sample_0001_<MOD>.nii.gz ...; in-context mode translates source
         volumes (--input, default the test split) into <case>_<TARGET>.nii.gz on each source's own grid.
 
@@ -120,11 +125,12 @@ class TransformerCommands:
             roi_size: label mode: image size of each sample, the centre of the training volume (default: the
                 whole volume grid recorded in the checkpoint; a multiple of the stage-1 downsampling).
             output_dir: run directory (default checkpoint location).
+            overwrite: replace volumes that already exist (an --input is never replaced).
             overrides: any bundle id.
         """
         stage = _stage(config, checkpoint, source_modality)
         ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_steps": num_steps,
-               "guidance_scale": guidance_scale, **flag_overrides(overrides)}
+               "guidance_scale": guidance_scale, "overwrite": overwrite, **flag_overrides(overrides)}
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
         ids["output" if single_file else "generate_dir"] = output
         if stage == LABEL:
@@ -135,9 +141,10 @@ class TransformerCommands:
             if modality is not None:
                 raise ValueError("--modality is for label-conditional checkpoints; use --target-modality")
             ids.update(_modalities(source_modality, target_modality), input=_as_list(input))
+        start = start_clock()
         workflow = run_bundle(stage, "generate", config, ids)
-        where = output if single_file else resolved(workflow, "generate_dir")
-        report(f"generated volumes written to {where}")
+        report(f"generated volume written to {output}" if single_file else
+               summary("generated volumes", resolved(workflow, "generate_dir"), start))
 
 
 def _ints(value) -> list[int]:

@@ -12,6 +12,7 @@ _EXPORTS = {
     "modalities": ("MODALITIES", "MODALITY_NAMES", "map_brats_labels", "modality_index", "modality_name"),
     "brats": (
         "check_case_geometry",
+        "check_case_names",
         "discover_cases",
         "load_datalist",
         "per_modality_items",
@@ -21,6 +22,7 @@ _EXPORTS = {
         "split_cases",
     ),
     "demo": ("make_demo_dataset",),
+    "postprocessing": ("reconstruction_items",),
     "transforms": (
         "LoadVolumed",
         "MapBraTSLabelsd",

@@ -86,7 +86,38 @@ def discover_cases(dataset_dir: str | os.PathLike) -> list[dict]:
         raise ValueError(f"{root}: {len(incomplete)} incomplete case(s): " + "; ".join(incomplete))
     if not cases:
         raise ValueError(f"{root}: no BraTS cases found; expected {EXPECTED_LAYOUT}")
+    check_case_names({"training": cases}, root)
     return cases
+
+
+def check_case_names(splits: Mapping[str, Sequence[Mapping]], source: str | os.PathLike) -> None:
+    """Check every case name once, where datalists and folders are read: names become output file names
+    (``<case>_T2.nii.gz``), so each must be a plain, non-empty file name, unique across all splits.
+
+    Args:
+        splits: split name -> items with a ``"case"`` key.
+        source: the datalist file or dataset folder the names come from (named in the error).
+
+    Raises:
+        ValueError: one line naming ``source``, the split and the bad value.
+    """
+    seen: dict[str, str] = {}
+    for split, items in splits.items():
+        for item in items:
+            name = item.get("case")
+            if not isinstance(name, str) or not name:
+                problem = "is empty or not a string"
+            elif Path(name).is_absolute():
+                problem = "is an absolute path"
+            elif name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
+                problem = "holds a path separator or is '.'/'..'"
+            elif name in seen:
+                problem = f"is used twice ({seen[name]} and {split})"
+            else:
+                seen[name] = split
+                continue
+            raise ValueError(f"{source}: case name {name!r} in {split} {problem}; expected a plain file name "
+                             "(no '/', '\\' or '..'), unique across training, validation and test")
 
 
 def _normalise_item(item: Mapping, dataset_dir: Path, where: str) -> dict:
@@ -102,7 +133,7 @@ def _normalise_item(item: Mapping, dataset_dir: Path, where: str) -> dict:
     missing = [m for m in MODALITIES if m not in out]
     if missing:
         raise ValueError(f"{where}: item {dict(item)} lacks modalities {missing}")
-    out.setdefault("case", Path(out["t1"]).parent.name)
+    out.setdefault("case", Path(out["t1"]).parent.name)  # checked with all names by check_case_names
     return out
 
 
@@ -130,6 +161,7 @@ def load_datalist(path: str | os.PathLike, dataset_dir: str | os.PathLike) -> di
         split: [_normalise_item(item, root, f"{path} [{split}][{i}]") for i, item in enumerate(raw.get(split) or [])]
         for split in SPLITS
     }
+    check_case_names(splits, path)
     missing = [
         item[role]
         for items in splits.values()
@@ -196,6 +228,8 @@ def prepare_splits(
     saved ``datalist.json`` is kept, and a different split raises (see :func:`provenance.check_resumed_splits`).
     ``geometry``: the run's ``spacing``, ``min_side`` and ``k_divisible`` for
     :func:`~prod9_components.data.geometry.check_case_geometry` (size checks before training).
+    When the given datalist is that very file (a run's own record passed back in), it is left as it is, and a new
+    split that would replace it is refused.
     """
     if datalist:
         given = load_datalist(datalist, dataset_dir)
@@ -207,8 +241,14 @@ def prepare_splits(
         splits = given
     else:
         splits = split_cases(pooled, seed, val_fraction, test_fraction)
+    destination = Path(output_dir).expanduser() / "datalist.json"
+    if datalist and destination.is_file() and os.path.samefile(Path(datalist).expanduser(), destination):
+        if splits is not given:  # an input is never overwritten (DESIGN §10)
+            raise ValueError(f"{datalist}: has no validation split, so it would be re-split and written over itself; "
+                             "pass a datalist outside the output folder, or one with a validation split")
+        return splits
     if not check_resumed_splits(output_dir, splits, resume):  # a resumed run keeps the record of its data
-        save_datalist(splits, Path(output_dir).expanduser() / "datalist.json")
+        save_datalist(splits, destination)
     return splits
 
 

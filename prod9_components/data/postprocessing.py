@@ -13,7 +13,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from prod9_components.atomic import atomic_path
+from prod9_components.data.modalities import modality_name
 from prod9_components.data.transforms import restore_intensity
+from prod9_components.outputs import check_outputs, output_path as file_in
 
 
 class RestoreIntensityd(MapTransform):
@@ -38,6 +40,34 @@ class RestoreIntensityd(MapTransform):
         return d
 
 
+def reconstruction_items(inputs, output: str | None, output_dir: str, overwrite: bool = False,
+                         postfix: str = "recon") -> list[dict]:
+    """Items ``{"image": input, "output": file}`` for a reconstruction run, every output checked before the first
+    is written (:func:`~prod9_components.outputs.check_outputs`).
+
+    Args:
+        inputs: one NIfTI path (then ``output``, if given, is its file), a list of paths
+            (``<output_dir>/<file stem>_<postfix>.nii.gz``; two inputs with one stem are refused), or
+            :func:`~prod9_components.data.brats.per_modality_items` of a split
+            (``<output_dir>/<case>_<MOD>_<postfix>.nii.gz``: unique per case and modality whatever the file names).
+        output: the exact output file, for a single path input.
+        overwrite: replace existing outputs; an output that is an input is refused regardless.
+    """
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if output and len(inputs) != 1:
+        raise ValueError(f"--output names one file but there are {len(inputs)} inputs")
+    items = []
+    for entry in inputs:
+        if isinstance(entry, dict):
+            image, name = entry["image"], f"{entry['case']}_{modality_name(entry['modality'])}_{postfix}.nii.gz"
+        else:
+            image, name = entry, f"{Path(str(entry)).name.split('.nii')[0]}_{postfix}.nii.gz"
+        target = Path(output) if output else file_in(output_dir, name)
+        items.append({"image": os.path.abspath(str(image)), "output": str(target)})
+    check_outputs([i["output"] for i in items], inputs=[i["image"] for i in items], overwrite=overwrite)
+    return items
+
+
 class SaveVolumed(MapTransform):
     """Write ``keys`` as NIfTI with their MetaTensor affine, atomically (temp file + rename).
 
@@ -45,25 +75,29 @@ class SaveVolumed(MapTransform):
         keys: what to write (C=1 channel-first volumes, or label maps).
         output_path: the exact file to write (single-input use), or
         output_dir + output_postfix: ``<output_dir>/<input stem>_<postfix>.nii.gz``, the stem taken from the
-            ``filename_or_obj`` meta of ``name_key``.
+            ``filename_or_obj`` meta of ``name_key``, or
+        path_key: each item names its own file under this key (see :func:`reconstruction_items`).
         dtype: on-disk dtype (float32 images, uint8 masks).
     """
 
     def __init__(self, keys: KeysCollection, output_path: str | None = None, output_dir: str | None = None,
-                 output_postfix: str = "recon", name_key: str = "image", dtype: str = "float32") -> None:
+                 output_postfix: str = "recon", name_key: str = "image", dtype: str = "float32",
+                 path_key: str | None = None) -> None:
         super().__init__(keys)
-        if not output_path and not output_dir:
-            raise ValueError("SaveVolumed needs output_path or output_dir")
-        self.output_path, self.output_dir = output_path, output_dir
+        if not output_path and not output_dir and not path_key:
+            raise ValueError("SaveVolumed needs output_path, output_dir or path_key")
+        self.output_path, self.output_dir, self.path_key = output_path, output_dir, path_key
         self.output_postfix, self.name_key, self.dtype = output_postfix, name_key, dtype
 
     def path_for(self, d: dict, key: str) -> Path:
+        if self.path_key:
+            return Path(d[self.path_key])
         if self.output_path:
             return Path(self.output_path)
         source = d[self.name_key].meta.get("filename_or_obj", "volume") if isinstance(d[self.name_key], MetaTensor) \
             else "volume"
         stem = Path(str(source)).name.split(".nii")[0]
-        return Path(self.output_dir) / f"{stem}_{self.output_postfix}.nii.gz"
+        return file_in(self.output_dir, f"{stem}_{self.output_postfix}.nii.gz")
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)

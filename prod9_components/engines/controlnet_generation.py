@@ -19,6 +19,7 @@ from prod9_components.data.transforms import mask_preprocessing, preprocessing
 from prod9_components.engines.diffusion_generation import decode_latent
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.networks.export import unwrap
+from prod9_components.outputs import check_outputs, output_path
 from prod9_components.sampling.rectified_flow import check_num_steps, sample_rectified_flow
 
 __all__ = ["condition_items", "condition_preprocessing", "generate_with_conditions", "target_modality"]
@@ -109,22 +110,28 @@ def generate_with_conditions(network: nn.Module, vae: nn.Module, scheduler, moda
                              items: Sequence[dict], latent_size: Sequence[int], scale_factor: float, num_steps: int,
                              spacing: Sequence[float], output_dir: str, guidance_scale: float = 1.0, seed: int = 0,
                              sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu",
-                             intensity_range: Sequence[float] = (0.0, 1.0)) -> list[str]:
+                             intensity_range: Sequence[float] = (0.0, 1.0), overwrite: bool = False) -> list[str]:
     """Sample ``<case>_<MOD>.nii.gz`` per item (seed ``seed + i``) on the conditions' grid, with the mask it was
     steered by as ``<case>_mask.nii.gz``; every file written atomically. Returns the paths.
 
     Args:
         network: a :class:`~prod9_components.networks.maisi_controlnet.MaisiControlNet`.
         items: from :func:`condition_items`; latent_size / scale_factor: the diffusion model's.
+        overwrite: replace existing outputs (checked before sampling); an output that is a condition file is
+            refused regardless.
     """
     check_num_steps(num_steps, scheduler)
     model = unwrap(network).eval()
     factor = int(model.init_args["downsample_factor"])
     image_size = [int(s) * factor for s in latent_size]
     with_mask, with_source = "seg" in items[0], "source" in items[0]
+    name = modality_name(modality_index(modality))
+    paths = [output_path(output_dir, f"{item['case']}_{name}.nii.gz") for item in items]
+    mask_paths = [output_path(output_dir, f"{item['case']}_mask.nii.gz") for item in items] if with_mask else []
+    check_outputs([*paths, *mask_paths], inputs=[item[k] for item in items for k in ("seg", "source") if k in item],
+                  overwrite=overwrite)
     transform = condition_preprocessing(spacing, intensity_range, image_size, with_mask, with_source)
     label = torch.tensor([modality_index(modality)], device=device)
-    name = modality_name(int(label))
     written = []
     for i, item in enumerate(tqdm(items, desc=f"sampling {name} under control", unit="volume")):
         data = transform({k: item[k] for k in ("seg", "source") if k in item})
@@ -140,12 +147,10 @@ def generate_with_conditions(network: nn.Module, vae: nn.Module, scheduler, moda
         latent = sample_rectified_flow(model, scheduler, noise, label, num_steps, guidance_scale, model.null_label,
                                        **conditions)
         image = decode_latent(vae, latent, scale_factor, sw_config, intensity_range).cpu()
-        path = Path(output_dir) / f"{item['case']}_{name}.nii.gz"
-        write_nifti(image, path, affine=affine)
-        written.append(str(path))
+        write_nifti(image, paths[i], affine=affine)
+        written.append(str(paths[i]))
         if with_mask:
-            mask_path = Path(output_dir) / f"{item['case']}_mask.nii.gz"
-            write_nifti(data["seg"], mask_path, dtype="uint8")
-            written.append(str(mask_path))
+            write_nifti(data["seg"], mask_paths[i], dtype="uint8")
+            written.append(str(mask_paths[i]))
     logger.info(f"wrote {len(items)} controlled {name} sample(s) to {output_dir}")
     return written

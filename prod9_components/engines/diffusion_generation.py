@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ from prod9_components.data.modalities import modality_index, modality_name
 from prod9_components.data.postprocessing import write_nifti
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 from prod9_components.networks.export import unwrap
+from prod9_components.outputs import check_outputs, output_path
 from prod9_components.sampling.rectified_flow import check_num_steps, sample_rectified_flow
 
 __all__ = ["decode_latent", "generate_samples", "sample_latents", "sample_volumes"]
@@ -62,17 +62,20 @@ def generate_samples(network: nn.Module, vae: nn.Module, scheduler: RFlowSchedul
                      num_samples: int, latent_size: Sequence[int], scale_factor: float, num_steps: int,
                      output_dir: str, spacing: Sequence[float], guidance_scale: float = 1.0, seed: int = 0,
                      sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu",
-                     intensity_range: Sequence[float] = (0.0, 1.0)) -> list[str]:
+                     intensity_range: Sequence[float] = (0.0, 1.0), overwrite: bool = False) -> list[str]:
     """Write :func:`sample_volumes` as ``sample_0001.nii.gz``, ... (``sample_0001_T2.nii.gz`` with a modality):
-    RAS, ``spacing`` mm voxels, each file written atomically. Returns the paths."""
+    RAS, ``spacing`` mm voxels, each file written atomically. Returns the paths. Existing samples are refused
+    unless ``overwrite`` (checked before sampling)."""
     name = None if modality is None else modality_name(modality_index(modality))
     check_num_steps(num_steps, scheduler)  # before anything is written
+    paths = check_outputs([output_path(output_dir, f"sample_{i + 1:04d}_{name}.nii.gz" if name else
+                                       f"sample_{i + 1:04d}.nii.gz") for i in range(num_samples)], overwrite=overwrite)
     affine = np.diag([*map(float, spacing), 1.0])
     samples = sample_volumes(network, vae, scheduler, modality, num_samples, latent_size, scale_factor, num_steps,
                              guidance_scale, seed, sw_config, device, intensity_range)
     written = []
-    for i, image in enumerate(tqdm(samples, total=num_samples, desc=f"sampling {name or 'volumes'}", unit="volume")):
-        path = Path(output_dir) / (f"sample_{i + 1:04d}_{name}.nii.gz" if name else f"sample_{i + 1:04d}.nii.gz")
+    for path, image in zip(paths, tqdm(samples, total=num_samples, desc=f"sampling {name or 'volumes'}",
+                                       unit="volume")):
         write_nifti(image, path, affine=affine)
         written.append(str(path))
     return written

@@ -23,6 +23,7 @@ from prod9_components.data.postprocessing import write_nifti
 from prod9_components.data.token_cache import pad_or_crop, restore
 from prod9_components.data.transforms import mask_preprocessing
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
+from prod9_components.outputs import check_outputs, output_path as file_in
 
 logger = logging.getLogger("prod9")
 
@@ -63,15 +64,17 @@ def sample_volumes(network: nn.Module, autoencoder: nn.Module, sampler, modality
 def generate_samples(network: nn.Module, autoencoder: nn.Module, sampler, modality: str | int, num_samples: int,
                      token_grid: Sequence[int], output_dir: str, spacing: Sequence[float], seed: int = 0,
                      sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu",
-                     volume_grid: Sequence[int] | None = None) -> list[str]:
-    """Write :func:`sample_volumes` as ``sample_0001_<MOD>.nii.gz``, ... (RAS, ``spacing`` mm); returns the paths."""
+                     volume_grid: Sequence[int] | None = None, overwrite: bool = False) -> list[str]:
+    """Write :func:`sample_volumes` as ``sample_0001_<MOD>.nii.gz``, ... (RAS, ``spacing`` mm); returns the paths.
+    Existing samples are refused unless ``overwrite`` (checked before sampling)."""
     name = modality_name(modality_index(modality))
     affine = np.diag([*map(float, spacing), 1.0])
+    paths = check_outputs([file_in(output_dir, f"sample_{i + 1:04d}_{name}.nii.gz") for i in range(num_samples)],
+                          overwrite=overwrite)
     samples = sample_volumes(network, autoencoder, sampler, modality, num_samples, token_grid, seed, sw_config, device,
                              volume_grid)
     written = []
-    for i, image in enumerate(tqdm(samples, total=num_samples, desc=f"sampling {name}", unit="volume")):
-        path = Path(output_dir) / f"sample_{i + 1:04d}_{name}.nii.gz"
+    for path, image in zip(paths, tqdm(samples, total=num_samples, desc=f"sampling {name}", unit="volume")):
         write_nifti(image, path, affine=affine)
         written.append(str(path))
     return written
@@ -80,7 +83,8 @@ def generate_samples(network: nn.Module, autoencoder: nn.Module, sampler, modali
 def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items: Sequence[dict],
                       source_modalities: Sequence[str | int], target_modality: str | int, preprocessing: list,
                       output_dir: str, output_path: str | None = None, pad_token: int = 0, seed: int = 0,
-                      sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu") -> list[str]:
+                      sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu",
+                      overwrite: bool = False) -> list[str]:
     """Translate source volumes into the target modality; write ``<case>_<TARGET>.nii.gz`` on the source's grid.
 
     Args:
@@ -89,6 +93,7 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
         preprocessing: ``data.preprocessing(image_keys=<source keys>, ...)`` — the same contract as the tokens.
         output_path: exact output file (one item only); else ``output_dir``.
         pad_token: token that fills grid cells cropped away when a volume exceeds the model's grid.
+        overwrite: replace existing outputs; an output that is one of the sources is refused regardless.
     """
     _check_steps(sampler)
     sources = [modality_index(m) for m in source_modalities]
@@ -98,14 +103,20 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
     if output_path and len(items) != 1:
         raise ValueError(f"--output names one file but there are {len(items)} inputs")
     keys = [MODALITIES[s] for s in sources]
+    for index, item in enumerate(items):
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise ValueError(f"input {index} has no {', '.join(missing)} volume (sources: {', '.join(keys)})")
+    # Every output is named (inside output_dir) and checked before the first volume is translated.
+    cases = [item.get("case") or Path(str(item[keys[0]])).name.split(".nii")[0] for item in items]
+    paths = check_outputs([Path(output_path)] if output_path else
+                          [file_in(output_dir, f"{case}_{modality_name(target)}.nii.gz") for case in cases],
+                          inputs=[item[k] for item in items for k in keys], overwrite=overwrite)
     transform = Compose(preprocessing)
     wrapper = AutoencoderInferenceWrapper(autoencoder.eval(), sw_config)
     max_grid = list(network.init_args["max_grid_size"])
     written = []
     for index, item in enumerate(tqdm(items, desc=f"translating to {modality_name(target)}", unit="volume")):
-        missing = [k for k in keys if k not in item]
-        if missing:
-            raise ValueError(f"input {index} has no {', '.join(missing)} volume (sources: {', '.join(keys)})")
         data = transform({k: item[k] for k in keys})
         with torch.no_grad():
             grids = [wrapper.quantize_stage_2_inputs(data[k].as_tensor()[None].to(device))[0] for k in keys]
@@ -122,10 +133,8 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
             image = wrapper.decode(autoencoder.fsq.embed(tokens))[0].float().cpu()
         inverted = Invertd(keys="pred", transform=transform, orig_keys=keys[0], nearest_interp=False)(
             {**data, "pred": MetaTensor(image)})["pred"]  # Invertd skips plain tensors
-        case = item.get("case") or Path(str(item[keys[0]])).name.split(".nii")[0]
-        path = Path(output_path) if output_path else Path(output_dir) / f"{case}_{modality_name(target)}.nii.gz"
-        write_nifti(inverted, path)
-        written.append(str(path))
+        write_nifti(inverted, paths[index])
+        written.append(str(paths[index]))
     logger.info(f"wrote {len(written)} translation(s) to {modality_name(target)}")
     return written
 
@@ -167,7 +176,8 @@ def mask_items(masks) -> list[dict]:
 def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, modality: str | int,
                         items: Sequence[dict], volume_grid: Sequence[int], spacing: Sequence[float], output_dir: str,
                         output_path: str | None = None, seed: int = 0, sw_config: SlidingWindowConfig | None = None,
-                        device: str | torch.device = "cpu", source_modalities: Sequence[str] = ()) -> list[str]:
+                        device: str | torch.device = "cpu", source_modalities: Sequence[str] = (),
+                        overwrite: bool = False) -> list[str]:
     """Mask-controlled samples: ``<case>_<MOD>.nii.gz`` and the mask used, ``<case>_mask.nii.gz``, on one grid.
 
     Each mask (any BraTS label convention, any grid) is put on the model's whole-volume grid by
@@ -179,6 +189,7 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
         volume_grid: the token grid of the training volumes (checkpoint ``volume_grid``).
         output_path: exact image file (one mask only; the mask goes beside it); else ``output_dir``.
         source_modalities: those of the base transformer; generation needs a label-conditional base (none).
+        overwrite: replace existing outputs; an output that is one of the masks is refused regardless.
     """
     _check_steps(sampler)
     if source_modalities:
@@ -191,6 +202,10 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
     factor = int(network.init_args["downsample_factor"])
     label = torch.tensor([modality_index(modality)], device=device)
     name = modality_name(int(label))
+    paths = [Path(output_path) if output_path else file_in(output_dir, f"{item['case']}_{name}.nii.gz")
+             for item in items]
+    mask_paths = [p.with_name(p.name.split(".nii")[0].removesuffix(f"_{name}") + "_mask.nii.gz") for p in paths]
+    check_outputs([*paths, *mask_paths], inputs=[item["seg"] for item in items], overwrite=overwrite)
     transform = Compose(mask_preprocessing(spacing, [g * factor for g in volume_grid]))
     wrapper = AutoencoderInferenceWrapper(autoencoder.eval(), sw_config)
     written = []
@@ -201,8 +216,7 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
                                 model_kwargs={"control_mask": seg.as_tensor().long().to(device)})
         with torch.no_grad():
             image = wrapper.decode(autoencoder.fsq.embed(tokens))[0].float().cpu()
-        path = Path(output_path) if output_path else Path(output_dir) / f"{item['case']}_{name}.nii.gz"
-        mask_path = path.with_name(path.name.split(".nii")[0].removesuffix(f"_{name}") + "_mask.nii.gz")
+        path, mask_path = paths[i], mask_paths[i]
         write_nifti(image, path, affine=seg.affine)
         write_nifti(seg, mask_path, dtype="uint8")
         written += [str(path), str(mask_path)]

@@ -1,4 +1,5 @@
-"""Write an evaluator's metrics as one flat JSON object (DESIGN §2: the shared ``metrics.json``)."""
+"""Write an evaluator's metrics as one flat JSON object (DESIGN §2: ``metrics_<split>.json``, one file per split so
+``validate`` and ``test`` never replace each other's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ignite.engine import Engine, Events
 
 from prod9_components.atomic import write_json
 from prod9_components.handlers.checkpoint import is_rank_zero
+from prod9_components.outputs import check_outputs
 
 logger = logging.getLogger("prod9")
 
@@ -18,13 +20,17 @@ class MetricsJSONWriter:
     """At the end of an evaluation write ``{metric: value, ..., "split", "num_cases", "checkpoint"}``.
 
     Args:
-        output_path: the JSON file (``<output_dir>/metrics.json``).
+        output_path: the JSON file (``<output_dir>/metrics_<split>.json``).
         split: which data was evaluated ("validation", "test").
         checkpoint: the checkpoint evaluated.
         extra: further constant fields to record (e.g. modality names).
+        overwrite: replace an existing file; else it is refused here, before the evaluation runs.
     """
 
-    def __init__(self, output_path: str, split: str, checkpoint: str | None = None, extra: dict | None = None):
+    def __init__(self, output_path: str, split: str, checkpoint: str | None = None, extra: dict | None = None,
+                 overwrite: bool = False):
+        if is_rank_zero():  # the only rank that writes
+            check_outputs([output_path], inputs=[checkpoint] if checkpoint else [], overwrite=overwrite)
         self.output_path = output_path
         self.split = split
         self.checkpoint = checkpoint

@@ -80,7 +80,7 @@ def test_stage1_trains_on_two_gloo_processes(bundle, demo_dataset_dir, tmp_path)
     tiny = ROOT / "bundles" / bundle / "configs" / "tiny.json"
     cli(command, "validate", "--config", str(tiny), "--checkpoint", str(out / "best.ckpt"), "--output-dir",
         str(tmp_path / "single"), "--dataset-dir", demo_dataset_dir, "--spacing", TEST_SPACING)
-    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    single = json.loads((tmp_path / "single" / "metrics_validation.json").read_text())
     for name in ("psnr", "ssim"):
         assert single[name] == pytest.approx(metrics[name], rel=1e-5), name
 

@@ -45,7 +45,7 @@ def test_evaluate_writes_finite_image_metrics(maisi_vae_run, tmp_path):
     maisi_run(VAE, ["train.json", "evaluate.json", "tiny.json"], {
         "dataset_dir": maisi_vae_run["dataset_dir"], "output_dir": tmp_path, "checkpoint": checkpoint,
         "split": "test"})
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics_test.json").read_text())
     assert metrics["split"] == "test" and metrics["checkpoint"] == checkpoint
     assert metrics["num_cases"] == 2  # tiny.json: limit_val_batches 2 of the 4 test volumes
     for key in ("psnr", "ssim", "ms_ssim"):

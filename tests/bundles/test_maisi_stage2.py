@@ -80,10 +80,19 @@ def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_r
     checkpoint = str(Path(run["output_dir"]) / "best.ckpt")
     record = load_record(checkpoint)
     out = tmp_path / "generated"
-    cli("prod9-train-maisi-diffusion", "generate", "--config", TINY, "--checkpoint", checkpoint, "--output",
-        str(out), "--num-samples", "2", "--num-inference-steps", "10", "--modality", "T2")
+    args = ["generate", "--config", TINY, "--checkpoint", checkpoint, "--output", str(out), "--num-samples", "2",
+            "--num-inference-steps", "10", "--modality", "T2"]
+    result = cli("prod9-train-maisi-diffusion", *args)
+    assert result.stdout.strip().splitlines()[-1] == (f"generated volumes: 2 file(s) written to {out} "
+                                                      "(sample_0001_T2.nii.gz ... sample_0002_T2.nii.gz)")
     files = sorted(p.name for p in out.iterdir())
     assert files == ["sample_0001_T2.nii.gz", "sample_0002_T2.nii.gz"]
+    # The same command again would replace them: refused, naming the file and the flag, before any sampling.
+    written = {f: (out / f).stat().st_mtime_ns for f in files}
+    result = cli("prod9-train-maisi-diffusion", *args, check=False, in_process=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {out / files[0]} already exists: pass --overwrite to replace it, or choose another output")
+    assert {f: (out / f).stat().st_mtime_ns for f in files} == written
     image = nib.load(out / files[0])
     spacing = record["preprocessing"]["spacing"]
     assert image.shape == tuple(4 * n for n in record["latent_size"])

@@ -114,6 +114,14 @@ def test_cli_generates_from_a_mask_on_another_grid_and_a_source(maisi_controlnet
     original = outputs["original"]
     assert np.array_equal(labels, np.asarray(nib.load(next(original.glob("*_mask.nii.gz"))).dataobj))
     assert np.allclose(data, nib.load(next(original.glob("*_T2.nii.gz"))).get_fdata(), atol=1e-5)
+    # Generating into the same folder again is refused without --overwrite (nothing is replaced).
+    result = cli("prod9-train-maisi-controlnet", "generate", "--config", TINY, "--checkpoint", checkpoint, "--mask",
+                 str(cropped), "--source", case["t1"], "--source-modality", "T1", "--modality", "T2",
+                 "--num-inference-steps", "4", "--output", str(outputs["cropped"]), check=False, in_process=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {outputs['cropped'] / 'mask_T2.nii.gz'} already exists: pass --overwrite to replace it, or choose "
+        "another output")
+    assert np.array_equal(nib.load(outputs["cropped"] / "mask_T2.nii.gz").get_fdata(), data)
 
     for args, message in (
         (["--mask", case["seg"], "--source", case["t1"], "--modality", "T1"],

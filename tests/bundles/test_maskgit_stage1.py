@@ -29,10 +29,10 @@ def test_train_evaluate_infer_chain(stage1_run):
     last = torch.load(out / "last.ckpt", weights_only=True)
     assert last["epoch"] == 2 and last["trainer"]["iteration"] == 2 * 4
 
-    # evaluate.json writes one flat metrics.json.
+    # evaluate.json writes one flat metrics_<split>.json.
     bundle_run(["train.json", "evaluate.json"], {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out,
                                                  "split": "test"})
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics_test.json").read_text())
     assert metrics["split"] == "test" and metrics["num_cases"] == 4  # 1 test case x 4 modalities
     for key in ("psnr", "ssim", "ms_ssim", "codebook_usage", "perplexity"):
         assert isinstance(metrics[key], float), key
@@ -52,6 +52,6 @@ def test_train_evaluate_infer_chain(stage1_run):
     assert len(written) == 4
     splits = json.loads((out / "datalist.json").read_text())
     source = nib.load(splits["test"][0]["t1"])
-    recon = nib.load(out / "reconstructions" / (Path(splits["test"][0]["t1"]).name.split(".nii")[0] + "_recon.nii.gz"))
+    recon = nib.load(out / "reconstructions" / f"{splits['test'][0]['case']}_T1_recon.nii.gz")  # <case>_<MOD>
     assert recon.shape == source.shape
     np.testing.assert_allclose(recon.affine, source.affine, atol=1e-4)

@@ -39,7 +39,7 @@ def test_incontext_chain(stage2_runs):
 
     stage2_run(INCONTEXT, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test",
                                                             "num_steps": 2})
-    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    metrics = json.loads((Path(out) / "metrics_test.json").read_text())
     assert metrics["split"] == "test" and metrics["num_cases"] == 1
     for key in ("val_loss", "token_accuracy", "psnr", "ssim", "psnr_tumour", "ssim_tumour", "roundtrip_psnr",
                 "roundtrip_ssim"):
@@ -73,7 +73,7 @@ def test_label_chain(stage2_runs):
 
     stage2_run(LABEL, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test",
                                                          "diversity_samples": 2})
-    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    metrics = json.loads((Path(out) / "metrics_test.json").read_text())
     assert metrics["num_cases"] == 1 and metrics["val_loss"] > 0 and 0 <= metrics["token_accuracy"] <= 1
     # Diversity: MS-SSIM between samples (2 here) per modality, one score per modality and their mean.
     diversity = [metrics[f"sample_ms_ssim_{m}"] for m in record["target_modalities"]]

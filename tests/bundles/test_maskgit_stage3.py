@@ -48,7 +48,7 @@ def test_chain_train_evaluate_generate(stage3_run):
 
     stage2_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {**_ids(stage3_run, out), "split": "test",
                                                                           "num_steps": 3})
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics_test.json").read_text())
     assert metrics["num_cases"] == 1 and metrics["control_type"] == "both"
     assert set(CONTROL_METRICS) <= set(metrics) and metrics["val_loss"] > 0
     assert metrics["real_contrast_enhancing"] > 0.05  # the demo's enhancing rim is bright on the real images
@@ -88,7 +88,7 @@ def test_trained_branch_makes_the_mask_matter(stage3_run, tmp_path):
         result = stage2_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
             **_ids(stage3_run, out), "split": "test", "num_steps": 4})
         assert "tumour segmenter: reusing" in result.stdout  # the module's segmenter, not a new one per run
-        scores[name] = json.loads((out / "metrics.json").read_text())
+        scores[name] = json.loads((out / "metrics_test.json").read_text())
     assert scores["untrained"]["sensitivity"] == 0.0 and scores["untrained"]["change_inside"] == 0.0
     trained = scores["trained"]
     assert trained["sensitivity"] > 0.003 and trained["change_inside"] > 2 * trained["change_outside"]
@@ -104,12 +104,36 @@ def test_generate_from_a_user_mask_on_another_grid(stage3_run, tmp_path):
     result = cli(CMD, "generate", "--checkpoint", str(stage3_run["stage3"] / "best.ckpt"), "--mask",
                  str(tmp_path / "case_seg.nii.gz"), "--modality", "T1ce", "--output", str(tmp_path / "out"),
                  "--num-steps", "2")
-    assert result.stdout.strip().splitlines()[-1] == f"mask-controlled samples written to {tmp_path / 'out'}"
+    assert result.stdout.strip().splitlines()[-1] == (f"mask-controlled samples: 2 file(s) written to {tmp_path / 'out'}"
+                                                      " (case_seg_T1ce.nii.gz ... case_seg_mask.nii.gz)")
     mask = nib.load(tmp_path / "out" / "case_seg_mask.nii.gz").get_fdata()
     assert (tmp_path / "out" / "case_seg_T1ce.nii.gz").is_file()
     assert sorted(np.unique(mask)) == [0, 1, 2, 3]
     # 2 mm -> 4 mm halves each side: the oedema box (20x18x15 voxels) keeps its volume in mm^3.
     assert (mask > 0).sum() * 4**3 == pytest.approx((seg > 0).sum() * 2**3, rel=0.15)
+
+
+def test_generate_never_replaces_its_mask_or_earlier_samples(stage3_run, tmp_path):
+    """``--output x.nii.gz`` writes the mask used beside it as ``x_mask.nii.gz``: when that is the --mask given, it is
+    refused even with --overwrite; an existing sample is refused without --overwrite. Nothing is written."""
+    seg = np.zeros((16, 16, 16), np.uint8)
+    seg[4:10, 4:10, 4:10] = 2
+    given = tmp_path / "x_mask.nii.gz"
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), given)
+    before = given.read_bytes()
+    checkpoint = str(stage3_run["stage3"] / "best.ckpt")
+    result = cli(CMD, "generate", "--checkpoint", checkpoint, "--mask", str(given), "--modality", "T1",
+                 "--output", str(tmp_path / "x.nii.gz"), "--overwrite", check=False, in_process=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"error: output {given} is the input {given}: choose another "
+                                                      "output (never overwritten)")
+    assert given.read_bytes() == before and not (tmp_path / "x.nii.gz").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x_mask_T1.nii.gz").write_bytes(b"earlier sample")
+    result = cli(CMD, "generate", "--checkpoint", checkpoint, "--mask", str(given), "--modality", "T1",
+                 "--output", str(tmp_path / "out"), check=False, in_process=True)
+    assert result.returncode == 2 and "x_mask_T1.nii.gz already exists: pass --overwrite" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_mask_T1.nii.gz"]
 
 
 @pytest.mark.parametrize("make_args, expected", [

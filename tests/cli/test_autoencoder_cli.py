@@ -47,24 +47,59 @@ def test_infer_restores_shape_affine_and_intensity_range(stage1_run, tmp_path, r
     assert np.abs(data[~foreground]).max() < 900
 
 
-def test_validate_and_test_write_metrics(stage1_run):
-    out = stage1_run["output_dir"]
+def test_validate_and_test_write_metrics(stage1_run, tmp_path):
+    """One file per split (validate must not replace test's scores), and a second run refuses without --overwrite."""
+    out = tmp_path / "eval"
     for verb, split in (("validate", "validation"), ("test", "test")):
         result = cli("prod9-train-autoencoder", verb, "--checkpoint", stage1_run["export_path"],
-                     "--output-dir", out, "--dataset-dir", stage1_run["dataset_dir"])
-        metrics = json.loads((Path(out) / "metrics.json").read_text())
+                     "--output-dir", str(out), "--dataset-dir", stage1_run["dataset_dir"])
+        metrics = json.loads((out / f"metrics_{split}.json").read_text())
         assert metrics["split"] == split
         assert metrics["checkpoint"] == stage1_run["export_path"]
         assert metrics["psnr"] > 5.0
-        assert str(Path(out) / "metrics.json") in result.stdout.strip().splitlines()[-1]
+        assert str(out / f"metrics_{split}.json") in result.stdout.strip().splitlines()[-1]
+    assert json.loads((out / "metrics_validation.json").read_text())["split"] == "validation"
+    before = (out / "metrics_test.json").read_text()
+    result = cli("prod9-train-autoencoder", "test", "--checkpoint", stage1_run["export_path"], "--output-dir",
+                 str(out), "--dataset-dir", stage1_run["dataset_dir"], check=False, in_process=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {out / 'metrics_test.json'} already exists: pass "
+                                                      "--overwrite to replace it, or choose another output")
+    assert (out / "metrics_test.json").read_text() == before
+    cli("prod9-train-autoencoder", "test", "--checkpoint", stage1_run["export_path"], "--output-dir", str(out),
+        "--dataset-dir", stage1_run["dataset_dir"], "--limit-val-batches", "1", "--overwrite")
+    assert json.loads((out / "metrics_test.json").read_text())["num_cases"] == 1
 
 
-def test_default_config_rebuilds_a_tiny_checkpoint(stage1_run):
+def test_infer_never_replaces_its_input_and_asks_before_replacing_an_output(stage1_run, tmp_path):
+    source = tmp_path / "odd.nii.gz"
+    _odd_volume(source)
+    before = source.read_bytes()
+    for extra in ([], ["--overwrite"]):  # the input: never, even with --overwrite
+        result = cli("prod9-train-autoencoder", "infer", "--checkpoint", stage1_run["export_path"], "--input",
+                     str(source), "--output", str(source), *extra, check=False, in_process=True)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1] == (f"error: output {source} is the input {source}: choose "
+                                                          "another output (never overwritten)")
+    assert source.read_bytes() == before
+    earlier = tmp_path / "recon.nii.gz"
+    earlier.write_bytes(b"an earlier reconstruction")
+    args = ["infer", "--checkpoint", stage1_run["export_path"], "--input", str(source), "--output", str(earlier),
+            "--roi-size", "32", "32", "32"]
+    result = cli("prod9-train-autoencoder", *args, check=False, in_process=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {earlier} already exists: pass --overwrite to replace it, or choose another output")
+    assert earlier.read_bytes() == b"an earlier reconstruction"
+    cli("prod9-train-autoencoder", *args, "--overwrite")
+    assert nib.load(earlier).shape == nib.load(source).shape
+
+
+def test_default_config_rebuilds_a_tiny_checkpoint(stage1_run, tmp_path):
     """The stage's default (large) config evaluates a tiny checkpoint: the network comes from the file."""
     record = torch.load(stage1_run["export_path"], weights_only=True)
     assert record["network_args"]["num_channels"] != [64, 128, 256]
     cli("prod9-train-autoencoder", "test", "--checkpoint", stage1_run["export_path"], "--output-dir",
-        stage1_run["output_dir"], "--dataset-dir", stage1_run["dataset_dir"], "--limit-val-batches", "1",
+        str(tmp_path), "--dataset-dir", stage1_run["dataset_dir"], "--limit-val-batches", "1",
         "--num-workers", "0", "--roi-size", "32", "32", "32")
 
 

@@ -36,11 +36,11 @@ def test_test_verb_writes_metrics(maisi_vae_run, tmp_path):
     result = cli("prod9-train-maisi-vae", "test", "--checkpoint", checkpoint, "--config", TINY,
                  "--output-dir", str(tmp_path), "--dataset-dir", maisi_vae_run["dataset_dir"],
                  "--roi-size", "32", "32", "32", "--limit-val-batches", "1")
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics_test.json").read_text())
     assert metrics["split"] == "test" and metrics["checkpoint"] == checkpoint and metrics["num_cases"] == 1
     assert 5.0 < metrics["psnr"] < 60.0 and 0.0 < metrics["ms_ssim"] <= 1.0
     assert result.stdout.strip().splitlines()[-1] == \
-        f"test metrics of {checkpoint} written to {tmp_path / 'metrics.json'}"
+        f"test metrics of {checkpoint} written to {tmp_path / 'metrics_test.json'}"
 
 
 @pytest.mark.parametrize("kind", ["maskgit_stage1", "latent_channels"])
@@ -62,7 +62,7 @@ def test_a_file_that_is_not_this_vae_is_one_line_error(maisi_vae_run, tmp_path, 
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and str(bad) in line and expected in line, line
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "eval" / "metrics.json").exists()
+    assert not (tmp_path / "eval" / "metrics_test.json").exists()
 
 
 def test_missing_input_is_one_line_error(tmp_path):

@@ -47,11 +47,11 @@ def test_training_and_evaluation_runs_are_tracked(demo_dataset_dir, tmp_path):
     assert [m.step for m in client.get_metric_history(training.info.run_id, "psnr")] == [1, 2]  # each validation
     assert sorted(a.path for a in client.list_artifacts(training.info.run_id))[-1] == "datalist.json"
 
-    metrics = json.loads((out / "metrics.json").read_text())  # what the evaluation wrote itself
+    metrics = json.loads((out / "metrics_validation.json").read_text())  # what the evaluation wrote itself
     assert evaluation.data.metrics["psnr"] == pytest.approx(metrics["psnr"], rel=1e-6)
     assert evaluation.data.metrics["ssim"] == pytest.approx(metrics["ssim"], rel=1e-6)
     artifacts = sorted(a.path for a in client.list_artifacts(evaluation.info.run_id))
-    assert artifacts[-1] == "metrics.json" and artifacts[0].startswith("config_")
+    assert artifacts[-1] == "metrics_validation.json" and artifacts[0].startswith("config_")
     executed = json.loads(Path(client.download_artifacts(evaluation.info.run_id, artifacts[0], str(tmp_path)))
                           .read_text())
     assert executed["output_dir"] == "run dir" and executed["split"] == "validation"  # a name, not the path

@@ -25,7 +25,7 @@ def test_translation_is_reproducible_and_keeps_source_geometry(stage2_runs, tmp_
     for name in ("a.nii.gz", "b.nii.gz"):
         result = cli(CMD, "generate", "--checkpoint", ckpt, "--input", _source(stage2_runs), "--output",
                      str(tmp_path / name), "--num-steps", "3", "--seed", "7")
-        assert result.stdout.strip().splitlines()[-1] == f"generated volumes written to {tmp_path / name}"
+        assert result.stdout.strip().splitlines()[-1] == f"generated volume written to {tmp_path / name}"
         outputs.append(nib.load(tmp_path / name))
     np.testing.assert_array_equal(outputs[0].get_fdata(), outputs[1].get_fdata())
     source = nib.load(_source(stage2_runs))
@@ -53,6 +53,25 @@ def test_label_samples_are_seeded(stage2_runs, tmp_path):
             "--output", str(tmp_path / run), "--roi-size", "32", "32", "32")
     a, b = (nib.load(tmp_path / run / "sample_0001_T2.nii.gz").get_fdata() for run in ("one", "two"))
     np.testing.assert_array_equal(a, b)
+    # A third run into "one" would replace its sample: refused, naming the file and --overwrite.
+    result = cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-steps", "3",
+                 "--output", str(tmp_path / "one"), "--roi-size", "32", "32", "32", check=False, in_process=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'one' / 'sample_0001_T2.nii.gz'} already exists: pass --overwrite to replace it, or "
+        "choose another output")
+    np.testing.assert_array_equal(nib.load(tmp_path / "one" / "sample_0001_T2.nii.gz").get_fdata(), a)
+
+
+def test_translation_never_replaces_its_source(stage2_runs, tmp_path):
+    source = tmp_path / "t1.nii.gz"
+    source.write_bytes(Path(_source(stage2_runs)).read_bytes())
+    before = source.read_bytes()
+    result = cli(CMD, "generate", "--checkpoint", str(Path(stage2_runs["incontext"]) / "best.ckpt"), "--input",
+                 str(source), "--output", str(source), "--overwrite", check=False, in_process=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"error: output {source} is the input {source}: choose another "
+                                                      "output (never overwritten)")
+    assert source.read_bytes() == before
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -88,7 +107,7 @@ def test_export_with_another_vocabulary_is_refused(stage2_runs, tmp_path):
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
     assert "other.pt" in line and f"changed since {Path(stage2_runs['label']) / 'best.ckpt'} was trained" in line
-    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert not (tmp_path / "out" / "metrics_test.json").exists()
 
 
 def test_stage1_checkpoint_is_not_a_transformer(stage2_runs, tmp_path):

@@ -135,11 +135,13 @@ def test_check_case_geometry(tmp_path):
 
 def test_load_datalist_resolves_paths_and_aliases(tmp_path):
     _make_case_2023(tmp_path, "c1")
+    _make_case_2023(tmp_path, "c2")
     absolute_t2 = str(tmp_path / "c1" / "c1-t2w.nii")
     item = {"T1N": "c1/c1-t1n.nii", "t1c": "c1/c1-t1c.nii", "t2": absolute_t2, "FLAIR": "c1/c1-t2f.nii",
             "label": "c1/c1-seg.nii"}
+    other = {m: f"c2/c2-{s}.nii" for m, s in MODALITY_FILE_SUFFIXES_2023.items()}
     path = tmp_path / "list.json"
-    path.write_text(json.dumps({"training": [item], "validation": [item]}))
+    path.write_text(json.dumps({"training": [item], "validation": [other]}))
     splits = load_datalist(path, tmp_path)
     loaded = splits["training"][0]
     assert loaded == {
@@ -162,6 +164,39 @@ def test_load_datalist_lists_all_missing_files(tmp_path):
     path.write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="expected a JSON object"):
         load_datalist(path, tmp_path)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("../x", "holds a path separator"), ("/abs", "is an absolute path"), ("a/b", "holds a path separator"),
+    ("a\\b", "holds a path separator"), ("..", "holds a path separator"), ("", "is empty")])
+def test_load_datalist_refuses_case_names_that_are_not_file_names(tmp_path, name, problem):
+    """A case name becomes an output file name (``<case>_T2.nii.gz``): it must not leave the output folder."""
+    _make_case_2023(tmp_path, "c1")
+    item = {m: f"c1/c1-{s}.nii" for m, s in MODALITY_FILE_SUFFIXES_2023.items()}
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps({"training": [{**item, "case": name}]}))
+    with pytest.raises(ValueError) as error:
+        load_datalist(path, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{path}: case name {name!r} in training {problem}")
+
+
+def test_load_datalist_refuses_a_case_name_used_in_two_splits(tmp_path):
+    for case in ("c1", "c2"):
+        _make_case_2023(tmp_path, case)
+    items = [{m: f"{c}/{c}-{s}.nii" for m, s in MODALITY_FILE_SUFFIXES_2023.items()} for c in ("c1", "c2")]
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps({"training": [{**items[0], "case": "same"}], "test": [{**items[1], "case": "same"}]}))
+    with pytest.raises(ValueError, match=rf"^{path}: case name 'same' in test is used twice \(training and test\)"):
+        load_datalist(path, tmp_path)
+    # Without "case" the name is the folder of the T1 file: two items from one folder collide the same way.
+    path.write_text(json.dumps({"training": [items[0]], "validation": [items[0]]}))
+    with pytest.raises(ValueError, match=r"case name 'c1' in validation is used twice"):
+        load_datalist(path, tmp_path)
+    # prepare_splits reads datalists through load_datalist: a bad name stops a run before anything is written.
+    with pytest.raises(ValueError, match=r"case name 'c1'"):
+        prepare_splits(tmp_path, tmp_path / "run", datalist=path)
+    assert not (tmp_path / "run").exists()
 
 
 def _fake_cases(n):
@@ -198,6 +233,21 @@ def test_prepare_splits_writes_datalist_and_keeps_given_splits(demo_dataset_dir,
     # A datalist with a validation split is used as it is.
     again = prepare_splits(demo_dataset_dir, tmp_path / "run2", seed=99, datalist=written)
     assert again == splits
+
+
+def test_prepare_splits_never_rewrites_the_datalist_it_reads(demo_dataset_dir, tmp_path):
+    run = tmp_path / "run"
+    splits = prepare_splits(demo_dataset_dir, run, seed=1)
+    record = run / "datalist.json"
+    record.write_text(json.dumps(splits, indent=4))  # as a user may have reformatted it
+    before = record.read_text()
+    assert prepare_splits(demo_dataset_dir, run, seed=1, datalist=record) == splits
+    assert record.read_text() == before  # read, not rewritten
+    record.write_text(json.dumps({"training": [c for s in splits.values() for c in s]}))  # no validation split
+    with pytest.raises(ValueError, match=rf"^{record}: has no validation split, so it would be re-split and written "
+                                         "over itself"):
+        prepare_splits(demo_dataset_dir, run, seed=1, datalist=record)
+    assert "validation" not in json.loads(record.read_text())
 
 
 def test_per_modality_items(demo_dataset_dir):

@@ -101,7 +101,7 @@ def test_scores_are_reported_beside_their_baseline_and_a_loss_is_said_plainly():
     assert demo.score_line(won) == "psnr 16.000 vs 15.000 (pool): beats by 1.000"
     lost = psnr.verdict({"psnr": 12.9, "best_baseline_psnr": 14.6})
     assert not lost["passes"] and demo.score_line(lost).endswith("LOSES by 1.700")
-    assert psnr.verdict({"psnr": 12.9}) is None  # no baseline in metrics.json: no row
+    assert psnr.verdict({"psnr": 12.9}) is None  # no baseline in metrics_test.json: no row
     # Lower is better (a distance), and a fraction of the baseline as the bar (segment-the-synthetic).
     w1 = demo.Score("intensity_w1", "real_intensity_w1", "real", higher_is_better=False)
     assert w1.verdict({"intensity_w1": 0.05, "real_intensity_w1": 0.02})["passes"] is False
