@@ -164,7 +164,7 @@ class CheckpointHandler:
                 continue
             try:
                 if isinstance(obj, nn.Module):  # DDP/compile wrappers: the bare network's keys, as saved
-                    unwrap(obj).load_state_dict(_without_ddp_prefix(checkpoint[name]))
+                    without_parallel(obj).load_state_dict(_without_ddp_prefix(checkpoint[name]))
                 else:
                     obj.load_state_dict(checkpoint[name])
             except Exception as error:
@@ -212,8 +212,8 @@ class CheckpointHandler:
             if math.isfinite(value) and self._improved(value):
                 self.best_metric, self.best_epoch = value, epoch
                 self.save_best(epoch)
-        if is_rank_zero():  # networks unwrapped: a DDP run's last.ckpt resumes with or without DDP
-            state = {name: (unwrap(obj) if isinstance(obj, nn.Module) else obj).state_dict()
+        if is_rank_zero():  # without DDP: a DDP run's last.ckpt resumes with or without DDP (an EMA keeps its count)
+            state = {name: (without_parallel(obj) if isinstance(obj, nn.Module) else obj).state_dict()
                      for name, obj in self.save_dict.items()}
             state.update(epoch=epoch, best_metric=self.best_metric, best_epoch=self.best_epoch,
                          key_metric=self.key_metric, fingerprint=self.fingerprint())
@@ -234,6 +234,18 @@ class CheckpointHandler:
 
 
 _WAY_OUT_SHORT = "--resume false to start over"
+
+
+def without_parallel(network: nn.Module) -> nn.Module:
+    """``network`` without DistributedDataParallel / DataParallel / torch.compile wrappers; unlike
+    :func:`~prod9_components.networks.export.unwrap` it keeps an EMA wrapper, whose update count last.ckpt needs."""
+    while True:
+        if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            network = network.module
+        elif hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        else:
+            return network
 
 
 def _without_ddp_prefix(state: Mapping[str, Any]) -> Mapping[str, Any]:
