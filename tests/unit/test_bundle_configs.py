@@ -22,7 +22,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from tests.stage1_helpers import ROOT
+from tests.helpers import ROOT
 
 BUNDLES = sorted(p.name for p in (ROOT / "bundles").iterdir() if (p / "configs" / "train.json").is_file())
 
@@ -231,11 +231,12 @@ def test_lr_schedule_wiring_is_identical_where_used():
     users = {}
     for bundle in BUNDLES:
         config = read(bundle)
-        handler = handler_blocks(config["train"]["handlers"]).get(LR_SCHEDULE_HANDLER)
+        blocks = handler_blocks(config["train"]["handlers"])
+        handler = blocks.get(LR_SCHEDULE_HANDLER)
         if config.get("lr_scheduler") is None:
             assert handler is None, bundle
             continue
-        checkpoint = handler_blocks(config["train"]["handlers"])["prod9_components.handlers.checkpoint.CheckpointHandler"]
+        checkpoint = blocks["prod9_components.handlers.checkpoint.CheckpointHandler"]
         assert checkpoint["save_dict"].get("lr_scheduler") == "@lr_scheduler", bundle
         users[bundle] = {"lr_scheduler": config["lr_scheduler"], "handler": handler}
     assert len(users) >= 2, users  # the two stage-1 bundles
