@@ -24,6 +24,10 @@ a CPU: measured there, on 2 cores, torch.compile gave the transformer step no ga
 ``scripts/demo.py`` trains it (train.json + tiny.json + the demo's flags, read at run time; the demo dataset), on
 batches of the bundle's own data loader, with the loader's time per batch beside it (``data_seconds``);
 ``--bundles`` picks some. Stages 2 and 3 get untrained upstream checkpoints, written into a temporary folder.
+
+Every training-step row times a trainer's real ``_iteration``, built from its bundle's ``train.json`` (its network,
+loss, optimizer, schedule and AMP setting; :func:`bundle_trainer`), never a hand-written copy of the step: the
+full-size rows on synthetic batches at the ``--network`` size, the demo rows on the demo's data.
 """
 
 from __future__ import annotations
@@ -104,6 +108,34 @@ def result(name: str, device: torch.device, seconds: float, repeats: int, gflop:
     return row
 
 
+BUNDLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles")
+
+
+def bundle_trainer(bundle: str, device: torch.device, overrides: dict | None = None):
+    """``train#trainer`` of ``bundles/<bundle>/configs/train.json``: the bundle's own trainer, network, loss, optimizer
+    and AMP setting (on CUDA), whose real ``_iteration`` a row times on synthetic batches. ``overrides`` set the
+    network size and stand in for what train.json would read from data or an upstream export; no data loader and no
+    handlers are built (the batches are passed in). Returns ``(parser, trainer)``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLES, bundle, "configs", "train.json"))
+    parser.update({"device": f"$torch.device('{device}')", "amp": device.type == "cuda",
+                   "train#trainer#train_data_loader": "$[]", "train#trainer#epoch_length": 1,
+                   "train#trainer#train_handlers": [], **(overrides or {})})
+    return parser, parser.get_parsed_content("train#trainer")
+
+
+def iteration(trainer, batch: dict) -> Callable[[], None]:
+    """One call of the trainer's real training iteration on ``batch``."""
+    return lambda: trainer._iteration(trainer, batch)
+
+
+def sized(network: dict) -> dict:
+    """``network_def#<arg>`` overrides of a bundle's network constructor arguments."""
+    return {f"network_def#{k}": v for k, v in network.items()}
+
+
 def autoencoder(device: torch.device, size: str):
     from prod9_components.networks.autoencoder_fsq import AutoencoderFSQ
 
@@ -114,33 +146,12 @@ def autoencoder(device: torch.device, size: str):
 
 
 def stage1_train_step(device: torch.device, repeats: int, size: str) -> dict:
-    """One generator + discriminator iteration of the stage-1 GAN trainer on a 64^3 crop, batch 2."""
-    from monai.networks.nets import PatchDiscriminator
-
-    from prod9_components.losses.autoencoder_gan import AutoencoderGANLoss
-
+    """One ``AutoencoderGANTrainer`` iteration of the maskgit_stage1 bundle (generator step, then discriminator step;
+    timed past ``disc_start``) on a 64^3 crop, batch 2."""
     torch.manual_seed(0)
-    network = autoencoder(device, size)
-    discriminator = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1,
-                                       norm="INSTANCE").to(device)
-    loss = AutoencoderGANLoss(disc_start=0)
-    opt_g = torch.optim.Adam(network.parameters(), 1e-4)
-    opt_d = torch.optim.Adam(discriminator.parameters(), 1e-4)
-    images = torch.rand(2, 1, 64, 64, 64, device=device)
-
-    def step():
-        reconstruction, _ = network(images)
-        losses = loss.generator_loss(images, reconstruction, discriminator(reconstruction), network.get_last_layer(), 1)
-        opt_g.zero_grad()
-        losses["loss"].backward()
-        opt_g.step()
-        logits = discriminator(torch.cat([images, reconstruction.detach()]))[-1]
-        d_loss = loss.discriminator_loss(*logits.split(2))
-        opt_d.zero_grad()
-        d_loss.backward()
-        opt_d.step()
-
-    seconds, gflop = measure(step, device, repeats)
+    _, trainer = bundle_trainer("maskgit_stage1", device, sized(NETWORKS[size]))
+    trainer.state.iteration = trainer.loss_function.disc_start  # adversarial loss and discriminator step included
+    seconds, gflop = measure(iteration(trainer, {"image": torch.rand(2, 1, 64, 64, 64)}), device, repeats)
     return result("stage1_train_step", device, seconds, repeats, gflop, peak_mem_mb(device),
                   network=size, batch=2, roi=[64, 64, 64], volumes_per_s=round(2 / seconds, 3))
 
@@ -199,30 +210,26 @@ def _context(grid, with_context: bool, device: torch.device, batch: int):
                                                                                   device=device))
 
 
-def stage2_train_step(device: torch.device, repeats: int, size: str) -> list[dict]:
-    """One masked-token training step (batch 4) without context (label mode) and with one source modality."""
-    from prod9_components.losses.masked_token import masked_token_loss
-    from prod9_components.sampling.schedules import sample_training_mask
+def transformer_trainer(device: torch.device, size: str, with_context: bool, overrides: dict | None = None):
+    """``(trainer, batch)``: the MaskGiT trainer of maskgit_stage2_label (no context), or of
+    maskgit_stage2_incontext with one source modality (T1 -> T2), and a batch of 4 random token volumes."""
+    args, grid = TRANSFORMERS[size]
+    bundle = "maskgit_stage2_incontext" if with_context else "maskgit_stage2_label"
+    context = {"source_modalities": ["T1"], "target_modality": "T2"} if with_context else {}
+    _, trainer = bundle_trainer(bundle, device, {**sized({**args, "codebook_size": 15360, "max_grid_size": list(grid)}),
+                                                 **context, **(overrides or {})})
+    return trainer, {"tokens": torch.randint(15360, (4, 4, *grid))}
 
+
+def stage2_train_step(device: torch.device, repeats: int, size: str) -> list[dict]:
+    """One ``MaskGiTTrainer`` iteration (batch 4) of the label bundle (no context) and of the in-context bundle with
+    one source modality."""
     torch.manual_seed(0)
-    network, grid = transformer(device, size)
-    optimizer = torch.optim.AdamW(network.parameters(), 3e-4)
     rows = []
     for with_context in (False, True):
-        target = torch.randint(15360, (4, *grid), device=device)
-        sources, labels = _context(grid, with_context, device, 4)
-
-        def step():
-            mask = sample_training_mask(target.shape).to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = network(target.masked_fill(mask, network.mask_token_id), torch.full((4,), 2, device=device),
-                                 sources, labels)
-            loss = masked_token_loss(logits.float(), target, mask)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-        seconds, gflop = measure(step, device, repeats)
+        trainer, batch = transformer_trainer(device, size, with_context)
+        grid = TRANSFORMERS[size][1]
+        seconds, gflop = measure(iteration(trainer, batch), device, repeats)
         rows.append(result(f"stage2_train_step_{'with' if with_context else 'without'}_context", device, seconds,
                            repeats, gflop, peak_mem_mb(device), network=size, token_grid=list(grid), batch=4,
                            sequence_length=(2 if with_context else 1) * math.prod(grid) + 1))
@@ -303,71 +310,41 @@ class CallCounter(torch.nn.Module):
 
 
 def maisi_vae_train_step(device: torch.device, repeats: int, size: str) -> dict:
-    """One ``AutoencoderGANTrainer`` iteration (generator step with L1 + focal-frequency + adaptive adversarial + KL
-    loss, then discriminator step; AMP + GradScaler on CUDA as the bundle) of the MAISI KL-VAE on a 64^3 crop,
-    batch 2: image (2, 1, 64, 64, 64) -> latent (2, 4, 16, 16, 16) -> reconstruction (2, 1, 64, 64, 64)."""
-    from monai.networks.nets import PatchDiscriminator
-
-    from prod9_components.engines.autoencoder_trainer import AutoencoderGANTrainer
-    from prod9_components.losses.autoencoder_gan import AutoencoderGANLoss
-
+    """One ``AutoencoderGANTrainer`` iteration of the maisi_stage1_vae bundle (generator step with L1 +
+    focal-frequency + adaptive adversarial + KL loss, then discriminator step; timed past ``disc_start``; AMP +
+    GradScaler on CUDA) on a 64^3 crop, batch 2: image (2, 1, 64, 64, 64) -> latent (2, 4, 16, 16, 16)."""
     torch.manual_seed(0)
-    network = maisi_vae(device, size)
-    discriminator = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1,
-                                       norm="INSTANCE").to(device)
-    images = torch.rand(2, 1, 64, 64, 64, device=device)
-    amp = device.type == "cuda"
-    trainer = AutoencoderGANTrainer(device, 1, [{"image": images}], network,
-                                    torch.optim.Adam(network.parameters(), 1e-4), discriminator,
-                                    torch.optim.Adam(discriminator.parameters(), 1e-4),
-                                    AutoencoderGANLoss(kl_weight=1e-7, disc_start=0), amp=amp)
-    trainer.state.iteration = 1  # past disc_start: adaptive weight and discriminator step included
-
-    def step():
-        trainer._iteration(trainer, {"image": images})
-
-    seconds, gflop = measure(step, device, repeats)
+    _, trainer = bundle_trainer("maisi_stage1_vae", device, sized(NETWORKS[size]))
+    trainer.state.iteration = trainer.loss_function.disc_start  # adversarial loss and discriminator step included
+    seconds, gflop = measure(iteration(trainer, {"image": torch.rand(2, 1, 64, 64, 64)}), device, repeats)
     return result("maisi_vae_train_step", device, seconds, repeats, gflop, peak_mem_mb(device), network=size,
-                  batch=2, roi=[64, 64, 64], latent_channels=4, amp="float16" if amp else None,
+                  batch=2, roi=[64, 64, 64], latent_channels=4, amp="float16" if trainer.amp else None,
                   volumes_per_s=round(2 / seconds, 3))
 
 
-def rflow_train_step(model: torch.nn.Module, network: torch.nn.Module, scheduler, latent: torch.Tensor,
-                     labels: torch.Tensor, bfloat16: bool) -> Callable[[], None]:
-    """One rectified-flow optimizer step as the trainer takes it (velocity MSE, backward, grad clip 1.0, AdamW).
-    ``model`` runs the forward (``network`` itself, or ``torch.compile(network)``); ``network`` owns the weights."""
-    from prod9_components.losses.rectified_flow import rectified_flow_loss
-
-    optimizer = torch.optim.AdamW(network.parameters(), 1e-4)
-
-    def step():
-        with torch.autocast(latent.device.type, dtype=torch.bfloat16, enabled=bfloat16):
-            loss = rectified_flow_loss(model, scheduler, latent, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-        optimizer.step()
-
-    return step
+def unet_trainer(device: torch.device, size: str, network: torch.nn.Module | None = None,
+                 overrides: dict | None = None):
+    """``(trainer, batch)``: the ``RectifiedFlowTrainer`` of maisi_stage2_diffusion (its scheduler, EMA, label dropout,
+    grad clip, AdamW; bfloat16 autocast on CUDA) and a batch of latents (2, 4, d, h, w) with labels (2,).
+    ``network``: train this module instead of the bundle's UNet (the MONAI baseline)."""
+    args, latent_size, _ = MAISI_UNETS[size]
+    network_args = sized({**args, "use_flash_attention": device.type == "cuda"})
+    _, trainer = bundle_trainer("maisi_stage2_diffusion", device,
+                                {**network_args, **({"network_def": network} if network is not None else {}),
+                                 **(overrides or {})})
+    return trainer, {"latent": torch.randn(2, 4, *latent_size), "label": torch.tensor([0, 2])}
 
 
 def maisi_diffusion_train_step(device: torch.device, repeats: int, size: str) -> dict:
-    """One rectified-flow optimizer step (velocity MSE, backward, grad clip 1.0, AdamW; bfloat16 autocast on CUDA as
-    the trainer) on latents (2, 4, d, h, w) with labels (2,), vs the same step with MONAI's ``DiffusionModelUNet`` of
-    the same channels, residual blocks, attention, heads and 5 class embeddings."""
+    """One ``RectifiedFlowTrainer`` iteration of the maisi_stage2_diffusion bundle on latents (2, 4, d, h, w) with
+    labels (2,), vs the same trainer training MONAI's ``DiffusionModelUNet`` of the same channels, residual blocks,
+    attention, heads and 5 class embeddings."""
     from monai.networks.nets import DiffusionModelUNet
 
-
     torch.manual_seed(0)
-    network, latent_size = maisi_unet(device, size)
-    scheduler = rflow_scheduler()
-    latent = torch.randn(2, 4, *latent_size, device=device)
-    labels = torch.tensor([0, 2], device=device)
-
-    def train_step(net: torch.nn.Module) -> Callable[[], None]:
-        return rflow_train_step(net, net, scheduler, latent, labels, bfloat16=device.type == "cuda")
-
-    seconds, gflop = measure(train_step(network.train()), device, repeats)
+    trainer, batch = unet_trainer(device, size)
+    network = trainer.network
+    seconds, gflop = measure(iteration(trainer, batch), device, repeats)
     peak = peak_mem_mb(device)  # before the baseline network exists
     args = MAISI_UNETS[size][0]
     baseline = DiffusionModelUNet(
@@ -375,14 +352,17 @@ def maisi_diffusion_train_step(device: torch.device, repeats: int, size: str) ->
         channels=args["num_channels"], attention_levels=args["attention_levels"],
         norm_num_groups=args["norm_num_groups"], num_head_channels=args["num_head_channels"],
         num_class_embeds=network.null_label + 1, include_fc=False, use_flash_attention=device.type == "cuda",
-    ).to(device).train()
-    train_step(baseline)()  # warm-up
-    baseline_seconds = median_seconds(train_step(baseline), device, repeats)
+    )
+    baseline.null_label = network.null_label  # the trainer's label dropout reads it
+    baseline_trainer, _ = unet_trainer(device, size, network=baseline)
+    iteration(baseline_trainer, batch)()  # warm-up
+    baseline_seconds = median_seconds(iteration(baseline_trainer, batch), device, repeats)
     return result("maisi_diffusion_train_step", device, seconds, repeats, gflop, peak, baseline_seconds,
-                  network=size, batch=2, latent_size=list(latent_size),
-                  amp="bfloat16" if device.type == "cuda" else None,
+                  network=size, batch=2, latent_size=list(MAISI_UNETS[size][1]),
+                  amp="bfloat16" if trainer.amp else None,
                   parameters_m=round(sum(p.numel() for p in network.parameters()) / 1e6, 2),
-                  baseline="monai DiffusionModelUNet step (same channels/res blocks/attention/heads, 5 class embeds)")
+                  baseline="the same RectifiedFlowTrainer iteration on monai DiffusionModelUNet (same channels/res "
+                           "blocks/attention/heads, 5 class embeds)")
 
 
 def maisi_generation(device: torch.device, repeats: int, size: str) -> list[dict]:
@@ -509,35 +489,22 @@ def variant_rows(name: str, build: Callable[[bool, bool], Callable[[], None]], d
 
 
 def train_step_variants(device: torch.device, repeats: int, size: str) -> list[dict]:
-    """The two stage-2 training steps - MaskGiT transformer (batch 4, label mode) and MAISI rectified-flow UNet
-    (batch 2) - in float32, bfloat16 autocast and ``torch.compile`` (CUDA: compile + bfloat16)."""
-    from prod9_components.losses.masked_token import masked_token_loss
-    from prod9_components.sampling.schedules import sample_training_mask
+    """The two stage-2 trainers' iterations - MaskGiT transformer (batch 4, label mode) and MAISI rectified-flow UNet
+    (batch 2) - in float32, bfloat16 autocast (the trainer's ``amp``) and ``torch.compile`` of the trainer's network
+    (CUDA: compile + bfloat16)."""
+
+    def compiled_step(trainer, batch, compiled: bool) -> Callable[[], None]:
+        if compiled:  # the optimizer keeps the same parameters; unwrap() sees through the compile wrapper
+            trainer.network = torch.compile(trainer.network)
+        return iteration(trainer, batch)
 
     def transformer_step(bfloat16: bool, compiled: bool) -> Callable[[], None]:
         torch.manual_seed(0)
-        network, grid = transformer(device, size)
-        model = torch.compile(network) if compiled else network
-        optimizer = torch.optim.AdamW(network.parameters(), 3e-4)
-        target, labels = torch.randint(15360, (4, *grid), device=device), torch.full((4,), 2, device=device)
-
-        def step():
-            mask = sample_training_mask(target.shape).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
-                logits = model(target.masked_fill(mask, network.mask_token_id), labels, None, None)
-            loss = masked_token_loss(logits.float(), target, mask)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-        return step
+        return compiled_step(*transformer_trainer(device, size, False, {"amp": bfloat16}), compiled)
 
     def unet_step(bfloat16: bool, compiled: bool) -> Callable[[], None]:
         torch.manual_seed(0)
-        network, latent_size = maisi_unet(device, size)
-        model = torch.compile(network.train()) if compiled else network.train()
-        latent, labels = torch.randn(2, 4, *latent_size, device=device), torch.tensor([0, 2], device=device)
-        return rflow_train_step(model, network, rflow_scheduler(), latent, labels, bfloat16)
+        return compiled_step(*unet_trainer(device, size, overrides={"amp": bfloat16}), compiled)
 
     return (variant_rows("stage2_train_step", transformer_step, device, repeats, network=size, batch=4)
             + variant_rows("maisi_diffusion_train_step", unet_step, device, repeats, network=size, batch=2))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from prod9_components.data.demo import make_demo_dataset
+from tests.helpers import DIFFUSION, INCONTEXT, LABEL, MAISI_CONTROLNET, STAGE1, TEST_SPACING, VAE, bundle_run
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one thread each (also for the bundle runs they start), or they fight for the cores.
@@ -64,25 +65,21 @@ def demo_dataset_dir(tmp_path_factory) -> str:
 def stage1_run(demo_dataset_dir, tmp_path_factory) -> dict:
     """A tiny maskgit_stage1 bundle trained for 2 epochs by `python -m monai.bundle run` (shared by the bundle and
     CLI tests): returns dataset_dir, output_dir and export_path."""
-    from tests.stage1_helpers import TEST_SPACING, bundle_run
-
     out = tmp_path_factory.mktemp("maskgit_stage1")
-    bundle_run(["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
-                                             "spacing": TEST_SPACING, "epochs": 2})
+    bundle_run(STAGE1, ["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
+                                                     "spacing": TEST_SPACING, "epochs": 2})
     return {"dataset_dir": demo_dataset_dir, "output_dir": str(out), "export_path": str(out / "autoencoder_tiny.pt")}
 
 
 @pytest.fixture(scope="session")
 def stage2_runs(stage1_run, tmp_path_factory) -> dict:
     """Both tiny stage-2 bundles trained for 1 epoch on the stage-1 export of ``stage1_run`` (shared token cache)."""
-    from tests.stage2_helpers import INCONTEXT, LABEL, stage2_run
-
     root = tmp_path_factory.mktemp("maskgit_stage2")
     runs = {"dataset_dir": stage1_run["dataset_dir"], "autoencoder_path": stage1_run["export_path"],
             "token_cache_dir": str(root / "token_cache")}
     for name, configs in (("label", LABEL), ("incontext", INCONTEXT)):
         out = root / name
-        stage2_run(configs, ["train.json", "tiny.json"], {
+        bundle_run(configs, ["train.json", "tiny.json"], {
             "dataset_dir": runs["dataset_dir"], "output_dir": out, "autoencoder_path": runs["autoencoder_path"],
             "token_cache_dir": runs["token_cache_dir"]})
         runs[name] = str(out)
@@ -93,12 +90,9 @@ def stage2_runs(stage1_run, tmp_path_factory) -> dict:
 def maisi_vae_run(demo_dataset_dir, tmp_path_factory) -> dict:
     """A tiny maisi_stage1_vae bundle trained for 2 epochs by `python -m monai.bundle run` (shared by the VAE,
     diffusion and CLI tests): returns dataset_dir, output_dir and export_path."""
-    from tests.maisi_helpers import VAE, maisi_run
-    from tests.stage1_helpers import TEST_SPACING
-
     out = tmp_path_factory.mktemp("maisi_stage1")
-    maisi_run(VAE, ["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
-                                                 "spacing": TEST_SPACING, "epochs": 2})
+    bundle_run(VAE, ["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
+                                                  "spacing": TEST_SPACING, "epochs": 2})
     return {"dataset_dir": demo_dataset_dir, "output_dir": str(out), "export_path": str(out / "vae_tiny.pt")}
 
 
@@ -106,12 +100,10 @@ def maisi_vae_run(demo_dataset_dir, tmp_path_factory) -> dict:
 def maisi_diffusion_run(maisi_vae_run, tmp_path_factory) -> dict:
     """A tiny maisi_stage2_diffusion bundle trained for 4 epochs x 4 steps on the export of ``maisi_vae_run``: returns
     dataset_dir, vae_path, latent_cache_dir and output_dir."""
-    from tests.maisi_helpers import DIFFUSION, maisi_run
-
     root = tmp_path_factory.mktemp("maisi_stage2")
     run = {"dataset_dir": maisi_vae_run["dataset_dir"], "vae_path": maisi_vae_run["export_path"],
            "latent_cache_dir": str(root / "latent_cache"), "output_dir": str(root / "trained")}
-    maisi_run(DIFFUSION, ["train.json", "tiny.json"], {**run, "epochs": 4, "val_interval": 2})
+    bundle_run(DIFFUSION, ["train.json", "tiny.json"], {**run, "epochs": 4, "val_interval": 2})
     return run
 
 
@@ -119,11 +111,9 @@ def maisi_diffusion_run(maisi_vae_run, tmp_path_factory) -> dict:
 def maisi_controlnet_run(maisi_diffusion_run, tmp_path_factory) -> dict:
     """A tiny maisi_stage3_controlnet bundle (mask + T1 source image -> other modalities, contrastive loss on)
     trained for 2 epochs on the diffusion model of ``maisi_diffusion_run``: returns its ids plus diffusion_path."""
-    from tests.maisi_helpers import CONTROLNET, maisi_run
-
     run = {"dataset_dir": maisi_diffusion_run["dataset_dir"], "latent_cache_dir": maisi_diffusion_run["latent_cache_dir"],
            "output_dir": str(tmp_path_factory.mktemp("maisi_stage3")),
            "diffusion_path": str(Path(maisi_diffusion_run["output_dir"]) / "best.ckpt")}
-    maisi_run(CONTROLNET, ["train.json", "tiny.json"], {**run, "condition_type": "both", "source_modality": "T1",
-                                                        "contrastive_weight": 0.1})
+    bundle_run(MAISI_CONTROLNET, ["train.json", "tiny.json"], {**run, "condition_type": "both",
+                                                               "source_modality": "T1", "contrastive_weight": 0.1})
     return run

@@ -153,9 +153,13 @@ def check_network_args(record: dict, expected_args: dict, source: str = "checkpo
                              f"{_plain(want)}")
 
 
-def load_network(path: str | os.PathLike, expected_args: dict | None = None) -> tuple[nn.Module, dict]:
-    """Load a record and rebuild its network. Returns ``(network, record)``."""
-    record = load_record(path)
+def load_network(path: str | os.PathLike, expected_args: dict | None = None,
+                 stages: tuple[str, ...] | list[str] | None = None) -> tuple[nn.Module, dict]:
+    """Load a record (of one of ``stages``, see :func:`load_record`) and rebuild its network.
+
+    Returns ``(network, record)``.
+    """
+    record = load_record(path, stages)
     return build_network(record, expected_args, source=str(path)), record
 
 

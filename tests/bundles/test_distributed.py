@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.stage1_helpers import ROOT, TEST_SPACING, cli
+from tests.helpers import ROOT, TEST_SPACING, cli
 
 pytestmark = pytest.mark.slow
 

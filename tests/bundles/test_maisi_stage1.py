@@ -14,8 +14,7 @@ import torch
 
 from prod9_components.networks.export import build_network, load_record
 from prod9_components.networks.maisi_vae import MaisiVAE
-from tests.maisi_helpers import VAE, maisi_run
-from tests.stage1_helpers import TEST_SPACING
+from tests.helpers import TEST_SPACING, VAE, bundle_run
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +41,7 @@ def test_training_writes_checkpoints_and_a_self_describing_export(maisi_vae_run)
 
 def test_evaluate_writes_finite_image_metrics(maisi_vae_run, tmp_path):
     checkpoint = str(Path(maisi_vae_run["output_dir"]) / "best.ckpt")
-    maisi_run(VAE, ["train.json", "evaluate.json", "tiny.json"], {
+    bundle_run(VAE, ["train.json", "evaluate.json", "tiny.json"], {
         "dataset_dir": maisi_vae_run["dataset_dir"], "output_dir": tmp_path, "checkpoint": checkpoint,
         "split": "test"})
     metrics = json.loads((tmp_path / "metrics_test.json").read_text())
@@ -63,7 +62,7 @@ def test_inference_reconstructs_a_volume_on_its_own_grid(maisi_vae_run, tmp_path
     splits = json.loads((Path(maisi_vae_run["output_dir"]) / "datalist.json").read_text())
     source_path = splits["test"][0]["t2"]
     output = tmp_path / "t2_recon.nii.gz"
-    maisi_run(VAE, ["train.json", "inference.json", "tiny.json"], {
+    bundle_run(VAE, ["train.json", "inference.json", "tiny.json"], {
         "dataset_dir": maisi_vae_run["dataset_dir"], "output_dir": tmp_path,
         "checkpoint": maisi_vae_run["export_path"], "input": source_path, "output": output})
     source, recon = nib.load(source_path), nib.load(output)
@@ -78,7 +77,7 @@ def test_inference_reconstructs_a_volume_on_its_own_grid(maisi_vae_run, tmp_path
 def test_training_resumes_from_last_checkpoint(maisi_vae_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(maisi_vae_run["output_dir"], out)
-    result = maisi_run(VAE, ["train.json", "tiny.json"], {
+    result = bundle_run(VAE, ["train.json", "tiny.json"], {
         "dataset_dir": maisi_vae_run["dataset_dir"], "output_dir": out, "spacing": TEST_SPACING, "epochs": 3,
         "val_interval": 100, "cache_rate": 0.0})
     assert f"resumed from {out / 'last.ckpt'} at epoch 2" in result.stdout + result.stderr

@@ -13,8 +13,7 @@ import torch
 
 from prod9_components.data.latent_cache import load_latent_file
 from prod9_components.networks.export import atomic_save, build_network, load_record
-from tests.maisi_helpers import DIFFUSION, maisi_run
-from tests.stage1_helpers import cli
+from tests.helpers import DIFFUSION, bundle_run, cli
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +55,7 @@ def test_trained_samples_are_closer_to_real_intensities_than_untrained_ones(mais
     scores = {}
     for name, checkpoint in (("untrained", tmp_path / "untrained.ckpt"), ("trained", trained)):
         metrics_path = tmp_path / f"{name}.json"
-        maisi_run(DIFFUSION, ["train.json", "tiny.json", "evaluate.json"], {
+        bundle_run(DIFFUSION, ["train.json", "tiny.json", "evaluate.json"], {
             "dataset_dir": run["dataset_dir"], "output_dir": run["output_dir"], "checkpoint": checkpoint,
             "latent_cache_dir": run["latent_cache_dir"], "metrics_path": metrics_path})
         scores[name] = json.loads(metrics_path.read_text())
@@ -102,7 +101,7 @@ def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_r
     other = nib.load(out / files[1]).get_fdata()
     assert np.abs(data - other).max() > 0.01  # two seeds, two volumes
     # the same workflow as a bundle run: without a modality the sample is unconditional and its name says none
-    maisi_run(DIFFUSION, ["train.json", "tiny.json", "inference.json"], {
+    bundle_run(DIFFUSION, ["train.json", "tiny.json", "inference.json"], {
         "checkpoint": checkpoint, "generate_dir": tmp_path / "bundle", "num_samples": 1, "seed": 7})
     assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["sample_0001.nii.gz"]
 
@@ -121,7 +120,7 @@ def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_r
 
 def test_a_vae_with_other_latent_channels_is_refused_before_training(maisi_diffusion_run, tmp_path):
     run = maisi_diffusion_run
-    result = maisi_run(DIFFUSION, ["train.json", "tiny.json"], {
+    result = bundle_run(DIFFUSION, ["train.json", "tiny.json"], {
         "dataset_dir": run["dataset_dir"], "output_dir": tmp_path / "out", "vae_path": run["vae_path"],
         "latent_cache_dir": tmp_path / "cache", "latent_channels": 8}, check=False)
     assert result.returncode != 0

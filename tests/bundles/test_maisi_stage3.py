@@ -15,12 +15,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from prod9_components.data.case_cache import file_sha256
 from prod9_components.networks.export import atomic_save, load_record
-from tests.maisi_helpers import CONTROLNET, maisi_run
-from tests.stage1_helpers import cli
+from tests.helpers import MAISI_CONTROLNET, bundle_run, cli
 
 pytestmark = pytest.mark.slow
 
-TINY = str(CONTROLNET / "tiny.json")
+TINY = str(MAISI_CONTROLNET / "tiny.json")
 
 
 def test_training_keeps_the_diffusion_unet_frozen_and_records_what_generation_needs(maisi_controlnet_run):
@@ -44,7 +43,7 @@ def test_evaluate_reports_translation_and_tumour_scores_on_one_table(maisi_contr
     tumour keys, and segment-the-synthetic."""
     run = maisi_controlnet_run
     metrics_path = tmp_path / "metrics.json"
-    result = maisi_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
+    result = bundle_run(MAISI_CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
         "dataset_dir": run["dataset_dir"], "output_dir": run["output_dir"], "latent_cache_dir": run["latent_cache_dir"],
         "metrics_path": metrics_path, "split": "test"})
     metrics = json.loads(metrics_path.read_text())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.stage1_helpers import bundle_run
+from tests.helpers import STAGE1, bundle_run
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,8 @@ def test_train_evaluate_infer_chain(stage1_run):
     assert last["epoch"] == 2 and last["trainer"]["iteration"] == 2 * 4
 
     # evaluate.json writes one flat metrics_<split>.json.
-    bundle_run(["train.json", "evaluate.json"], {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out,
-                                                 "split": "test"})
+    bundle_run(STAGE1, ["train.json", "evaluate.json"], {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out,
+                                                         "split": "test"})
     metrics = json.loads((out / "metrics_test.json").read_text())
     assert metrics["split"] == "test" and metrics["num_cases"] == 4  # 1 test case x 4 modalities
     for key in ("psnr", "ssim", "ms_ssim", "codebook_usage", "perplexity"):
@@ -47,7 +47,7 @@ def test_train_evaluate_infer_chain(stage1_run):
     assert metrics["beats_baselines"] == float(all(metrics[f"margin_{s}"] > 0 for s in ("psnr", "ssim", "ms_ssim")))
 
     # inference.json reconstructs the test split into NIfTI files with the inputs' geometry.
-    bundle_run(["train.json", "inference.json"], {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out})
+    bundle_run(STAGE1, ["train.json", "inference.json"], {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out})
     written = sorted((out / "reconstructions").glob("*_recon.nii.gz"))
     assert len(written) == 4
     splits = json.loads((out / "datalist.json").read_text())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.stage2_helpers import INCONTEXT, LABEL, stage2_run
+from tests.helpers import INCONTEXT, LABEL, bundle_run
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_incontext_chain(stage2_runs):
     assert record["source_modalities"] == ["T1"] and record["target_modalities"] == ["T2"]
     assert record["network_args"]["codebook_size"] == 8 * 8 * 8 * 6 * 5
 
-    stage2_run(INCONTEXT, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test",
+    bundle_run(INCONTEXT, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test",
                                                             "num_steps": 2})
     metrics = json.loads((Path(out) / "metrics_test.json").read_text())
     assert metrics["split"] == "test" and metrics["num_cases"] == 1
@@ -55,7 +55,7 @@ def test_incontext_chain(stage2_runs):
     assert metrics["regression_source_psnr"] > metrics["copy_source_psnr"] + 2
     assert metrics["beats_baselines"] in (0.0, 1.0)
 
-    stage2_run(INCONTEXT, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_steps": 2})
+    bundle_run(INCONTEXT, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_steps": 2})
     splits = json.loads((Path(out) / "datalist.json").read_text())
     case = splits["test"][0]
     written = Path(out) / "generated" / f"{case['case']}_T2.nii.gz"
@@ -71,7 +71,7 @@ def test_label_chain(stage2_runs):
     record = torch.load(Path(out) / "best.ckpt", weights_only=True)
     assert record["stage"] == "maskgit_stage2_label" and record["source_modalities"] == []
 
-    stage2_run(LABEL, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test",
+    bundle_run(LABEL, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test",
                                                          "diversity_samples": 2})
     metrics = json.loads((Path(out) / "metrics_test.json").read_text())
     assert metrics["num_cases"] == 1 and metrics["val_loss"] > 0 and 0 <= metrics["token_accuracy"] <= 1
@@ -88,7 +88,7 @@ def test_label_chain(stage2_runs):
     assert 0.7 < metrics["real_brain_dice"] <= 1 and 0 < metrics["real_ms_ssim"] < 1
     assert metrics["real_nearest_training_distance"] > 0 and metrics["real_intensity_w1"] > 0
 
-    stage2_run(LABEL, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_samples": 2,
+    bundle_run(LABEL, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_samples": 2,
                                                          "modality": "FLAIR", "num_steps": 3})
     samples = sorted((Path(out) / "generated").glob("sample_*_FLAIR.nii.gz"))
     assert [p.name for p in samples] == ["sample_0001_FLAIR.nii.gz", "sample_0002_FLAIR.nii.gz"]
@@ -116,7 +116,7 @@ def test_last_ckpt_records_the_export_and_a_resume_on_another_one_is_refused(sta
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(Path(stage2_runs["label"]) / "last.ckpt", run / "last.ckpt")
-    result = stage2_run(LABEL, ["train.json", "tiny.json"], {
+    result = bundle_run(LABEL, ["train.json", "tiny.json"], {
         "dataset_dir": stage2_runs["dataset_dir"], "output_dir": run, "autoencoder_path": other,
         "token_cache_dir": tmp_path / "cache", "epochs": 2}, check=False)
     assert result.returncode != 0

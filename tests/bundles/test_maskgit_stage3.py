@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from prod9_components.metrics.tumour import CONTROL_METRICS, SEGMENTATION_METRICS
-from tests.stage1_helpers import cli
-from tests.stage2_helpers import CONTROLNET, stage2_run
+from tests.helpers import MASKGIT_CONTROLNET, bundle_run, cli
 
 pytestmark = pytest.mark.slow
 CMD = "prod9-train-maskgit-controlnet"
@@ -30,7 +29,7 @@ def _ids(runs: dict, out: Path) -> dict:
 def stage3_run(stage2_runs, tmp_path_factory) -> dict:
     """A tiny ControlNet (control_type both) on the stage-2 label transformer, 1 epoch."""
     out = tmp_path_factory.mktemp("maskgit_stage3")
-    stage2_run(CONTROLNET, ["train.json", "tiny.json"], {
+    bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json"], {
         **_ids(stage2_runs, out), "transformer_path": Path(stage2_runs["label"]) / "best.ckpt",
         "control_type": "both", "sample_during_validation": False})  # evaluate.json samples below
     return {**stage2_runs, "stage3": out}
@@ -46,8 +45,8 @@ def test_chain_train_evaluate_generate(stage3_run):
     for name, value in base.items():
         assert torch.equal(record["state_dict"][f"base.{name}"], value), name
 
-    stage2_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {**_ids(stage3_run, out), "split": "test",
-                                                                          "num_steps": 3})
+    bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
+        **_ids(stage3_run, out), "split": "test", "num_steps": 3})
     metrics = json.loads((out / "metrics_test.json").read_text())
     assert metrics["num_cases"] == 1 and metrics["control_type"] == "both"
     assert set(CONTROL_METRICS) <= set(metrics) and metrics["val_loss"] > 0
@@ -66,8 +65,8 @@ def test_chain_train_evaluate_generate(stage3_run):
     # modalities as targets): the two Dice agree up to the grid's padding.
     assert metrics["seg_dice_real"] == pytest.approx(own["dice_test"], abs=0.05)
 
-    stage2_run(CONTROLNET, ["train.json", "inference.json"], {**_ids(stage3_run, out), "num_steps": 3,
-                                                              "modality": "FLAIR"})
+    bundle_run(MASKGIT_CONTROLNET, ["train.json", "inference.json"], {**_ids(stage3_run, out), "num_steps": 3,
+                                                                      "modality": "FLAIR"})
     image, mask = (nib.load(p) for p in sorted((out / "generated").glob("*.nii.gz")))
     assert image.get_filename().endswith("_FLAIR.nii.gz") and mask.get_filename().endswith("_mask.nii.gz")
     assert image.shape == mask.shape == tuple(4 * g for g in record["volume_grid"])
@@ -81,11 +80,11 @@ def test_trained_branch_makes_the_mask_matter(stage3_run, tmp_path):
     scores = {}
     for name, epochs, lr in (("untrained", 1, 0.0), ("trained", 30, 3e-3)):  # lr 0: the branch stays at its init
         out = tmp_path / name
-        stage2_run(CONTROLNET, ["train.json", "tiny.json"], {
+        bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json"], {
             **_ids(stage3_run, out), "transformer_path": Path(stage3_run["label"]) / "best.ckpt",
             "control_type": "mask", "epochs": epochs, "val_interval": epochs, "learning_rate": lr,
             "sample_during_validation": False})
-        result = stage2_run(CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
+        result = bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
             **_ids(stage3_run, out), "split": "test", "num_steps": 4})
         assert "tumour segmenter: reusing" in result.stdout  # the module's segmenter, not a new one per run
         scores[name] = json.loads((out / "metrics_test.json").read_text())

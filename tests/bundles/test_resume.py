@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from prod9_components.engines.lr_schedule import lr_schedule
-from tests.stage1_helpers import CONFIGS, ROOT, TEST_SPACING, bundle_run, cli, config_list
+from tests.helpers import ROOT, STAGE1, TEST_SPACING, bundle_run, cli, config_list
 
 pytestmark = pytest.mark.slow
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(demo_dataset_dir, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_list("train.json", "tiny.json"),
+    args = [sys.executable, "-m", "monai.bundle", "run",
+            "--config_file", config_list(STAGE1, "train.json", "tiny.json"),
             "--dataset_dir", demo_dataset_dir, "--output_dir", str(out), "--spacing", TEST_SPACING,
             "--epochs", "30", "--limit_train_batches", "2", "--val_interval", "100"]
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -41,18 +42,18 @@ def test_killed_run_resumes_to_the_uninterrupted_result(demo_dataset_dir, tmp_pa
     killed_epoch = torch.load(out / "last.ckpt", weights_only=True)["epoch"]
     assert 1 <= killed_epoch < 30
 
-    result = bundle_run(["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
-                                                      "spacing": TEST_SPACING, "epochs": killed_epoch + 2,
-                                                      "limit_train_batches": 2, "val_interval": 100})
+    result = bundle_run(STAGE1, ["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out,
+                                                              "spacing": TEST_SPACING, "epochs": killed_epoch + 2,
+                                                              "limit_train_batches": 2, "val_interval": 100})
     assert f"resumed from {out / 'last.ckpt'} at epoch {killed_epoch}" in result.stdout + result.stderr
     final = torch.load(out / "last.ckpt", weights_only=True)
     assert final["epoch"] == killed_epoch + 2
     assert final["trainer"]["iteration"] == (killed_epoch + 2) * 2
     # EpochSeed reseeds every epoch from the run's seed: the resumed run ends exactly where an uninterrupted one does
     straight = tmp_path / "straight"
-    bundle_run(["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": straight,
-                                             "spacing": TEST_SPACING, "epochs": killed_epoch + 2,
-                                             "limit_train_batches": 2, "val_interval": 100})
+    bundle_run(STAGE1, ["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": straight,
+                                                     "spacing": TEST_SPACING, "epochs": killed_epoch + 2,
+                                                     "limit_train_batches": 2, "val_interval": 100})
     reference = torch.load(straight / "last.ckpt", weights_only=True)
     for name in ("network", "discriminator"):
         assert reference[name].keys() == final[name].keys()
@@ -67,13 +68,13 @@ SHORT_RUN = {"spacing": TEST_SPACING, "epochs": 1, "limit_train_batches": 2, "va
 @pytest.fixture(scope="module")
 def finished_run(demo_dataset_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    bundle_run(["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out, **SHORT_RUN})
+    bundle_run(STAGE1, ["train.json", "tiny.json"], {"dataset_dir": demo_dataset_dir, "output_dir": out, **SHORT_RUN})
     return {"dataset_dir": demo_dataset_dir, "output_dir": out}
 
 
 def train_cli(out, *args):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SHORT_RUN.items()]
-    return cli("prod9-train-autoencoder", "train", "--config", str(CONFIGS / "tiny.json"), "--output-dir", str(out),
+    return cli("prod9-train-autoencoder", "train", "--config", str(STAGE1 / "tiny.json"), "--output-dir", str(out),
                *flags, *args, check=False, in_process=True)
 
 
@@ -118,8 +119,9 @@ def test_a_changed_learning_rate_applies_on_resume(finished_run, tmp_path):
         "lr_probe": {"_target_": "tests.dist_probe.LearningRates", "output_dir": "@output_dir",
                      "optimizer": "@optimizer"},
         "run": ["$@lr_probe.attach(@train#trainer)", "$@train#trainer.run()"]}))
-    bundle_run(["train.json", "tiny.json", str(probe)], {"dataset_dir": finished_run["dataset_dir"], "output_dir": out,
-                                                          **SHORT_RUN, "epochs": 2, "learning_rate": 0.002})
+    bundle_run(STAGE1, ["train.json", "tiny.json", str(probe)], {
+        "dataset_dir": finished_run["dataset_dir"], "output_dir": out, **SHORT_RUN, "epochs": 2,
+        "learning_rate": 0.002})
     lrs = {int(k): v for k, v in json.loads((out / "learning_rates.json").read_text()).items()}
     assert sorted(lrs) == [3, 4]  # resumed after iteration 2
     # What the schedule gives a new run at 0.002 after 3 iterations of 4 (tiny.json trained the first epoch at 0.0005).

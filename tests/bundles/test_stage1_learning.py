@@ -9,7 +9,7 @@ import pytest
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from tests.stage1_helpers import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

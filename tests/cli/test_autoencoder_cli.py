@@ -12,7 +12,7 @@ import torch
 
 from prod9_components.cli.argv import normalise_multi_value_flags
 from prod9_components.cli.bundle_runner import config_files
-from tests.stage1_helpers import ROOT, cli
+from tests.helpers import ROOT, cli
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.stage1_helpers import cli
+from tests.helpers import cli
 
 # console script -> (an evaluation verb, a generation verb)
 VERBS = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from prod9_components.data import discover_cases
-from tests.stage1_helpers import ROOT, TEST_SPACING, cli
+from tests.helpers import ROOT, TEST_SPACING, cli
 
 TINY = {"prod9-train-autoencoder": ROOT / "bundles" / "maskgit_stage1" / "configs" / "tiny.json",
         "prod9-train-maisi-vae": ROOT / "bundles" / "maisi_stage1_vae" / "configs" / "tiny.json"}

@@ -7,7 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 
-from tests.stage1_helpers import ROOT, cli
+from tests.helpers import ROOT, cli
 
 TINY = ROOT / "bundles" / "maskgit_stage1" / "configs" / "tiny.json"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.stage1_helpers import ROOT, cli
+from tests.helpers import ROOT, cli
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from prod9_components.tracking import mlflow_settings
-from tests.stage1_helpers import ROOT, cli
+from tests.helpers import ROOT, cli
 
 mlflow = pytest.importorskip("mlflow")  # in the dev extra; the tracking extra installs it for users
 

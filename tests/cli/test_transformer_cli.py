@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.stage1_helpers import cli
+from tests.helpers import cli
 
 pytestmark = pytest.mark.slow
 CMD = "prod9-train-transformer"

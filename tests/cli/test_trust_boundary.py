@@ -8,7 +8,7 @@ from pathlib import Path
 
 import prod9_components
 from prod9_components.cli.bundle_runner import config_files
-from tests.stage1_helpers import cli
+from tests.helpers import cli
 
 INSTALLED = Path(prod9_components.__file__).resolve().parents[1] / "bundles"
 

@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
 from prod9_components.networks import export
 from prod9_components.networks.reconstruction import Reconstruction
-from tests.stage1_helpers import ROOT
+from tests.helpers import ROOT
 
 STAGE1_BUNDLES = ["maskgit_stage1", "maisi_stage1_vae"]
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from monai.bundle import verify_metadata
 
-from tests.stage1_helpers import ROOT
+from tests.helpers import ROOT
 
 SCHEMA = ROOT / "schemas" / "meta_schema_20240725.json"
 BUNDLES = sorted(p.name for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())

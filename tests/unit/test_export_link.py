@@ -63,7 +63,7 @@ STAGE1_EXPORTS = {  # stage-1 bundle -> (default output_dir, export file name, t
 def _parsed(bundle: str, key: str, **overrides):
     from monai.bundle import ConfigParser
 
-    from tests.stage1_helpers import ROOT
+    from tests.helpers import ROOT
 
     parser = ConfigParser(globals={"os": "os"})
     parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))

@@ -62,8 +62,10 @@ def test_a_controlnet_record_rebuilds_with_its_weights(tmp_path):
     torch.manual_seed(0)
     network = MaskGiTControlNet(TINY_TRANSFORMER, control_type="both", downsample_factor=2)
     atomic_save(network_record(network, stage="maskgit_stage3_controlnet"), path)
-    rebuilt, record = load_network(path)
+    rebuilt, record = load_network(path, stages=["maskgit_stage3_controlnet"])
     assert type(rebuilt) is MaskGiTControlNet and record["stage"] == "maskgit_stage3_controlnet"
+    with pytest.raises(ValueError, match="a 'maskgit_stage3_controlnet' checkpoint, expected one of maisi_stage3"):
+        load_network(path, stages=["maisi_stage3_controlnet"])
     for (name, want), (_, got) in zip(network.state_dict().items(), rebuilt.state_dict().items()):
         torch.testing.assert_close(got, want, msg=name)
 
