@@ -20,7 +20,7 @@ from tests.stage1_helpers import ROOT
 pytestmark = pytest.mark.slow
 
 SHORT = {"limit_train_batches": 1, "limit_val_batches": 1}  # the chain, not the learning, is under test
-FEW_SAMPLES = {"diversity_samples": 1, "training_reference_cases": 1, "validate#samples#modalities": "['T2']"}
+FEW_SAMPLES = {"training_reference_cases": 1, "validate#samples#modalities": "['T2']"}
 
 
 def _run(cwd: Path, bundle: str, dataset_dir: str, check: bool = True, **ids) -> subprocess.CompletedProcess:
@@ -67,7 +67,7 @@ def test_maskgit_tiny_chain_needs_no_link_flags(demo_dataset_dir, tmp_path):
 
 def test_maisi_tiny_chain_needs_no_link_flags(demo_dataset_dir, tmp_path):
     _run(tmp_path, "maisi_stage1_vae", demo_dataset_dir)
-    _run(tmp_path, "maisi_stage2_diffusion", demo_dataset_dir, epochs=1, val_samples=1, training_reference_cases=1)
+    _run(tmp_path, "maisi_stage2_diffusion", demo_dataset_dir, epochs=1, training_reference_cases=1)
     _run(tmp_path, "maisi_stage3_controlnet", demo_dataset_dir, epochs=1, segmenter_steps=2)
 
     out = tmp_path / "outputs"
