@@ -108,9 +108,9 @@ class StageOneCommands:
                 never the input itself.
             config: bundle directory, its train.json, or a preset layered on the stage's bundle.
             checkpoint: best.ckpt or an export (default <output_dir>/best.ckpt).
-            roi_size: sliding-window size, e.g. --roi-size 64 64 64.
+            roi_size: sliding-window size (default 64 64 64), e.g. --roi-size 96 96 96.
             overlap: window overlap in [0, 1) (default 0.5).
-            sw_batch_size: windows per forward pass (default 1).
+            sw_batch_size: windows per forward pass (default 4).
             output_dir: run directory (default {output_dir}).
             overwrite: replace reconstructions that already exist (the input is never replaced).
             overrides: any bundle id.

@@ -79,7 +79,8 @@ class MaisiDiffusionCommands:
             seed: sample i starts from the noise of seed + i (default 0).
             output_dir: run directory (default outputs/maisi_stage2).
             overwrite: replace samples that already exist.
-            overrides: any bundle id.
+            overrides: any bundle id, e.g. --roi-size 64 64 64: the sliding window that decodes the latent
+                (default: the window recorded in the VAE export, 64 64 64).
         """
         start = start_clock()
         workflow = run_bundle(STAGE, "generate", config, {

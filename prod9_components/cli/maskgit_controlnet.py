@@ -70,7 +70,7 @@ class ControlNetCommands:
     def generate(self, config: str | None = None, checkpoint: str | None = None, mask=None,
                  modality: str | None = None, output: str | None = None, num_steps: int | None = None,
                  guidance_scale: float | None = None, output_dir: str | None = None, overwrite: bool = False,
-                 **overrides):
+                 roi_size=None, **overrides):
         """Sample volumes steered by tumour masks: <case>_<MOD>.nii.gz and the mask used, <case>_mask.nii.gz.
 
         Args:
@@ -84,13 +84,15 @@ class ControlNetCommands:
             guidance_scale: classifier-free guidance (0 = off).
             output_dir: run directory (default outputs/maskgit_stage3).
             overwrite: replace volumes that already exist (a --mask is never replaced).
+            roi_size: sliding-window size for decoding tokens to the image, e.g. --roi-size 64 64 64 (default: the
+                window recorded in the stage-1 export, 64 64 64).
             overrides: any bundle id.
         """
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
         ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_steps": num_steps,
                "guidance_scale": guidance_scale, "modality": modality, "mask": path_list(mask),
                "output" if single_file else "generate_dir": output, "overwrite": overwrite,
-               **flag_overrides(overrides)}
+               "sw_roi_size": roi_size, **flag_overrides(overrides)}
         start = start_clock()
         workflow = run_bundle(STAGE, "generate", config, ids)
         folder = resolved(workflow, "generate_dir") if not single_file else str(Path(output).parent)

@@ -105,41 +105,50 @@ class TransformerCommands:
                         {**overrides, "overwrite": overwrite})
 
     def generate(self, config: str | None = None, checkpoint: str | None = None, output: str | None = None,
-                 num_samples: int = 4, num_steps: int | None = None, guidance_scale: float | None = None,
+                 num_samples: int | None = None, num_steps: int | None = None, guidance_scale: float | None = None,
                  modality: str | None = None, source_modality=None, target_modality: str | None = None,
-                 input=None, roi_size=None, output_dir: str | None = None, overwrite: bool = False, **overrides):
+                 input=None, roi_size=None, sample_size=None, output_dir: str | None = None, overwrite: bool = False,
+                 **overrides):
         """Sample volumes: label mode writes sample_0001_<MOD>.nii.gz ...; in-context mode translates source
-        volumes (--input, default the test split) into <case>_<TARGET>.nii.gz on each source's own grid.
+        volumes (--input, default the test split) into <case>_<TARGET>.nii.gz on each source's own grid
+        (<case>_sample_0001_<TARGET>.nii.gz, ... for --num-samples N of one --input).
 
         Args:
             config: bundle directory or preset.
             checkpoint: best.ckpt of a stage-2 run (its stage picks the mode).
             output: output directory (or, with one --input, a .nii.gz file).
-            num_samples: label mode: how many volumes.
+            num_samples: label mode: how many volumes (default 4); in-context: translate the first N test-split
+                cases (default all), or N samples of one --input (default 1).
             num_steps: MaskGiT steps (default 12).
             guidance_scale: classifier-free guidance (0 = the conditional model).
             modality: label mode: the modality to generate (T1, T1ce, T2, FLAIR).
             source_modality: in-context: source modalities (default: those it was trained on).
             target_modality: in-context: target modality (default: the trained one).
             input: in-context: source NIfTI file(s), one per source modality, in order.
-            roi_size: label mode: image size of each sample, the centre of the training volume (default: the
-                whole volume grid recorded in the checkpoint; a multiple of the stage-1 downsampling).
+            roi_size: sliding-window size for decoding tokens to the image, e.g. --roi-size 64 64 64 (default:
+                the window recorded in the stage-1 export, 64 64 64; a multiple of its downsampling).
+            sample_size: label mode: image size of each sample (default: the whole volume grid recorded in the
+                checkpoint), e.g. 64 64 64, the centre of the training volume, a multiple of the stage-1 downsampling.
             output_dir: run directory (default checkpoint location).
             overwrite: replace volumes that already exist (an --input is never replaced).
             overrides: any bundle id.
         """
         stage = _stage(config, checkpoint, source_modality)
         ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_steps": num_steps,
-               "guidance_scale": guidance_scale, "overwrite": overwrite, **flag_overrides(overrides)}
+               "guidance_scale": guidance_scale, "overwrite": overwrite, "num_samples": num_samples,
+               "sw_roi_size": None if roi_size is None else _ints(roi_size), **flag_overrides(overrides)}
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
         ids["output" if single_file else "generate_dir"] = output
         if stage == LABEL:
-            ids.update(num_samples=num_samples, modality=modality)
-            if roi_size is not None:
-                ids["token_grid"] = Expression(f"$[r // @downsample_factor for r in {list(_ints(roi_size))}]")
+            ids.update(modality=modality)
+            if sample_size is not None:
+                ids["token_grid"] = Expression(f"$[r // @downsample_factor for r in {list(_ints(sample_size))}]")
         else:
             if modality is not None:
                 raise ValueError("--modality is for label-conditional checkpoints; use --target-modality")
+            if sample_size is not None:  # a translation keeps its source's size
+                raise ValueError("--sample-size is for label-conditional checkpoints; a translation has the size "
+                                 "of its --input")
             ids.update(_modalities(source_modality, target_modality), input=_as_list(input))
         start = start_clock()
         workflow = run_bundle(stage, "generate", config, ids)

@@ -84,11 +84,14 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
                       source_modalities: Sequence[str | int], target_modality: str | int, preprocessing: list,
                       output_dir: str, output_path: str | None = None, pad_token: int = 0, seed: int = 0,
                       sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu",
-                      overwrite: bool = False) -> list[str]:
-    """Translate source volumes into the target modality; write ``<case>_<TARGET>.nii.gz`` on the source's grid.
+                      overwrite: bool = False, num_samples: int | None = None) -> list[str]:
+    """Translate source volumes into the target modality; write ``<case>_<TARGET>.nii.gz`` on the source's grid
+    (``<case>_sample_0001_<TARGET>.nii.gz``, ... for several samples of one source).
 
     Args:
         items: dicts with a path per source modality key (``"t1"``, ...) and optionally ``"case"``.
+        num_samples: how many translations: of several items the first ``num_samples``, of one item that many
+            samples (seeds ``seed``, ``seed + 1``, ...). None: one per item.
         source_modalities / target_modality: names or indices; the target must not be a source.
         preprocessing: ``data.preprocessing(image_keys=<source keys>, ...)`` — the same contract as the tokens.
         output_path: exact output file (one item only); else ``output_dir``.
@@ -100,8 +103,18 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
     target = modality_index(target_modality)
     if target in sources:
         raise ValueError(f"{modality_name(target)} is both a source and the target modality")
-    if output_path and len(items) != 1:
-        raise ValueError(f"--output names one file but there are {len(items)} inputs")
+    if num_samples is not None and int(num_samples) < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    repeats = 1
+    if num_samples is not None and len(items) == 1:
+        repeats = int(num_samples)  # several samples of one source
+    elif num_samples is not None:
+        if int(num_samples) > len(items):
+            raise ValueError(f"--num-samples {num_samples}: only {len(items)} inputs to translate")
+        items = items[:int(num_samples)]
+    if output_path and len(items) * repeats != 1:
+        raise ValueError(f"--output names one file but there are {len(items) * repeats} translations "
+                         "(name a directory)")
     keys = [MODALITIES[s] for s in sources]
     for index, item in enumerate(items):
         missing = [k for k in keys if k not in item]
@@ -109,9 +122,11 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
             raise ValueError(f"input {index} has no {', '.join(missing)} volume (sources: {', '.join(keys)})")
     # Every output is named (inside output_dir) and checked before the first volume is translated.
     cases = [item.get("case") or Path(str(item[keys[0]])).name.split(".nii")[0] for item in items]
-    paths = check_outputs([Path(output_path)] if output_path else
-                          [file_in(output_dir, f"{case}_{modality_name(target)}.nii.gz") for case in cases],
+    names = ([f"{cases[0]}_sample_{i + 1:04d}_{modality_name(target)}.nii.gz" for i in range(repeats)] if repeats > 1
+             else [f"{case}_{modality_name(target)}.nii.gz" for case in cases])
+    paths = check_outputs([Path(output_path)] if output_path else [file_in(output_dir, name) for name in names],
                           inputs=[item[k] for item in items for k in keys], overwrite=overwrite)
+    items = list(items) * repeats  # translation ``index`` writes ``paths[index]`` with seed ``seed + index``
     transform = Compose(preprocessing)
     wrapper = AutoencoderInferenceWrapper(autoencoder.eval(), sw_config)
     max_grid = list(network.init_args["max_grid_size"])

@@ -28,7 +28,7 @@ class SlidingWindowConfig:
         sw_batch_size: windows run per network call; ``roi_size`` voxels x ``sw_batch_size`` must stay within
             :data:`~prod9_components.limits.MAX_VOXELS` (a memory bound checked before anything is allocated).
         mode: blending of overlapping windows, ``"gaussian"`` (weights fall off from the window centre, which
-            hides seams) or ``"constant"`` (plain average).
+            hides seams) or ``"constant"`` (plain average); the seed's ``"mean"`` is accepted as ``"constant"``.
         sigma_scale: Gaussian sigma as a fraction of the window size.
     """
 
@@ -51,8 +51,10 @@ class SlidingWindowConfig:
         check_voxels(voxel_count(self.roi_size) * int(self.sw_batch_size),
                      f"--roi-size {list(self.roi_size)} x --sw-batch-size {int(self.sw_batch_size)} windows per network "
                      "call", "lower --roi-size or --sw-batch-size")
+        if self.mode == "mean":  # the seed's name for MONAI's "constant" blending: overlaps averaged with equal weights
+            self.mode = "constant"
         if self.mode not in ("gaussian", "constant"):
-            raise ValueError(f"mode must be 'gaussian' or 'constant', got {self.mode!r}.")
+            raise ValueError(f"mode must be 'gaussian', 'constant' or 'mean' (= 'constant'), got {self.mode!r}.")
         if float(self.sigma_scale) <= 0:
             raise ValueError(f"sigma_scale must be positive, got {self.sigma_scale!r}.")
 

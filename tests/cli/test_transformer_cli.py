@@ -50,12 +50,21 @@ def test_label_samples_are_seeded(stage2_runs, tmp_path):
     ckpt = str(Path(stage2_runs["label"]) / "best.ckpt")
     for run in ("one", "two"):
         cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-steps", "3",
-            "--output", str(tmp_path / run), "--roi-size", "32", "32", "32")
+            "--output", str(tmp_path / run), "--sample-size", "32", "32", "32")
     a, b = (nib.load(tmp_path / run / "sample_0001_T2.nii.gz").get_fdata() for run in ("one", "two"))
     np.testing.assert_array_equal(a, b)
+    assert a.shape == (32, 32, 32)
+    # --roi-size is the decoding window (the seed's meaning), not the sample's size: the same tokens decoded in
+    # 16^3 windows (GroupNorm statistics per tile) give another image of the same size; 32^3 (the export's) the same.
+    for roi, same in (("32", True), ("16", False)):
+        cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-steps", "3",
+            "--output", str(tmp_path / roi), "--sample-size", "32", "32", "32", "--roi-size", roi, roi, roi,
+            in_process=True)
+        image = nib.load(tmp_path / roi / "sample_0001_T2.nii.gz").get_fdata()
+        assert image.shape == (32, 32, 32) and (np.abs(image - a).max() == 0) == same
     # A third run into "one" would replace its sample: refused, naming the file and --overwrite.
     result = cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-steps", "3",
-                 "--output", str(tmp_path / "one"), "--roi-size", "32", "32", "32", check=False, in_process=True)
+                 "--output", str(tmp_path / "one"), "--sample-size", "32", "32", "32", check=False, in_process=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'one' / 'sample_0001_T2.nii.gz'} already exists: pass --overwrite to replace it, or "
         "choose another output")
@@ -114,3 +123,22 @@ def test_stage1_checkpoint_is_not_a_transformer(stage2_runs, tmp_path):
     result = cli(CMD, "test", "--checkpoint", stage2_runs["autoencoder_path"], check=False, in_process=True)
     assert result.returncode != 0
     assert "not a stage-2 transformer" in result.stderr.strip().splitlines()[-1]
+
+
+def test_incontext_num_samples_and_no_sample_size(stage2_runs, tmp_path):
+    """The seed's `generate --num-samples N --source-modality T1 --target-modality T2 --output DIR`: N translations
+    (here N samples of one --input, seeds seed + i), each on the source's grid; a translation has no --sample-size."""
+    ckpt = str(Path(stage2_runs["incontext"]) / "best.ckpt")
+    source = _source(stage2_runs)
+    result = cli(CMD, "generate", "--checkpoint", ckpt, "--input", source, "--num-samples", "2", "--num-steps", "2",
+                 "--source-modality", "T1", "--target-modality", "T2", "--output", str(tmp_path / "gen"),
+                 in_process=True)
+    case = Path(source).name.split(".nii")[0]
+    names = sorted(p.name for p in (tmp_path / "gen").iterdir())
+    assert names == [f"{case}_sample_0001_T2.nii.gz", f"{case}_sample_0002_T2.nii.gz"], result.stdout
+    a, b = (nib.load(tmp_path / "gen" / n) for n in names)
+    assert a.shape == b.shape == nib.load(source).shape and np.abs(a.get_fdata() - b.get_fdata()).max() > 0
+    result = cli(CMD, "generate", "--checkpoint", ckpt, "--sample-size", "32", "32", "32", "--output",
+                 str(tmp_path / "x"), check=False, in_process=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: --sample-size is for label-conditional checkpoints; a translation has the size of its --input")

@@ -35,6 +35,21 @@ def test_config_validation():
             SlidingWindowConfig(**bad)
     with pytest.raises(ValueError, match="divisible"):
         AutoencoderInferenceWrapper(PoolAutoencoder(), SlidingWindowConfig(roi_size=(16, 16, 18)))
+    with pytest.raises(ValueError, match="'gaussian', 'constant' or 'mean'.*got 'median'"):
+        SlidingWindowConfig(mode="median")
+
+
+def test_seed_mean_mode_is_constant_blending():
+    # The seed's mode list has "mean"; MONAI calls equal-weight averaging of overlaps "constant".
+    assert SlidingWindowConfig(mode="mean").mode == "constant"
+    net = _tiny_fsq()
+    x = torch.randn(1, 1, 40, 40, 24)
+    with torch.no_grad():
+        mean = AutoencoderInferenceWrapper(net, SlidingWindowConfig(roi_size=16, overlap=0.5, mode="mean")).reconstruct(x)
+        constant = AutoencoderInferenceWrapper(net, SlidingWindowConfig(roi_size=16, overlap=0.5, mode="constant")).reconstruct(x)
+        gaussian = AutoencoderInferenceWrapper(net, SlidingWindowConfig(roi_size=16, overlap=0.5)).reconstruct(x)
+    torch.testing.assert_close(mean, constant, rtol=0, atol=0)
+    assert (mean - gaussian).abs().max() > 1e-4  # overlapping windows really are blended differently
 
 
 @pytest.mark.parametrize("overlap,mode", [(0.5, "gaussian"), (0.3, "constant"), (0.0, "gaussian")])
