@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.stage1_helpers import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -80,7 +80,7 @@ DIFFERS = {
     "validate#handlers": "shared handler blocks: test_shared_validate_handlers",
 }
 
-SHARED_IMPORTS = ["$import os", "$import torch", "$import monai", "$import prod9_components.data as data",
+SHARED_IMPORTS = ["$import os", "$import prod9_components.bundle_errors", "$import torch", "$import monai", "$import prod9_components.data as data",
                   "$import prod9_components.networks.export as export"]
 SEEDING = "$monai.utils.set_determinism(seed=@seed)"
 
