@@ -158,7 +158,7 @@ def as_batch(tokens: torch.Tensor, copies: int = 4) -> dict:
 
 
 def sample_grid(network, seed: int = 0, **model_kwargs) -> torch.Tensor:
-    sampler = MaskGiTSampler(num_steps=12, schedule="cosine", guidance_scale=0.0)  # the bundles' sampler
+    sampler = MaskGiTSampler(num_steps=12, schedule="cosine", guidance_scale=1.0)  # the bundles' sampler
     label = torch.tensor([T1])
     return sampler.sample(network, (1, *GRID), label, generator=torch.Generator().manual_seed(seed),
                           model_kwargs=model_kwargs or None)[0]
