@@ -347,7 +347,7 @@ def test_maisi_controlnet_moves_latent_inside_mask(latent, flow_base):
 
     def build():
         torch.manual_seed(0)
-        return MaisiControlNet.from_base(flow_base["trained"], condition_type="mask", downsample_factor=FACTOR,
+        return MaisiControlNet.from_base(flow_base["trained"], condition_type="mask+label", downsample_factor=FACTOR,
                                          conditioning_channels=[8, 16, 32])
 
     def shift(sample):  # the inside-minus-outside mean of (sample - latent), averaged over channels
