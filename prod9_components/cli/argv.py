@@ -7,7 +7,9 @@ so every prod9 command rewrites it into the second before calling fire.
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -51,11 +53,8 @@ RENAMED_FLAGS = {"--num-steps": "--num-inference-steps"}
 
 
 def rename_deprecated_flags(argv: list[str] | None, renames: dict[str, str] = RENAMED_FLAGS) -> list[str]:
-    """Rewrite each deprecated flag (``--num-steps 8``, ``--num_steps=8``) to its new name, warning once per flag
-    in one line on stderr. ``argv`` None reads ``sys.argv[1:]``."""
-    import logging
-    import sys
-
+    """Rewrite each deprecated flag (``--num-steps 8``, ``--num_steps=8``) to its new name, with a one-line
+    deprecation warning on stderr each. ``argv`` None reads ``sys.argv[1:]``."""
     out = []
     for token in list(sys.argv[1:] if argv is None else argv):
         flag, eq, value = token.partition("=")

@@ -88,7 +88,7 @@ def test_spelling_is_normalised_and_unsupported_or_retired_values_fail_in_one_li
         assert str(error.value) == message and "\n" not in message
 
 
-def test_num_steps_alias_warns_once_and_maps_to_num_inference_steps(caplog, monkeypatch, capsys):
+def test_num_steps_alias_warns_and_maps_to_num_inference_steps(caplog, monkeypatch, capsys):
     with caplog.at_level(logging.WARNING, logger="prod9"):
         assert rename_deprecated_flags(["generate", "--num-steps", "8", "--num_steps=3", "--seed", "1"]) == \
             ["generate", "--num-inference-steps", "8", "--num-inference-steps=3", "--seed", "1"]
