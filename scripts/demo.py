@@ -104,7 +104,7 @@ STAGE1_TRAIN = ("--spacing", "{mm}", "{mm}", "{mm}", "--batch-size", "2", "--roi
 WHOLE_VOLUME = ("--roi-size", "52", "60", "44")
 # The transformers train on whole token grids (a 32^3 crop is 8^3 tokens of a 13x15x11 grid: the model never saw
 # where the brain ends) and sample in 12 steps (tiny.json's 4 are for tests).
-TRANSFORMER = (*WHOLE_VOLUME, "--num-steps", "12")
+TRANSFORMER = (*WHOLE_VOLUME, "--num-inference-steps", "12")
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ STAGES = (
           title="MAISI stage 2, latent diffusion: a real T2 (top) vs a T2 generated from noise in 10 steps (bottom)",
           scores=GENERATION_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache")),
     Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
-          train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask",
+          train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask+label",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER),
           epochs=5, batches=20, needs="maisi_stage2_diffusion",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",

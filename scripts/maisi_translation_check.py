@@ -3,8 +3,8 @@
 (issue 6's check)
 
 Chains the real bundles on a small demo dataset: tiny KL-VAE -> tiny rectified-flow diffusion -> ControlNet with
-``condition_type image`` (T1 -> T2 by default) -> `evaluate.json` on the held-out test split. Prints one JSON object
-with the translation's PSNR/SSIM beside the best of its baselines (copy, histogram-matched and intensity regression of
+``condition_type image+label`` (T1 -> T2 by default) -> `evaluate.json` on the held-out test split. Prints one JSON
+object with the translation's PSNR/SSIM beside the best of its baselines (copy, histogram-matched and intensity regression of
 the source) and the VAE round trip (the upper bound), and exits 1 when the translation does not beat them all. Each stage's output is reused when present (delete the
 workdir to start over), except the ControlNet, which is always trained afresh. About 30 minutes on 2 CPU cores with
 the defaults; before the regression baseline existed it measured translation 15.5 dB vs copy 13.8 dB PSNR (VAE round
@@ -57,7 +57,7 @@ def main() -> int:
     stage3 = {**common, "output_dir": work / "controlnet"}
     shutil.rmtree(work / "controlnet", ignore_errors=True)  # a fresh ControlNet, never resumed from an older run
     bundle_run([CONTROLNET / "train.json", CONTROLNET / "tiny.json"], **stage3, diffusion_path=diffusion_path,
-               condition_type="image", source_modality=args.source, modalities=[args.target],
+               condition_type="image+label", source_modality=args.source, modalities=[args.target],
                epochs=args.controlnet_epochs, limit_train_batches="$None", val_interval=25, limit_val_batches=8,
                generate_during_validation=False)  # "$None": a bundle expression (a plain None override is dropped)
     bundle_run([CONTROLNET / "train.json", CONTROLNET / "tiny.json", CONTROLNET / "evaluate.json"], **stage3,

@@ -79,7 +79,7 @@ def main() -> int:
                                                                    "network_def#num_layers": 3,
                                                                    "network_def#dropout": 0.1})
     # Low sampling temperature: a translation should be the likeliest image, not a diverse one.
-    bundle_run([STAGE2 / "train.json", STAGE2 / "evaluate.json"], **stage2, split="test", num_steps=8,
+    bundle_run([STAGE2 / "train.json", STAGE2 / "evaluate.json"], **stage2, split="test", num_inference_steps=8,
                **{"sampler#sampling_temperature": 0.1})
 
     return report_against_baselines(work / "stage2" / "metrics_test.json", "token_accuracy")

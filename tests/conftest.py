@@ -114,6 +114,6 @@ def maisi_controlnet_run(maisi_diffusion_run, tmp_path_factory) -> dict:
     run = {"dataset_dir": maisi_diffusion_run["dataset_dir"], "latent_cache_dir": maisi_diffusion_run["latent_cache_dir"],
            "output_dir": str(tmp_path_factory.mktemp("maisi_stage3")),
            "diffusion_path": str(Path(maisi_diffusion_run["output_dir"]) / "best.ckpt")}
-    bundle_run(MAISI_CONTROLNET, ["train.json", "tiny.json"], {**run, "condition_type": "both",
+    bundle_run(MAISI_CONTROLNET, ["train.json", "tiny.json"], {**run, "condition_type": "mask+image+label",
                                                                "source_modality": "T1", "contrastive_weight": 0.1})
     return run

@@ -7,7 +7,9 @@ so every prod9 command rewrites it into the second before calling fire.
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -43,4 +45,22 @@ def normalise_multi_value_flags(argv: list[str], name_list_flags: tuple[str, ...
             if j - i >= 2:
                 out.append("[" + ",".join(argv[i:j]) + "]")
                 i = j
+    return out
+
+
+# Flags renamed to the one vocabulary shared by both families (diffusers / MONAI names): old spelling -> new.
+RENAMED_FLAGS = {"--num-steps": "--num-inference-steps"}
+
+
+def rename_deprecated_flags(argv: list[str] | None, renames: dict[str, str] = RENAMED_FLAGS) -> list[str]:
+    """Rewrite each deprecated flag (``--num-steps 8``, ``--num_steps=8``) to its new name, with a one-line
+    deprecation warning on stderr each. ``argv`` None reads ``sys.argv[1:]``."""
+    out = []
+    for token in list(sys.argv[1:] if argv is None else argv):
+        flag, eq, value = token.partition("=")
+        new = renames.get(flag.replace("_", "-")) if flag.startswith("--") else None
+        if new is not None:
+            logging.getLogger("prod9").warning(f"{flag} is deprecated: use {new} (same meaning)")
+            token = new + eq + value
+        out.append(token)
     return out

@@ -28,9 +28,10 @@ class MaisiControlNetCommands:
             output_dir: checkpoints and TensorBoard logs (default outputs/maisi_stage3).
             diffusion_path: the stage-2 best.ckpt (default outputs/maisi_stage2/best.ckpt); the VAE is the one it
                 names.
-            condition_type: mask (tumour mask, default), image (a source modality: translation), label (the target
-                modality only), both or all (mask + source image).
-            source_modality: the modality translated from, for image, both and all (e.g. T1).
+            condition_type: what the ControlNet reads, inputs joined by '+' (README "Control types"): mask+label
+                (tumour mask, default), image+label (a source modality: translation), mask+image+label, label
+                (the target modality only); the MAISI ControlNet always reads the label.
+            source_modality: the modality translated from, for image+label and mask+image+label (e.g. T1).
             overrides: any bundle id, e.g. --epochs 50 --contrastive-weight 0.1 --contrastive-margin 0.05.
                 --tracking mlflow logs to <output_dir>/mlruns.db with data paths relative to the dataset
                 directory (add --tracking-log-paths to log them absolute).

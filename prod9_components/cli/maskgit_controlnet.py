@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prod9_components.cli.argv import rename_deprecated_flags
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
                                                  report_training, resolved, run_bundle)
 from prod9_components.cli.written import start_clock, summary
@@ -28,7 +29,8 @@ class ControlNetCommands:
             config: bundle directory, its train.json, or a preset layered on the bundle.
             output_dir: checkpoints and TensorBoard logs (default outputs/maskgit_stage3).
             transformer_path: the stage-2 best.ckpt (default outputs/maskgit_stage2_label/best.ckpt).
-            control_type: mask (tumour mask), label (modality) or both (default mask).
+            control_type: what the control branch reads, inputs joined by '+' (README "Control types"): mask
+                (tumour mask, default), label (modality) or mask+label.
             overrides: any bundle id, e.g. --epochs 5 --num-control-blocks 6 --roi-size 64 64 64.
                 --tracking mlflow logs to <output_dir>/mlruns.db with data paths relative to the dataset
                 directory (add --tracking-log-paths to log them absolute).
@@ -48,7 +50,7 @@ class ControlNetCommands:
             checkpoint: best.ckpt of a stage-3 run (default <output_dir>/best.ckpt).
             output_dir: run directory (default outputs/maskgit_stage3).
             overwrite: replace an existing metrics_validation.json.
-            overrides: any bundle id, e.g. --num-steps 8.
+            overrides: any bundle id, e.g. --num-inference-steps 8.
         """
         evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
@@ -68,7 +70,7 @@ class ControlNetCommands:
         evaluate_bundle(STAGE, "test", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
     def generate(self, config: str | None = None, checkpoint: str | None = None, mask=None,
-                 modality: str | None = None, output: str | None = None, num_steps: int | None = None,
+                 modality: str | None = None, output: str | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, output_dir: str | None = None, overwrite: bool = False,
                  roi_size=None, **overrides):
         """Sample volumes steered by tumour masks: <case>_<MOD>.nii.gz and the mask used, <case>_mask.nii.gz.
@@ -80,8 +82,9 @@ class ControlNetCommands:
                 model's grid); default: every test-split case's mask.
             modality: the modality to generate (T1, T1ce, T2, FLAIR; default T1).
             output: output directory (default <output_dir>/generated), or with one mask a .nii.gz file.
-            num_steps: MaskGiT steps (default 12).
-            guidance_scale: classifier-free guidance (0 = off).
+            num_inference_steps: MaskGiT decoding steps (default 12; --num-steps is a deprecated alias).
+            guidance_scale: classifier-free guidance uncond + s * (cond - uncond) (default 1 = the conditional
+                model, no guidance; > 1 strengthens the condition).
             output_dir: run directory (default outputs/maskgit_stage3).
             overwrite: replace volumes that already exist (a --mask is never replaced).
             roi_size: sliding-window size for decoding tokens to the image, e.g. --roi-size 64 64 64 (default: the
@@ -89,7 +92,7 @@ class ControlNetCommands:
             overrides: any bundle id.
         """
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
-        ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_steps": num_steps,
+        ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_inference_steps": num_inference_steps,
                "guidance_scale": guidance_scale, "modality": modality, "mask": path_list(mask),
                "output" if single_file else "generate_dir": output, "overwrite": overwrite,
                "sw_roi_size": roi_size, **flag_overrides(overrides)}
@@ -100,7 +103,7 @@ class ControlNetCommands:
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(ControlNetCommands, argv, name_list_flags=("--mask",))
+    main_for(ControlNetCommands, rename_deprecated_flags(argv), name_list_flags=("--mask",))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prod9_components.cli.argv import rename_deprecated_flags
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
                                                  resolved, run_bundle)
 from prod9_components.cli.literal_flags import Expression
@@ -105,9 +106,9 @@ class TransformerCommands:
                         {**overrides, "overwrite": overwrite})
 
     def generate(self, config: str | None = None, checkpoint: str | None = None, output: str | None = None,
-                 num_samples: int | None = None, num_steps: int | None = None, guidance_scale: float | None = None,
-                 modality: str | None = None, source_modality=None, target_modality: str | None = None,
-                 input=None, roi_size=None, sample_size=None, output_dir: str | None = None, overwrite: bool = False,
+                 num_samples: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, modality: str | None = None, source_modality=None,
+                 target_modality: str | None = None, input=None, roi_size=None, sample_size=None, output_dir: str | None = None, overwrite: bool = False,
                  **overrides):
         """Sample volumes: label mode writes sample_0001_<MOD>.nii.gz ...; in-context mode translates source
         volumes (--input, default the test split) into <case>_<TARGET>.nii.gz on each source's own grid
@@ -119,8 +120,9 @@ class TransformerCommands:
             output: output directory (or, with one --input, a .nii.gz file).
             num_samples: label mode: how many volumes (default 4); in-context: translate the first N test-split
                 cases (default all), or N samples of one --input (default 1).
-            num_steps: MaskGiT steps (default 12).
-            guidance_scale: classifier-free guidance (0 = the conditional model).
+            num_inference_steps: MaskGiT decoding steps (default 12; --num-steps is a deprecated alias).
+            guidance_scale: classifier-free guidance uncond + s * (cond - uncond) (default 1 = the conditional
+                model, no guidance; > 1 strengthens the condition).
             modality: label mode: the modality to generate (T1, T1ce, T2, FLAIR).
             source_modality: in-context: source modalities (default: those it was trained on).
             target_modality: in-context: target modality (default: the trained one).
@@ -134,7 +136,7 @@ class TransformerCommands:
             overrides: any bundle id.
         """
         stage = _stage(config, checkpoint, source_modality)
-        ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_steps": num_steps,
+        ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_inference_steps": num_inference_steps,
                "guidance_scale": guidance_scale, "overwrite": overwrite, "num_samples": num_samples,
                "sw_roi_size": None if roi_size is None else _ints(roi_size), **flag_overrides(overrides)}
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
@@ -162,7 +164,7 @@ def _ints(value) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(TransformerCommands, argv, name_list_flags=("--source-modality", "--input"))
+    main_for(TransformerCommands, rename_deprecated_flags(argv), name_list_flags=("--source-modality", "--input"))
 
 
 if __name__ == "__main__":

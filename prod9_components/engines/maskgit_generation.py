@@ -30,7 +30,7 @@ logger = logging.getLogger("prod9")
 
 def _check_steps(sampler) -> None:
     if int(sampler.num_steps) < 1:
-        raise ValueError(f"num_steps must be >= 1, got {sampler.num_steps}")
+        raise ValueError(f"num_inference_steps must be >= 1, got {sampler.num_steps}")
 
 
 def sample_volumes(network: nn.Module, autoencoder: nn.Module, sampler, modality: str | int, num_samples: int,
@@ -199,7 +199,7 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
     :func:`~prod9_components.data.transforms.mask_preprocessing`; sample ``i`` uses seed ``seed + i``.
 
     Args:
-        network: a ``MaskGiTControlNet`` around a label-conditional transformer (mask or both control).
+        network: a ``MaskGiTControlNet`` around a label-conditional transformer (control_type mask or mask+label).
         items: dicts with ``"seg"`` (a NIfTI path) and ``"case"``, see :func:`mask_items`.
         volume_grid: the token grid of the training volumes (checkpoint ``volume_grid``).
         output_path: exact image file (one mask only; the mask goes beside it); else ``output_dir``.
@@ -211,7 +211,7 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
         raise ValueError(f"this ControlNet steers an in-context transformer (sources {', '.join(source_modalities)}): "
                          "generating from a mask alone needs one trained on a label-conditional transformer")
     if getattr(network, "mask_encoder", None) is None:
-        raise ValueError("this ControlNet has control_type 'label': it takes no mask (train with mask or both)")
+        raise ValueError("this ControlNet has control_type 'label': it takes no mask (train with mask or mask+label)")
     if output_path and len(items) != 1:
         raise ValueError(f"--output names one file but there are {len(items)} masks")
     factor = int(network.init_args["downsample_factor"])

@@ -17,14 +17,15 @@ from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMais
 from monai.networks.utils import copy_model_state
 from torch import nn
 
+from prod9_components.networks.control_types import MAISI_CONTROL_TYPES, control_inputs, parse_control_type
 from prod9_components.networks.mask_one_hot import mask_one_hot
 from prod9_components.networks.maisi_diffusion import MaisiDiffusionUNet
 
 __all__ = ["CONDITION_TYPES", "MaisiControlNet"]
 
-# mask: one-hot tumour mask; image: a source image of another modality; label: the target modality only;
-# both / all: mask + image (+ the label every type gets).
-CONDITION_TYPES = ("mask", "image", "label", "both", "all")
+# The shared vocabulary (prod9_components.networks.control_types): MONAI's ControlNetMaisi always embeds the class
+# label, so every value reads it: label, mask+label, image+label, mask+image+label.
+CONDITION_TYPES = MAISI_CONTROL_TYPES
 
 
 class MaisiControlNet(nn.Module):
@@ -33,7 +34,8 @@ class MaisiControlNet(nn.Module):
 
     Args:
         base_args: ``init_args`` of the stage-2 UNet (load its weights with :meth:`from_base` or a full state dict).
-        condition_type: see ``CONDITION_TYPES``.
+        condition_type: what the ControlNet reads, one of ``CONDITION_TYPES`` (see
+            :mod:`~prod9_components.networks.control_types`).
         downsample_factor: image voxels per latent cell along each axis (the VAE's), a power of two.
         conditioning_channels: widths of the conditioning encoder, one stride-2 step between consecutive entries,
             so ``len == log2(downsample_factor) + 1``.
@@ -46,11 +48,10 @@ class MaisiControlNet(nn.Module):
         output: velocity (B, C, d, h, w).
     """
 
-    def __init__(self, base_args: dict, condition_type: str = "mask", downsample_factor: int = 4,
+    def __init__(self, base_args: dict, condition_type: str = "mask+label", downsample_factor: int = 4,
                  conditioning_channels: Sequence[int] | None = None, num_mask_classes: int = 4) -> None:
         super().__init__()
-        if condition_type not in CONDITION_TYPES:
-            raise ValueError(f"unknown condition_type {condition_type!r}; valid: {', '.join(CONDITION_TYPES)}.")
+        condition_type = parse_control_type(condition_type, "MAISI")
         steps = int(round(math.log2(downsample_factor)))
         if downsample_factor < 1 or 2**steps != downsample_factor:
             raise ValueError(f"downsample_factor must be a power of two, got {downsample_factor}.")
@@ -64,8 +65,8 @@ class MaisiControlNet(nn.Module):
                           "conditioning_channels": [int(c) for c in channels],
                           "num_mask_classes": int(num_mask_classes)}
         self.condition_type = condition_type
-        self.uses_mask = condition_type in ("mask", "both", "all")
-        self.uses_image = condition_type in ("image", "both", "all")
+        self.uses_mask = "mask" in control_inputs(condition_type)
+        self.uses_image = "image" in control_inputs(condition_type)
         args = self.base.init_args
         self.controlnet = ControlNetMaisi(
             spatial_dims=3, in_channels=args["latent_channels"], num_res_blocks=args["num_res_blocks"],

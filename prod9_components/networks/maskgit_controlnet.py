@@ -15,12 +15,13 @@ import math
 import torch
 from torch import nn
 
+from prod9_components.networks.control_types import MASKGIT_CONTROL_TYPES, control_inputs, parse_control_type
 from prod9_components.networks.mask_one_hot import mask_one_hot
 from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
 
 __all__ = ["CONTROL_TYPES", "MaskEncoder", "MaskGiTControlNet"]
 
-CONTROL_TYPES = ("mask", "label", "both")
+CONTROL_TYPES = MASKGIT_CONTROL_TYPES  # the shared vocabulary: prod9_components.networks.control_types
 
 
 class MaskEncoder(nn.Module):
@@ -52,7 +53,8 @@ class MaskGiTControlNet(nn.Module):
     Args:
         base_args: ``init_args`` of the stage-2 transformer (the base is built from them; load its weights with
             :meth:`from_base` or a full state dict).
-        control_type: ``"mask"`` (tumour mask), ``"label"`` (modality embedding) or ``"both"`` (their sum).
+        control_type: what the branch reads (see :mod:`~prod9_components.networks.control_types`): ``"mask"`` (the
+            tumour mask), ``"label"`` (a modality embedding) or ``"mask+label"`` (their sum).
         num_control_blocks: how many leading base blocks get a trainable copy (default: half, at least 1).
         num_mask_classes: classes of the one-hot mask (BraTS: background, necrosis, oedema, enhancing = 4).
         downsample_factor: image voxels per token along each axis (the stage-1 autoencoder's).
@@ -69,8 +71,7 @@ class MaskGiTControlNet(nn.Module):
     def __init__(self, base_args: dict, control_type: str = "mask", num_control_blocks: int | None = None,
                  num_mask_classes: int = 4, downsample_factor: int = 4, encoder_channels: int = 32) -> None:
         super().__init__()
-        if control_type not in CONTROL_TYPES:
-            raise ValueError(f"unknown control_type {control_type!r}; valid: {', '.join(CONTROL_TYPES)}.")
+        control_type = parse_control_type(control_type, "MaskGiT")
         self.base = TransformerDecoderSingleStream(**base_args)
         depth = len(self.base.blocks)
         num_control_blocks = max(1, depth // 2) if num_control_blocks is None else int(num_control_blocks)
@@ -85,9 +86,9 @@ class MaskGiTControlNet(nn.Module):
         hidden = self.base.init_args["hidden_dim"]
         self.control_blocks = nn.ModuleList(copy.deepcopy(self.base.blocks[i]) for i in range(num_control_blocks))
         self.mask_encoder = (MaskEncoder(num_mask_classes, hidden, downsample_factor, encoder_channels)
-                             if control_type in ("mask", "both") else None)
+                             if "mask" in control_inputs(control_type) else None)
         self.label_embedding = (nn.Embedding(self.base.context.num_modalities + 1, hidden)
-                                if control_type in ("label", "both") else None)
+                                if "label" in control_inputs(control_type) else None)
         self.zero_projections = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(num_control_blocks))
         for projection in self.zero_projections:
             nn.init.zeros_(projection.weight)

@@ -1,7 +1,8 @@
 """Iterative MaskGiT decoding (Chang et al., "MaskGIT: Masked Generative Image Transformer", CVPR 2022).
 
-Start from an all-[MASK] grid. Each of ``num_steps`` steps predicts every still-masked token, samples a candidate,
-and fixes the most confident candidates; fixed tokens are never revisited, and the last step fixes all that remain.
+Start from an all-[MASK] grid. Each of ``num_steps`` steps (the bundles' ``num_inference_steps``) predicts every
+still-masked token, samples a candidate, and fixes the most confident candidates; fixed tokens are never revisited,
+and the last step fixes all that remain.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from prod9_components.sampling.schedules import mask_ratio
 __all__ = ["MaskGiTSampler", "guided_logits"]
 
 
-def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance ``cond + s * (cond - uncond)`` (= ``uncond + (1 + s) * (cond - uncond)``).
+def guided_logits(cond: torch.Tensor | None, uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance ``uncond + s * (cond - uncond)`` (the diffusers / MONAI convention, as MAISI's).
 
-    ``s = 0`` is exactly the conditional model (``uncond`` is not needed then).
+    ``s = 1`` is exactly the conditional model and ``s = 0`` exactly the unconditional one; the side not needed
+    then may be None (the sampler skips that forward pass).
     """
-    if guidance_scale == 0 or uncond is None:
+    if guidance_scale == 1:
         return cond
-    return cond + guidance_scale * (cond - uncond)
+    if guidance_scale == 0:
+        return uncond
+    return uncond + guidance_scale * (cond - uncond)
 
 
 def _gumbel(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -36,8 +40,8 @@ class MaskGiTSampler:
 
     Step ``t`` (0-based) of ``T``:
 
-    1. logits from the model (conditional; with ``guidance_scale = s > 0`` also the null context,
-       ``target_label = null_label`` and no sources, combined as ``cond + s * (cond - uncond)``);
+    1. logits from the model (conditional; with ``guidance_scale = s != 1`` also the null context,
+       ``target_label = null_label`` and no sources, combined as ``uncond + s * (cond - uncond)``);
     2. a candidate token for each masked position drawn from ``softmax(logits / sampling_temperature)`` by
        Gumbel-max (``sampling_temperature = 0``: argmax);
     3. confidence = log-probability of the candidate + ``temperature * (1 - (t + 1) / T)`` times fresh Gumbel
@@ -50,7 +54,8 @@ class MaskGiTSampler:
         num_steps: number of decoding steps T (>= 1).
         schedule: mask schedule, one of ``prod9_components.sampling.schedules.SCHEDULES``.
         temperature: initial scale of the Gumbel noise on the confidence.
-        guidance_scale: classifier-free guidance scale s; 0 = the conditional model alone.
+        guidance_scale: classifier-free guidance scale s >= 0; 1 = the conditional model alone (no guidance),
+            0 = the unconditional model alone, > 1 = stronger conditioning.
         sampling_temperature: softmax temperature of the candidate tokens.
     """
 
@@ -59,18 +64,18 @@ class MaskGiTSampler:
         num_steps: int = 12,
         schedule: str = "cosine",
         temperature: float = 4.5,
-        guidance_scale: float = 0.0,
+        guidance_scale: float = 1.0,
         sampling_temperature: float = 1.0,
     ) -> None:
         if int(num_steps) < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}.")
         mask_ratio(0.0, schedule)  # unknown schedule -> ValueError listing the valid ones
         if temperature < 0 or sampling_temperature < 0:
             raise ValueError(
                 f"temperature and sampling_temperature must be >= 0, got {temperature}, {sampling_temperature}."
             )
         if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance), got {guidance_scale}.")
+            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}.")
         self.num_steps = int(num_steps)
         self.schedule = schedule
         self.temperature = float(temperature)
@@ -158,10 +163,12 @@ class MaskGiTSampler:
                 if not masked.any():
                     break
                 grid = tokens.view(shape)
-                logits = model(grid, target_label, source_tokens, source_labels, grid_origin, **model_kwargs)
+                # Each side is computed only when guidance needs it (s == 1: cond alone; s == 0: uncond alone).
+                cond = (model(grid, target_label, source_tokens, source_labels, grid_origin, **model_kwargs)
+                        if self.guidance_scale != 0 else None)
                 uncond = (model(grid, null_label, grid_origin=grid_origin, **model_kwargs)
-                          if self.guidance_scale > 0 else None)
-                logits = guided_logits(logits, uncond, self.guidance_scale)
+                          if self.guidance_scale != 1 else None)
+                logits = guided_logits(cond, uncond, self.guidance_scale)
                 logits = logits.flatten(2).transpose(1, 2).float()  # (B, N, K)
 
                 # Candidates by Gumbel-max: argmax(logits / tau + g) ~ softmax(logits / tau).

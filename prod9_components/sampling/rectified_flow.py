@@ -39,7 +39,8 @@ def sampling_timesteps(scheduler: RFlowScheduler, num_steps: int, latent_size: S
 def guided_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                     guidance_scale: float, null_label: int | None, **model_kwargs) -> torch.Tensor:
     """Classifier-free guidance ``v_null + s * (v_label - v_null)``: s = 1 is the conditional model, s = 0 the
-    unconditional one (computed alone, so it equals the null-label model exactly).
+    unconditional one (computed alone, so it equals the null-label model exactly). The same convention as the
+    MaskGiT sampler's :func:`~prod9_components.sampling.maskgit.guided_logits`.
 
     Args:
         model: ``model(x, timesteps, class_labels=..., **model_kwargs)`` -> velocity.

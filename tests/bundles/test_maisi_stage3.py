@@ -26,7 +26,7 @@ def test_training_keeps_the_diffusion_unet_frozen_and_records_what_generation_ne
     run = maisi_controlnet_run
     record = load_record(Path(run["output_dir"]) / "best.ckpt", stages=["maisi_stage3_controlnet"])
     base = load_record(run["diffusion_path"])
-    assert (record["condition_type"], record["source_modality"]) == ("both", "T1")
+    assert (record["condition_type"], record["source_modality"]) == ("mask+image+label", "T1")
     assert record["latent_size"] == base["latent_size"] and record["scale_factor"] == base["scale_factor"]
     assert record["diffusion_sha256"] == file_sha256(run["diffusion_path"]) and record["vae_path"] == base["vae_path"]
     weights = record["state_dict"]
@@ -56,7 +56,7 @@ def test_evaluate_reports_translation_and_tumour_scores_on_one_table(maisi_contr
     segmentation = ("seg_dice_generated", "seg_dice_real", "seg_dice_ratio")
     assert all(math.isfinite(metrics[k]) for k in ("val_loss", *translation, *control, *segmentation)), metrics
     assert metrics["num_cases"] == 2 and metrics["split"] == "test"  # one test case x 2 of its 3 targets
-    assert metrics["condition_type"] == "both" and metrics["source_modality"] == "T1"
+    assert metrics["condition_type"] == "mask+image+label" and metrics["source_modality"] == "T1"
     assert metrics["psnr"] != metrics["copy_source_psnr"] != metrics["roundtrip_psnr"]
     assert metrics["change_inside"] > 0  # the trained mask branch changes the sample inside the tumour
     # the verdict is the best baseline's score and the model's margin over it

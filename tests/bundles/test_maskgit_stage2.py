@@ -38,7 +38,7 @@ def test_incontext_chain(stage2_runs):
     assert record["network_args"]["codebook_size"] == 8 * 8 * 8 * 6 * 5
 
     bundle_run(INCONTEXT, ["train.json", "evaluate.json"], {**_common(stage2_runs, out), "split": "test",
-                                                            "num_steps": 2})
+                                                            "num_inference_steps": 2})
     metrics = json.loads((Path(out) / "metrics_test.json").read_text())
     assert metrics["split"] == "test" and metrics["num_cases"] == 1
     for key in ("val_loss", "token_accuracy", "psnr", "ssim", "psnr_tumour", "ssim_tumour", "roundtrip_psnr",
@@ -55,7 +55,7 @@ def test_incontext_chain(stage2_runs):
     assert metrics["regression_source_psnr"] > metrics["copy_source_psnr"] + 2
     assert metrics["beats_baselines"] in (0.0, 1.0)
 
-    bundle_run(INCONTEXT, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_steps": 2})
+    bundle_run(INCONTEXT, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_inference_steps": 2})
     splits = json.loads((Path(out) / "datalist.json").read_text())
     case = splits["test"][0]
     written = Path(out) / "generated" / f"{case['case']}_T2.nii.gz"
@@ -89,7 +89,7 @@ def test_label_chain(stage2_runs):
     assert metrics["real_nearest_training_distance"] > 0 and metrics["real_intensity_w1"] > 0
 
     bundle_run(LABEL, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_samples": 2,
-                                                         "modality": "FLAIR", "num_steps": 3})
+                                                         "modality": "FLAIR", "num_inference_steps": 3})
     samples = sorted((Path(out) / "generated").glob("sample_*_FLAIR.nii.gz"))
     assert [p.name for p in samples] == ["sample_0001_FLAIR.nii.gz", "sample_0002_FLAIR.nii.gz"]
     # Whole volumes: the largest token grid of the cached training/validation cases, times the downsampling (4).

@@ -27,18 +27,18 @@ def _ids(runs: dict, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def stage3_run(stage2_runs, tmp_path_factory) -> dict:
-    """A tiny ControlNet (control_type both) on the stage-2 label transformer, 1 epoch."""
+    """A tiny ControlNet (control_type mask+label) on the stage-2 label transformer, 1 epoch."""
     out = tmp_path_factory.mktemp("maskgit_stage3")
     bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json"], {
         **_ids(stage2_runs, out), "transformer_path": Path(stage2_runs["label"]) / "best.ckpt",
-        "control_type": "both", "sample_during_validation": False})  # evaluate.json samples below
+        "control_type": "mask+label", "sample_during_validation": False})  # evaluate.json samples below
     return {**stage2_runs, "stage3": out}
 
 
 def test_chain_train_evaluate_generate(stage3_run):
     out = stage3_run["stage3"]
     record = torch.load(out / "best.ckpt", weights_only=True)
-    assert record["stage"] == "maskgit_stage3_controlnet" and record["network_args"]["control_type"] == "both"
+    assert record["stage"] == "maskgit_stage3_controlnet" and record["network_args"]["control_type"] == "mask+label"
     assert record["transformer_path"] == str(Path(stage3_run["label"]) / "best.ckpt")
     # The frozen base inside the record is the stage-2 transformer, bit for bit.
     base = torch.load(record["transformer_path"], weights_only=True)["state_dict"]
@@ -46,9 +46,9 @@ def test_chain_train_evaluate_generate(stage3_run):
         assert torch.equal(record["state_dict"][f"base.{name}"], value), name
 
     bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
-        **_ids(stage3_run, out), "split": "test", "num_steps": 3})
+        **_ids(stage3_run, out), "split": "test", "num_inference_steps": 3})
     metrics = json.loads((out / "metrics_test.json").read_text())
-    assert metrics["num_cases"] == 1 and metrics["control_type"] == "both"
+    assert metrics["num_cases"] == 1 and metrics["control_type"] == "mask+label"
     assert set(CONTROL_METRICS) <= set(metrics) and metrics["val_loss"] > 0
     assert metrics["real_contrast_enhancing"] > 0.05  # the demo's enhancing rim is bright on the real images
     # Segment-the-synthetic: the segmenter trained on the real training images finds the real test tumour, and its
@@ -65,7 +65,7 @@ def test_chain_train_evaluate_generate(stage3_run):
     # modalities as targets): the two Dice agree up to the grid's padding.
     assert metrics["seg_dice_real"] == pytest.approx(own["dice_test"], abs=0.05)
 
-    bundle_run(MASKGIT_CONTROLNET, ["train.json", "inference.json"], {**_ids(stage3_run, out), "num_steps": 3,
+    bundle_run(MASKGIT_CONTROLNET, ["train.json", "inference.json"], {**_ids(stage3_run, out), "num_inference_steps": 3,
                                                                       "modality": "FLAIR"})
     image, mask = (nib.load(p) for p in sorted((out / "generated").glob("*.nii.gz")))
     assert image.get_filename().endswith("_FLAIR.nii.gz") and mask.get_filename().endswith("_mask.nii.gz")
@@ -85,7 +85,7 @@ def test_trained_branch_makes_the_mask_matter(stage3_run, tmp_path):
             "control_type": "mask", "epochs": epochs, "val_interval": epochs, "learning_rate": lr,
             "sample_during_validation": False})
         result = bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
-            **_ids(stage3_run, out), "split": "test", "num_steps": 4})
+            **_ids(stage3_run, out), "split": "test", "num_inference_steps": 4})
         assert "tumour segmenter: reusing" in result.stdout  # the module's segmenter, not a new one per run
         scores[name] = json.loads((out / "metrics_test.json").read_text())
     assert scores["untrained"]["sensitivity"] == 0.0 and scores["untrained"]["change_inside"] == 0.0
@@ -102,7 +102,7 @@ def test_generate_from_a_user_mask_on_another_grid(stage3_run, tmp_path):
     nib.save(nib.Nifti1Image(seg, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "case_seg.nii.gz")
     result = cli(CMD, "generate", "--checkpoint", str(stage3_run["stage3"] / "best.ckpt"), "--mask",
                  str(tmp_path / "case_seg.nii.gz"), "--modality", "T1ce", "--output", str(tmp_path / "out"),
-                 "--num-steps", "2")
+                 "--num-inference-steps", "2")
     assert result.stdout.strip().splitlines()[-1] == (f"mask-controlled samples: 2 file(s) written to {tmp_path / 'out'}"
                                                       " (case_seg_T1ce.nii.gz ... case_seg_mask.nii.gz)")
     mask = nib.load(tmp_path / "out" / "case_seg_mask.nii.gz").get_fdata()
@@ -138,7 +138,7 @@ def test_generate_never_replaces_its_mask_or_earlier_samples(stage3_run, tmp_pat
 @pytest.mark.parametrize("make_args, expected", [
     (lambda run, tmp: ["generate", "--mask", str(_bad_mask(tmp))],
      "bad_seg.nii.gz: unexpected tumour label values [7]"),
-    (lambda run, tmp: ["generate", "--num-steps", "0"], "num_steps must be >= 1"),
+    (lambda run, tmp: ["generate", "--num-inference-steps", "0"], "num_inference_steps must be >= 1"),
     (lambda run, tmp: ["train", "--transformer-path", run["export_path"], "--output-dir", str(tmp / "t")],
      "a 'maskgit_stage1' checkpoint, expected one of maskgit_stage2_label, maskgit_stage2_incontext"),
 ])

@@ -24,7 +24,7 @@ def test_translation_is_reproducible_and_keeps_source_geometry(stage2_runs, tmp_
     outputs = []
     for name in ("a.nii.gz", "b.nii.gz"):
         result = cli(CMD, "generate", "--checkpoint", ckpt, "--input", _source(stage2_runs), "--output",
-                     str(tmp_path / name), "--num-steps", "3", "--seed", "7")
+                     str(tmp_path / name), "--num-inference-steps", "3", "--seed", "7")
         assert result.stdout.strip().splitlines()[-1] == f"generated volume written to {tmp_path / name}"
         outputs.append(nib.load(tmp_path / name))
     np.testing.assert_array_equal(outputs[0].get_fdata(), outputs[1].get_fdata())
@@ -40,7 +40,7 @@ def test_source_of_another_shape_comes_back_in_its_own_shape(stage2_runs, tmp_pa
     nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "odd.nii.gz")
     ckpt = str(Path(stage2_runs["incontext"]) / "best.ckpt")
     cli(CMD, "generate", "--checkpoint", ckpt, "--input", str(tmp_path / "odd.nii.gz"), "--output",
-        str(tmp_path / "out.nii.gz"), "--num-steps", "2")
+        str(tmp_path / "out.nii.gz"), "--num-inference-steps", "2")
     out = nib.load(tmp_path / "out.nii.gz")
     assert out.shape == (61, 53, 47)
     np.testing.assert_allclose(out.affine, np.diag([2.0, 2.0, 2.0, 1.0]), atol=1e-5)
@@ -49,7 +49,7 @@ def test_source_of_another_shape_comes_back_in_its_own_shape(stage2_runs, tmp_pa
 def test_label_samples_are_seeded(stage2_runs, tmp_path):
     ckpt = str(Path(stage2_runs["label"]) / "best.ckpt")
     for run in ("one", "two"):
-        cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-steps", "3",
+        cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-inference-steps", "3",
             "--output", str(tmp_path / run), "--sample-size", "32", "32", "32")
     a, b = (nib.load(tmp_path / run / "sample_0001_T2.nii.gz").get_fdata() for run in ("one", "two"))
     np.testing.assert_array_equal(a, b)
@@ -63,7 +63,7 @@ def test_label_samples_are_seeded(stage2_runs, tmp_path):
         image = nib.load(tmp_path / roi / "sample_0001_T2.nii.gz").get_fdata()
         assert image.shape == (32, 32, 32) and (np.abs(image - a).max() == 0) == same
     # A third run into "one" would replace its sample: refused, naming the file and --overwrite.
-    result = cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-steps", "3",
+    result = cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-inference-steps", "3",
                  "--output", str(tmp_path / "one"), "--sample-size", "32", "32", "32", check=False, in_process=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'one' / 'sample_0001_T2.nii.gz'} already exists: pass --overwrite to replace it, or "
@@ -85,7 +85,7 @@ def test_translation_never_replaces_its_source(stage2_runs, tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["--modality", "Flare"], "unknown modality 'Flare'"),
-    (["--modality", "T1", "--num-steps", "0"], "num_steps must be >= 1"),
+    (["--modality", "T1", "--num-inference-steps", "0"], "num_inference_steps must be >= 1"),
 ])
 def test_label_generate_bad_input(stage2_runs, tmp_path, args, expected):
     ckpt = str(Path(stage2_runs["label"]) / "best.ckpt")

@@ -158,7 +158,7 @@ def as_batch(tokens: torch.Tensor, copies: int = 4) -> dict:
 
 
 def sample_grid(network, seed: int = 0, **model_kwargs) -> torch.Tensor:
-    sampler = MaskGiTSampler(num_steps=12, schedule="cosine", guidance_scale=0.0)  # the bundles' sampler
+    sampler = MaskGiTSampler(num_steps=12, schedule="cosine", guidance_scale=1.0)  # the bundles' sampler
     label = torch.tensor([T1])
     return sampler.sample(network, (1, *GRID), label, generator=torch.Generator().manual_seed(seed),
                           model_kwargs=model_kwargs or None)[0]
@@ -347,7 +347,7 @@ def test_maisi_controlnet_moves_latent_inside_mask(latent, flow_base):
 
     def build():
         torch.manual_seed(0)
-        return MaisiControlNet.from_base(flow_base["trained"], condition_type="mask", downsample_factor=FACTOR,
+        return MaisiControlNet.from_base(flow_base["trained"], condition_type="mask+label", downsample_factor=FACTOR,
                                          conditioning_channels=[8, 16, 32])
 
     def shift(sample):  # the inside-minus-outside mean of (sample - latent), averaged over channels

@@ -91,18 +91,18 @@ def test_training_moves_the_controlnet_only_and_generation_uses_the_condition(co
 
 def test_each_condition_type_reads_exactly_its_inputs():
     data = inputs(batch=1)
-    for condition_type, needs in (("mask", "control_mask"), ("image", "control_image")):
+    for condition_type, needs in (("mask+label", "control_mask"), ("image+label", "control_image")):
         net = MaisiControlNet(trained_like_base().init_args, condition_type=condition_type)
         with pytest.raises(ValueError, match=needs):
             net(**{**data, needs: None})
-    net = MaisiControlNet(trained_like_base().init_args, condition_type="mask")
+    net = MaisiControlNet(trained_like_base().init_args, condition_type="mask+label")
     bad = data["control_mask"].clone()
     bad[0, 0, 0, 0] = 7
     with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
         net(**{**data, "control_mask": bad})
     with pytest.raises(ValueError, match=r"control_mask must be \(1, 16, 16, 16\)"):
         net(**{**data, "control_mask": data["control_mask"][:, :8]})
-    with pytest.raises(ValueError, match="unknown condition_type 'depth'"):
+    with pytest.raises(ValueError, match="unknown control type 'depth'"):
         MaisiControlNet(trained_like_base().init_args, condition_type="depth")
     rebuilt = MaisiControlNet(**net.init_args)
     rebuilt.load_state_dict(net.state_dict())  # a checkpoint record rebuilds it from init_args
@@ -123,7 +123,7 @@ def _evaluator_parts():
     from prod9_components.metrics.baselines import TranslationBaselines
     from prod9_components.networks.maisi_vae import MaisiVAE
 
-    net = MaisiControlNet.from_base(trained_like_base(), condition_type="both").eval()
+    net = MaisiControlNet.from_base(trained_like_base(), condition_type="mask+image+label").eval()
     torch.manual_seed(0)
     vae = MaisiVAE(num_channels=[8, 16, 32], num_res_blocks=[1, 1, 1], norm_num_groups=4).eval()
     data = inputs(batch=1)
@@ -137,7 +137,7 @@ def _evaluator_parts():
 
 
 def test_evaluator_reports_segment_the_synthetic_and_the_translation_baselines(one_thread):
-    """ControlNetEvaluator (condition both) with a segmenter whose answer is known and fitted translation baselines:
+    """ControlNetEvaluator (condition mask+image+label) with a segmenter whose answer is known and fitted translation baselines:
     ``seg_dice_real`` is exactly 1 (the real tumour is the bright voxels), ``seg_dice_generated`` is the Dice of the
     sample's bright voxels with the mask, their ratio is computed at the end, and the baselines' outputs are the fitted
     maps of the batch's source image."""

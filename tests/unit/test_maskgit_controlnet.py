@@ -16,7 +16,7 @@ def make_base() -> TransformerDecoderSingleStream:
                                           dropout=0.1)
 
 
-def make_control(control_type: str = "both", randomise_projections: bool = False) -> MaskGiTControlNet:
+def make_control(control_type: str = "mask+label", randomise_projections: bool = False) -> MaskGiTControlNet:
     net = MaskGiTControlNet.from_base(make_base(), control_type=control_type, downsample_factor=F,
                                       encoder_channels=8)
     if randomise_projections:  # as after training: the branch now reaches the output
@@ -33,7 +33,7 @@ def inputs(batch: int = 2, seed: int = 0) -> dict:
     return {"target_tokens": tokens, "target_label": torch.tensor([0, 2])[:batch], "control_mask": mask}
 
 
-@pytest.mark.parametrize("control_type", ["mask", "label", "both"])
+@pytest.mark.parametrize("control_type", ["mask", "label", "mask+label"])
 def test_output_equals_base_at_initialisation(control_type):
     net, x = make_control(control_type), inputs()
     sources, source_labels = torch.randint(0, K, (2, 1, *GRID)), torch.tensor([[1], [3]])
@@ -49,7 +49,7 @@ def test_output_equals_base_at_initialisation(control_type):
 
 
 def test_base_is_frozen_and_the_mask_encoder_learns(one_thread):
-    net = make_control("both").train()
+    net = make_control("mask+label").train()
     assert not net.base.training  # no dropout in the frozen base
     before = {k: v.clone() for k, v in net.base.state_dict().items()}
     optimizer = torch.optim.AdamW(net.trainable_parameters(), lr=1e-2, weight_decay=0.1)
@@ -77,7 +77,7 @@ def test_control_type_picks_the_inputs_used():
     other_label = torch.tensor([3, 1])
     with torch.no_grad():
         for control_type, uses_mask, uses_label in (("mask", True, False), ("label", False, True),
-                                                    ("both", True, True)):
+                                                    ("mask+label", True, True)):
             net = make_control(control_type, randomise_projections=True)
             ref = net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"])
             new_mask = net(x["target_tokens"], x["target_label"], control_mask=other_mask)
@@ -98,14 +98,15 @@ def test_bad_control_inputs():
         net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"][:, :4])
     with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
         net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"] + 4)
-    with pytest.raises(ValueError, match="unknown control_type 'seg'; valid: mask, label, both"):
+    with pytest.raises(ValueError, match=r"unknown control type 'seg': join mask, image, label with '\+' \(the MaskGiT "
+                                         r"ControlNet supports mask, label, mask\+label\)"):
         MaskGiTControlNet(make_base().init_args, control_type="seg")
     with pytest.raises(ValueError, match="power of two"):
         MaskGiTControlNet(make_base().init_args, downsample_factor=3)
 
 
 def test_rebuilds_from_init_args():
-    net = make_control("both", randomise_projections=True)
+    net = make_control("mask+label", randomise_projections=True)
     rebuilt = MaskGiTControlNet(**net.init_args).eval()
     rebuilt.load_state_dict(net.state_dict())
     x = inputs()
@@ -121,7 +122,7 @@ def test_masked_rows_give_the_full_grid_loss_and_gradients(monkeypatch):
     from prod9_components.losses.masked_token import token_loss
     from tests.unit.test_maskgit_transformer import full_grid_loss, loss_and_grads, trainer_step_against_full_grid
 
-    net, x = make_control("both", randomise_projections=True).train(), inputs()
+    net, x = make_control("mask+label", randomise_projections=True).train(), inputs()
     mask = torch.rand(2, *GRID, generator=torch.Generator().manual_seed(1)) < 0.5
     target = torch.randint(0, K, (2, *GRID), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():  # about half of the masked positions predicted right: accuracy neither 0 nor 1

@@ -112,7 +112,7 @@ def test_more_steps_than_tokens_still_ends_fully_fixed():
 
 
 def test_num_steps_zero_raises():
-    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1, got 0"):
         MaskGiTSampler(num_steps=0)
 
 
@@ -131,19 +131,27 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ():
                        greedy.sample(net, SHAPE, label, generator=seeded(2)))
 
 
-def test_guidance_zero_is_the_conditional_model():
+def test_guidance_scale_one_is_exactly_the_conditional_model():
+    """uncond + s * (cond - uncond), the diffusers / MONAI convention (as MAISI's): s = 1 is the conditional model,
+    and the sampler then never runs the unconditional pass."""
     cond, uncond = torch.randn(2, K, 2, 2, 2), torch.randn(2, K, 2, 2, 2)
-    assert guided_logits(cond, uncond, 0.0) is cond
-    assert torch.allclose(guided_logits(cond, uncond, 1.5), uncond + 2.5 * (cond - uncond))
+    assert guided_logits(cond, uncond, 1.0) is cond
+    assert guided_logits(cond, None, 1.0) is cond
+    assert guided_logits(None, uncond, 0.0) is uncond
+    assert torch.allclose(guided_logits(cond, uncond, 2.5), uncond + 2.5 * (cond - uncond))
+    assert torch.allclose(guided_logits(cond, uncond, 0.5), 0.5 * (cond + uncond))
+    assert MaskGiTSampler().guidance_scale == 1.0  # the default is no guidance
 
     net = make_net()
     label = torch.tensor([1, 2])
     sources, source_labels = torch.randint(0, K, (2, 1, 4, 4, 4)), torch.tensor([[0], [3]])
     model = Recorder(net)
-    plain = MaskGiTSampler(num_steps=4).sample(model, SHAPE, label, sources, source_labels, generator=seeded(0))
+    plain = MaskGiTSampler(num_steps=4, guidance_scale=1.0).sample(model, SHAPE, label, sources, source_labels,
+                                                                  generator=seeded(0))
+    assert len(model.calls) == 4  # one conditional call per step, no unconditional one
     assert all(torch.equal(c["label"], label) and c["sources"] is not None for c in model.calls)
 
-    class NullIsGarbage(Recorder):  # proves guidance 0 never looks at the unconditional logits
+    class NullIsGarbage(Recorder):  # proves guidance 1 never looks at the unconditional logits
         def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None, grid_origin=None):
             out = super().forward(target_tokens, target_label, source_tokens, source_labels, grid_origin)
             return torch.randn_like(out) * 100 if (target_label == self.null_label).all() else out
@@ -156,15 +164,26 @@ def test_guidance_zero_is_the_conditional_model():
     guided = MaskGiTSampler(num_steps=4, guidance_scale=3.0).sample(model, SHAPE, label, sources, source_labels,
                                                                     generator=seeded(0))
     null_calls = [c for c in model.calls if (c["label"] == net.null_label).all()]
-    assert len(null_calls) == 4 and all(c["sources"] is None for c in null_calls)
+    assert len(model.calls) == 8 and len(null_calls) == 4 and all(c["sources"] is None for c in null_calls)
     assert not torch.equal(guided, plain)
+
+    # s = 0 is exactly the unconditional model: the null label and no sources, the conditional pass skipped.
+    model = Recorder(net)
+    unconditional = MaskGiTSampler(num_steps=4, guidance_scale=0.0).sample(model, SHAPE, label, sources,
+                                                                           source_labels, generator=seeded(0))
+    assert len(model.calls) == 4 and all((c["label"] == net.null_label).all() for c in model.calls)
+    null_only = MaskGiTSampler(num_steps=4).sample(net, SHAPE, torch.full_like(label, net.null_label),
+                                                   generator=seeded(0))
+    assert torch.equal(unconditional, null_only)
 
     # A crop's place in the grid reaches both the conditional and the unconditional call.
     origin = torch.tensor([[1, 0, 2], [0, 2, 1]])
     model = Recorder(net)
-    MaskGiTSampler(num_steps=2, guidance_scale=1.0).sample(model, SHAPE, label, sources, source_labels,
+    MaskGiTSampler(num_steps=2, guidance_scale=2.0).sample(model, SHAPE, label, sources, source_labels,
                                                            generator=seeded(0), grid_origin=origin)
     assert len(model.calls) == 4 and all(c["origin"] is origin for c in model.calls)
+    with pytest.raises(ValueError, match=r"guidance_scale must be >= 0 \(1 = no guidance\), got -1"):
+        MaskGiTSampler(guidance_scale=-1)
 
 
 def test_inpainting_keeps_fixed_tokens_and_restores_training_mode():

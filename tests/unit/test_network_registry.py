@@ -60,7 +60,7 @@ def test_controlnet_base_args_are_checked_against_the_base_class(tmp_path):
 def test_a_controlnet_record_rebuilds_with_its_weights(tmp_path):
     path = tmp_path / "controlnet.ckpt"
     torch.manual_seed(0)
-    network = MaskGiTControlNet(TINY_TRANSFORMER, control_type="both", downsample_factor=2)
+    network = MaskGiTControlNet(TINY_TRANSFORMER, control_type="mask+label", downsample_factor=2)
     atomic_save(network_record(network, stage="maskgit_stage3_controlnet"), path)
     rebuilt, record = load_network(path, stages=["maskgit_stage3_controlnet"])
     assert type(rebuilt) is MaskGiTControlNet and record["stage"] == "maskgit_stage3_controlnet"

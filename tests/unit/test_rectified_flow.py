@@ -11,7 +11,7 @@ from prod9_components.losses.rectified_flow import rectified_flow_loss
 from prod9_components.metrics.distribution_distance import intensity_distances, wasserstein_1d
 from prod9_components.networks.ema import ExponentialMovingAverage
 from prod9_components.networks.maisi_diffusion import MaisiDiffusionUNet
-from prod9_components.sampling.rectified_flow import sample_rectified_flow, sampling_timesteps
+from prod9_components.sampling.rectified_flow import guided_velocity, sample_rectified_flow, sampling_timesteps
 
 T = 1000
 
@@ -91,6 +91,26 @@ def test_guidance_scale_zero_is_the_unconditional_model_and_sampling_is_seeded()
     first = list(sample_latents(unet, scheduler, "T2", 2, (4, 4, 4), 3, seed=5))
     again = list(sample_latents(unet, scheduler, "T2", 1, (4, 4, 4), 3, seed=5))
     assert torch.equal(first[0], again[0]) and not torch.equal(first[0], first[1])
+
+
+def test_guidance_scale_one_is_exactly_the_conditional_velocity():
+    """v_null + s * (v_label - v_null), as the MaskGiT sampler's guided_logits: s = 1 is v_label in one call."""
+    unet = tiny_unet()
+    calls = []
+
+    def model(x, timesteps, class_labels=None):
+        calls.append(class_labels.clone())
+        return unet(x, timesteps, class_labels=class_labels)
+
+    x, t = torch.randn(2, 4, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor(500.0)
+    labels, null = torch.tensor([1, 2]), torch.full((2,), unet.null_label)
+    with torch.no_grad():
+        v_label = unet(x, t.expand(2), class_labels=labels)
+        v_null = unet(x, t.expand(2), class_labels=null)
+        assert torch.equal(guided_velocity(model, x, t, labels, 1.0, unet.null_label), v_label)
+        assert len(calls) == 1 and torch.equal(calls[0], labels)  # no unconditional pass at s = 1
+        guided = guided_velocity(model, x, t, labels, 2.5, unet.null_label)
+    assert torch.allclose(guided, v_null + 2.5 * (v_label - v_null), atol=1e-5)
 
 
 def test_sampler_refuses_bad_step_counts():
