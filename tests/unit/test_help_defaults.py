@@ -70,7 +70,7 @@ def test_the_parser_reads_the_help_texts():
     assert stated_defaults(AutoencoderCommands.infer.__doc__)["sw_batch_size"] == "4"
     checked = {(stage, verb, flag) for stage, verb, flag, *_ in _checked()}
     assert {("maskgit_stage1", "infer", "sw_batch_size"), ("maisi_stage1_vae", "infer", "overlap"),
-            ("maskgit_stage2_label", "generate", "num_steps"), ("maisi_stage2_diffusion", "train", "vae_path"),
+            ("maskgit_stage2_label", "generate", "num_inference_steps"), ("maisi_stage2_diffusion", "train", "vae_path"),
             ("maisi_stage2_diffusion", "generate", "num_inference_steps")} <= checked
 
 
