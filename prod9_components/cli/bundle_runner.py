@@ -133,7 +133,8 @@ def run_bundle(stage: str, verb: str, config: str | None, overrides: dict[str, A
     tracking = tracking_settings(overrides.pop("tracking", None), evaluation=verb in ("validate", "test"))
     overrides = literal_overrides(overrides, defaults)
     with warnings.catch_warnings():
-        if config is None:  # MONAI warns that configs run code: the installed bundles are the package's own code
+        if all(Path(f).resolve().is_relative_to(bundles_root().resolve()) for f in files):
+            # MONAI warns that configs run code: the installed bundles are the package's own code
             warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
         workflow = create_workflow(config_file=files, meta_file=str(bundle / "configs" / "metadata.json"),
                                    logging_file=str(bundle / "configs" / "logging.conf"), tracking=tracking,
