@@ -236,8 +236,9 @@ def _literal(path, key: str, value: Any, default: Any) -> Any:
     if isinstance(value, Expression):
         return value
     if _has_component(value):
-        raise PresetError(f"{path}: {key}: a preset value cannot name a component ({', '.join(sorted(ConfigComponent.non_arg_keys))}); "
-                          f"presets are data, components belong in a bundle's own configs")
+        keys = ", ".join(sorted(ConfigComponent.non_arg_keys))
+        raise PresetError(f"{path}: {key}: a preset value cannot name a component ({keys}); presets are data, "
+                          f"components belong in a bundle's own configs")
     literal_value(value, f"{path}: {key}", default)  # raises here, naming the file, where the id is typed
     return value
 
