@@ -93,6 +93,7 @@ def test_the_parser_finds_every_seed_command():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 28 commands: about 6 CPU-minutes; on 2 shared, busy cores more than the default 900 s
 def test_every_seed_command_runs(tmp_path, monkeypatch):
     data = tmp_path / "brats"
     make_demo_dataset(data, num_cases=6, seed=0, shape=(48, 48, 32))
