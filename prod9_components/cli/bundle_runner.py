@@ -7,10 +7,13 @@ only picks the config files, turns flags into bundle id overrides and reports er
 - nothing: the stage's bundle in ``bundles/<stage>`` beside the installed package (never a ``bundles/`` folder of the
   working directory: a bundle runs its ``$`` expressions, so only a path the user names may replace it);
 - a bundle directory (``bundles/maskgit_stage1``) or its ``configs/train.json``: that bundle;
-- any other JSON/YAML file: a preset layered on top of the stage's bundle (e.g. the bundle's ``tiny.json``, or a
-  file with ``network_def#num_channels`` etc.), applied last.
+- a config path of the seed's workflow document (``configs/maskgit/brats/stage1/base.yaml`` ...) that is no file here:
+  the bundle it names (:mod:`prod9_components.cli.seed_configs`);
+- a config file of one of our bundles (``bundles/maskgit_stage1/configs/tiny.json``): layered on the stage's bundle;
+- any other JSON/YAML file: a user's preset, read as data (seed sections or bundle ids,
+  :mod:`prod9_components.cli.seed_presets`) and applied before the flags.
 
-Flag values are data: :mod:`prod9_components.cli.literal_flags` keeps MONAI from evaluating them.
+Flag and preset values are data: :mod:`prod9_components.cli.literal_flags` keeps MONAI from evaluating them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from prod9_components.cli.argv import normalise_multi_value_flags
 from prod9_components.cli.literal_flags import literal_overrides
+from prod9_components.cli.seed_configs import seed_config
 
 VERB_CONFIGS = {
     "train": ["train.json"],
@@ -44,9 +48,13 @@ def bundles_root() -> Path:
 
 
 def config_files(stage: str, verb: str, config: str | None = None) -> tuple[Path, list[str]]:
-    """Return ``(bundle_dir, [config files in order])`` for a verb."""
+    """Return ``(bundle_dir, [config files in order])`` for a verb (a user's preset is not among them: see
+    :func:`user_preset`)."""
     preset = None
-    if config is None:
+    seed = seed_config(config)
+    if config is None or seed is not None:
+        if seed is not None and seed.stage != stage:
+            raise UsageError(f"--config {config}: the seed's config of bundle {seed.stage}, not of {stage}")
         bundle = bundles_root() / stage
     else:
         path = Path(config)
@@ -57,13 +65,43 @@ def config_files(stage: str, verb: str, config: str | None = None) -> tuple[Path
         elif path.is_file():
             bundle, preset = bundles_root() / stage, path
         else:
-            raise UsageError(f"--config {config}: no such bundle directory or config file")
+            raise UsageError(f"--config {config}: no such bundle directory or config file, nor a config name of the "
+                             f"seed's workflows{_closest_seed_name(config)}")
     if not (bundle / "configs" / "train.json").is_file():
         raise UsageError(f"{bundle}: not a bundle (expected {bundle / 'configs' / 'train.json'})")
     files = [str(bundle / "configs" / name) for name in VERB_CONFIGS[verb]]
-    if preset is not None:
+    if preset is not None and user_preset(config) is None:  # one of our bundle files: layered as config
         files.append(str(preset))
     return bundle, files
+
+
+def user_preset(config: str | None) -> Path | None:
+    """``--config`` as a user's preset file (read as data), or None: no file, a bundle, or a config file of one of our
+    installed bundles (those may hold bundle expressions, like ``tiny.json``'s export path)."""
+    if config is None or seed_config(config) is not None:
+        return None
+    path = Path(config)
+    if not path.is_file() or path.name == "train.json":
+        return None
+    return None if path.resolve().is_relative_to(bundles_root().resolve()) else path
+
+
+def _closest_seed_name(config: str) -> str:
+    import difflib
+
+    from prod9_components.cli.seed_configs import SEED_CONFIGS
+
+    match = difflib.get_close_matches(Path(config).as_posix(), list(SEED_CONFIGS), n=1, cutoff=0.8)
+    return f" (closest: {match[0]})" if match else ""
+
+
+def bundle_ids(bundle: Path) -> Any:
+    """Every id any verb of ``bundle`` reads (train, evaluate and inference configs in one parser)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / name) for name in ("train.json", "evaluate.json", "inference.json")])
+    return parser
 
 
 def path_list(value) -> list[str] | None:
@@ -82,13 +120,21 @@ def run_bundle(stage: str, verb: str, config: str | None, overrides: dict[str, A
 
     bundle, files = config_files(stage, verb, config)
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    seed, preset = seed_config(config), user_preset(config)
+    if preset is not None:  # a user's preset: its values, then the flags
+        from prod9_components.cli.seed_presets import preset_overrides
+
+        overrides = {**preset_overrides(preset, bundle_ids(bundle), bundle.name), **overrides}
+    if seed is not None:  # the seed's config name: its documented export paths, unless a flag says otherwise
+        overrides = {**seed.defaults, **overrides}
     overrides.setdefault("bundle_root", str(bundle))
     defaults = ConfigParser()
     defaults.read_config(files)  # the raw values tell which ids are typed (numbers, lists)
     tracking = tracking_settings(overrides.pop("tracking", None), evaluation=verb in ("validate", "test"))
     overrides = literal_overrides(overrides, defaults)
     with warnings.catch_warnings():
-        if config is None:  # MONAI warns that configs run code: the installed bundles are the package's own code
+        if all(Path(f).resolve().is_relative_to(bundles_root().resolve()) for f in files):
+            # MONAI warns that configs run code: the installed bundles are the package's own code
             warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
         workflow = create_workflow(config_file=files, meta_file=str(bundle / "configs" / "metadata.json"),
                                    logging_file=str(bundle / "configs" / "logging.conf"), tracking=tracking,

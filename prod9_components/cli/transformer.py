@@ -14,6 +14,7 @@ from prod9_components.cli.argv import rename_deprecated_flags
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
                                                  resolved, run_bundle)
 from prod9_components.cli.literal_flags import Expression
+from prod9_components.cli.seed_configs import seed_config
 from prod9_components.cli.written import start_clock, summary
 
 LABEL, INCONTEXT = "maskgit_stage2_label", "maskgit_stage2_incontext"
@@ -27,6 +28,9 @@ def _as_list(value) -> list | None:
 
 def _stage(config: str | None, checkpoint: str | None, source_modality) -> str:
     """Which stage-2 bundle a command is about."""
+    seed = seed_config(config)
+    if seed is not None:  # the seed's configs/maskgit/brats/stage2/in_context.yaml etc.
+        return seed.stage
     if config and Path(config).name in (LABEL, INCONTEXT):
         return Path(config).name
     if config and Path(config).parent.parent.name in (LABEL, INCONTEXT):  # .../<bundle>/configs/x.json
