@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test test-fast demo benchmark check-bundles clean
+.PHONY: install test test-fast test-seed demo benchmark check-bundles clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(VENV)/.installed
 # networks overfit known answers), stays in: it is what catches a numerics regression without training a chain.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests/unit
+
+# Every command of the seed's TRAINING_WORKFLOWS.md in order, tiny overrides appended (about 6 CPU-minutes).
+test-seed: $(VENV)/.installed
+	PROD9_SEED_WORKFLOWS=1 $(PY) -m pytest -q -s tests/cli/test_seed_workflows.py
 
 # All seven stages, tiny, on CPU (outputs/demo/); e.g. make demo DEMO_ARGS="--stages maisi" for one family.
 demo: $(VENV)/.installed

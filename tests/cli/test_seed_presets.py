@@ -15,7 +15,7 @@ from prod9_components.cli.seed_configs import SEED_CONFIGS
 from prod9_components.cli.seed_presets import PresetError, preset_overrides
 from prod9_components.cli.transformer import _stage
 from tests.cli.test_seed_workflows import SEED_DOC
-from tests.stage1_helpers import _cli_in_process
+from tests.helpers import _cli_in_process
 
 
 def seed_yaml_blocks() -> dict[str, str]:
