@@ -30,8 +30,12 @@ MAISI_CONTROLNET = configs_dir("maisi_stage3_controlnet")
 # Tiny demo volumes are 5 mm; resampling to 4 mm keeps them small (about 35x43x35 voxels of brain).
 TEST_SPACING = "[4.0,4.0,4.0]"
 
-# Warnings of the libraries would bury the error a failed run's assertion shows.
-_ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+def subprocess_env() -> dict:
+    """The environment of every process a test starts: read when the process starts, so the conftest's one-thread
+    setting under xdist (set after this module is imported) reaches every run alike. Warnings of the libraries would
+    bury the error a failed run's assertion shows."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def config_list(configs: Path, *names: str) -> str:
@@ -53,7 +57,7 @@ def bundle_run(configs: Path, names: list[str], overrides: dict, timeout: int = 
             "--logging_file", str(configs / "logging.conf")]
     for key, value in overrides.items():
         args += [f"--{key}", str(value)]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_ENV)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=subprocess_env())
     if check and result.returncode != 0:
         raise AssertionError(f"bundle run failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
@@ -70,7 +74,8 @@ def cli(command: str, *args: str, check: bool = True, timeout: int = 600,
     if in_process:
         return _cli_in_process(command, args)
     exe = Path(sys.executable).parent / command
-    result = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_ENV)
+    result = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                            env=subprocess_env())
     if check and result.returncode != 0:
         raise AssertionError(f"{command} {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
