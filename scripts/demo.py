@@ -20,10 +20,10 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +48,13 @@ class Score:
     """One headline number of a stage's test-split ``metrics_test.json`` beside what it must beat (DESIGN §9).
 
     ``baseline``: the metrics_test.json key of the trivial baseline (or, for generation, the real-data reference);
+    None for a fixed bar (``plus`` alone);
     ``need``, ``plus``: the model passes when ``value >= need * baseline + plus`` (``<=`` when lower is better);
     ``plus`` is the margin a stage-1 model is asked for over the baseline (issue 15's bar: pooling is easy to tie).
     """
 
     metric: str
-    baseline: str
+    baseline: str | None
     baseline_name: str
     higher_is_better: bool = True
     need: float = 1.0
@@ -61,18 +62,22 @@ class Score:
 
     def verdict(self, metrics: dict) -> dict | None:
         """``{metric, value, baseline, baseline_value, margin, passes}`` from a metrics_test.json, None when absent."""
-        value, baseline = metrics.get(self.metric), metrics.get(self.baseline)
+        value = metrics.get(self.metric)
+        baseline = 0.0 if self.baseline is None else metrics.get(self.baseline)
         if not isinstance(value, (int, float)) or not isinstance(baseline, (int, float)):
             return None
         target = self.need * baseline + self.plus
         margin = value - target if self.higher_is_better else target - value
-        return {"metric": self.metric, "value": value, "baseline": self.baseline_name, "baseline_value": baseline,
+        return {"metric": self.metric, "value": value, "baseline": self.baseline_name,
+                "baseline_value": None if self.baseline is None else baseline,
                 "need": self.need, "plus": self.plus, "higher_is_better": self.higher_is_better, "margin": margin,
                 "passes": margin > 0}
 
 
 def target_text(score: dict) -> str:
-    """What a verdict's value is held against: ``15.679``, ``0.5 x 0.227`` or ``15.679 + 3``."""
+    """What a verdict's value is held against: ``15.679``, ``0.5 x 0.227``, ``15.679 + 3`` or a fixed bar ``0.8``."""
+    if score["baseline_value"] is None:
+        return f"{score['plus']:g}"
     need = f"{score['need']:g} x " if score["need"] != 1 else ""
     plus = f" + {score['plus']:g}" if score.get("plus") else ""
     return f"{need}{score['baseline_value']:.3f}{plus}"
@@ -86,7 +91,9 @@ FSQ_SCORES = (Score("psnr", "pool_baseline_psnr", POOL, plus=3.0), Score("ssim",
 VAE_SCORES = (Score("psnr", "pool_baseline_psnr", POOL, plus=6.0), Score("ssim", "pool_baseline_ssim", POOL, plus=0.15))
 TRANSLATION_SCORES = tuple(Score(m, f"best_baseline_{m}", TRANSLATION)
                            for m in ("psnr", "ssim", "psnr_tumour", "ssim_tumour"))
-GENERATION_SCORES = (Score("brain_dice", "real_brain_dice", "real brains vs the closest training brain"),
+# Generation: issue 15's bar (brain-shape Dice >= 0.8), then the real data's own scores, which a model can only near.
+GENERATION_SCORES = (Score("brain_dice", None, "fixed bar", plus=0.8),
+                     Score("brain_dice", "real_brain_dice", "real brains vs the closest training brain"),
                      Score("intensity_w1", "real_intensity_w1", "held-out real vs training real", higher_is_better=False))
 CONTROL_SCORES = (Score("seg_dice_generated", "seg_dice_real", "segmenter's Dice on the real images", need=0.5),)
 # Both ControlNets score their samples with one tumour segmenter, trained once on the demo's training split.
@@ -105,6 +112,8 @@ WHOLE_VOLUME = ("--roi-size", "52", "60", "44")
 # The transformers train on whole token grids (a 32^3 crop is 8^3 tokens of a 13x15x11 grid: the model never saw
 # where the brain ends) and sample in 12 steps (tiny.json's 4 are for tests).
 TRANSFORMER = (*WHOLE_VOLUME, "--num-inference-steps", "12")
+# The MAISI stages test and sample in 10 Euler steps (tiny.json's 4 are for tests).
+FLOW_STEPS = ("--num-inference-steps", "10")
 
 
 @dataclass(frozen=True)
@@ -185,22 +194,23 @@ STAGES = (
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache"),
           epochs=15, batches=20, needs="maisi_stage1_vae",  # small latents: an epoch takes seconds
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
-               "--num-inference-steps", "10", "--output", "{stage}/generated"),
+               *FLOW_STEPS, "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
           title="MAISI stage 2, latent diffusion: a real T2 (top) vs a T2 generated from noise in 10 steps (bottom)",
-          scores=GENERATION_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache")),
+          scores=GENERATION_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *FLOW_STEPS)),
     Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
           train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask+label",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER),
           epochs=5, batches=20, needs="maisi_stage2_diffusion",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
-               "--num-inference-steps", "10", "--output", "{stage}/generated"),
+               *FLOW_STEPS, "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
                 Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
                     mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
           title="MAISI stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
                 "(bottom; red: the mask)",
-          scores=CONTROL_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER)),
+          scores=CONTROL_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER,
+                                       *FLOW_STEPS)),
 )
 FAMILIES = ("maskgit", "maisi")
 
@@ -309,15 +319,24 @@ def test_command(stage: Stage, context: dict) -> list[str]:
 
 
 def run_command(stage: Stage, args: list[str]) -> None:
-    """Run the stage's console script (from this venv) with ``args``, streaming its output."""
-    command = [str(Path(sys.executable).parent / stage.command), *args]
+    """Run the stage's console script with ``args``, streaming its output.
+
+    The script's entry point is called in this process, with the argument list the printed command line has: the same
+    code as typing it, without importing torch, MONAI and ignite again for each of the demo's 21 commands (about 7 s
+    each on 2 cores, 2.5 of the demo's minutes)."""
     print("$ " + shlex.join([stage.command, *args]), flush=True)  # copy-pasteable into a shell
     try:
-        result = subprocess.run(command, check=False)  # a failure is reported below, in one line
-    except OSError as error:  # e.g. the console script is not installed
+        (entry,) = entry_points(group="console_scripts", name=stage.command)
+        main = entry.load()
+    except (ValueError, ImportError) as error:  # e.g. the package is not installed
         raise DemoError(f"cannot run {stage.command}: {error}") from None
-    if result.returncode != 0:
-        raise DemoError(f"`{stage.command} {args[0]}` exited with {result.returncode} (command and output above)")
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:  # the scripts end with sys.exit(message) on bad input
+        code = exit_.code
+    if code not in (None, 0):
+        reason = code if isinstance(code, str) else f"exited with {code}"
+        raise DemoError(f"`{stage.command} {args[0]}`: {reason} (command and output above)")
 
 
 def first_test_case(folder: Path) -> dict:

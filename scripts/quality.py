@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from demo import target_text  # noqa: E402  (scripts/ is not a package: the demo states its bars once)
 MAX_PNG_BYTES = 300_000
 
 
@@ -79,10 +81,8 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        need = f"{r['need']:g} x " if r["need"] != 1 else ""
-        plus = f" + {r['plus']:g}" if r.get("plus") else ""
         lines.append(f"| {r['stage']} | {r['train_seconds']:.0f} | {r['steps']} | {r['num_cases']} | {r['metric']} | "
-                     f"{r['value']:.3f} | {r['baseline']} | {need}{r['baseline_value']:.3f}{plus} | "
+                     f"{r['value']:.3f} | {r['baseline']} | {target_text(r)} | "
                      f"{r['margin']:+.3f} | "
                      f"{'beats' if r['passes'] else '**loses**'} |")
     return "\n".join(lines) + "\n"

@@ -113,6 +113,10 @@ def test_scores_are_reported_beside_their_baseline_and_a_loss_is_said_plainly():
     tied = clear.verdict({"psnr": 16.0, "pool_baseline_psnr": 15.0})
     assert not tied["passes"] and tied["margin"] == -2.0 and "vs 15.000 + 3 (pool)" in demo.score_line(tied)
     assert clear.verdict({"psnr": 18.5, "pool_baseline_psnr": 15.0})["passes"]
+    # A fixed bar: no baseline key, the value against `plus` alone.
+    bar = demo.Score("brain_dice", None, "fixed bar", plus=0.8)
+    assert bar.verdict({"brain_dice": 0.82})["passes"] and not bar.verdict({"brain_dice": 0.78})["passes"]
+    assert "vs 0.8 (fixed bar)" in demo.score_line(bar.verdict({"brain_dice": 0.78}))
 
 
 def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
@@ -122,16 +126,19 @@ def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
     demo = _demo()
     scores = [demo.Score("psnr", "best_baseline_psnr", "pool").verdict({"psnr": 12.9, "best_baseline_psnr": 14.6}),
               demo.Score("ssim", "best_baseline_ssim", "pool").verdict({"ssim": 0.5, "best_baseline_ssim": 0.4}),
-              demo.Score("psnr", "pool_baseline_psnr", "pool", plus=3).verdict({"psnr": 19, "pool_baseline_psnr": 15})]
+              demo.Score("psnr", "pool_baseline_psnr", "pool", plus=3).verdict({"psnr": 19, "pool_baseline_psnr": 15}),
+              demo.Score("brain_dice", None, "fixed bar", plus=0.8).verdict({"brain_dice": 0.83})]
     summary = {"seconds": 600.0, "spacing_mm": 4.0, "stages": [
         {"stage": "maskgit_stage1", "train_seconds": 80.2, "steps": 120, "num_cases": 4, "scores": scores}],
         "machine": {"cpu": "test CPU", "cores": 2, "torch_threads": 2, "device": "cpu", "torch": "2.13.0"}}
     rows = quality.table_rows(summary)
-    assert [(r["metric"], r["passes"]) for r in rows] == [("psnr", False), ("ssim", True), ("psnr", True)]
+    assert [(r["metric"], r["passes"]) for r in rows] == [("psnr", False), ("ssim", True), ("psnr", True),
+                                                           ("brain_dice", True)]
     table = quality.markdown(summary, rows)
     assert "| maskgit_stage1 | 80 | 120 | 4 | psnr | 12.900 | pool | 14.600 | -1.700 | **loses** |" in table
     assert "| ssim | 0.500 | pool | 0.400 | +0.100 | beats |" in table
     assert "| psnr | 19.000 | pool | 15.000 + 3 | +1.000 | beats |" in table
+    assert "| brain_dice | 0.830 | fixed bar | 0.8 | +0.030 | beats |" in table
     # A noisy full-colour sheet over 300 KB is re-encoded under the limit.
     from PIL import Image
 
