@@ -20,7 +20,8 @@ from prod9_components.engines.diffusion_generation import decode_latent
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.networks.export import unwrap
 from prod9_components.outputs import check_outputs, output_path
-from prod9_components.sampling.rectified_flow import check_num_steps, sample_rectified_flow
+from prod9_components.sampling.rectified_flow import sample_rectified_flow
+from prod9_components.sampling.steps import check_num_steps
 
 __all__ = ["condition_items", "condition_preprocessing", "generate_with_conditions", "target_modality"]
 
@@ -120,7 +121,7 @@ def generate_with_conditions(network: nn.Module, vae: nn.Module, scheduler, moda
         overwrite: replace existing outputs (checked before sampling); an output that is a condition file is
             refused regardless.
     """
-    check_num_steps(num_steps, scheduler)
+    check_num_steps(num_steps, scheduler.num_train_timesteps)
     model = unwrap(network).eval()
     factor = int(model.init_args["downsample_factor"])
     image_size = [int(s) * factor for s in latent_size]

@@ -14,7 +14,8 @@ from prod9_components.engines.translation_baselines import baseline_predictions
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.tumour import control_scores, segmentation_scores
 from prod9_components.networks.export import unwrap
-from prod9_components.sampling.rectified_flow import check_num_steps, sample_rectified_flow
+from prod9_components.sampling.rectified_flow import sample_rectified_flow
+from prod9_components.sampling.steps import check_num_steps
 
 
 class ControlNetEvaluator(RectifiedFlowEvaluator):
@@ -50,7 +51,8 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
                  sw_config: SlidingWindowConfig | None = None, intensity_range: Sequence[float] = (0.0, 1.0),
                  translation_baselines: Mapping | None = None, segmenter: object | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.vae, self.scale_factor, self.num_steps = vae, float(scale_factor), check_num_steps(num_steps, self.scheduler)
+        self.vae, self.scale_factor = vae, float(scale_factor)
+        self.num_steps = check_num_steps(num_steps, self.scheduler.num_train_timesteps)
         self.sw_config, self.intensity_range = sw_config, tuple(intensity_range)
         self.translation_baselines, self.segmenter = translation_baselines, segmenter
         if vae is not None and "control_image" in self.control_keys.values() and translation_baselines is None:

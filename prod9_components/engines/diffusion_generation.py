@@ -15,7 +15,8 @@ from prod9_components.data.postprocessing import write_nifti
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 from prod9_components.networks.export import unwrap
 from prod9_components.outputs import check_outputs, output_path
-from prod9_components.sampling.rectified_flow import check_num_steps, sample_rectified_flow
+from prod9_components.sampling.rectified_flow import sample_rectified_flow
+from prod9_components.sampling.steps import check_num_steps
 
 __all__ = ["decode_latent", "generate_samples", "sample_latents", "sample_volumes"]
 
@@ -26,7 +27,7 @@ def sample_latents(network: nn.Module, scheduler: RFlowScheduler, modality: str 
     """Yield ``num_samples`` scaled latents (1, C, *latent_size); sample ``i`` starts from the noise of seed
     ``seed + i`` (reproducible, independent of ``num_samples``). ``modality`` None samples unconditionally (the
     null label)."""
-    check_num_steps(num_steps, scheduler)
+    check_num_steps(num_steps, scheduler.num_train_timesteps)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     model = unwrap(network).eval()
@@ -67,7 +68,7 @@ def generate_samples(network: nn.Module, vae: nn.Module, scheduler: RFlowSchedul
     RAS, ``spacing`` mm voxels, each file written atomically. Returns the paths. Existing samples are refused
     unless ``overwrite`` (checked before sampling)."""
     name = None if modality is None else modality_name(modality_index(modality))
-    check_num_steps(num_steps, scheduler)  # before anything is written
+    check_num_steps(num_steps, scheduler.num_train_timesteps)  # before anything is written
     paths = check_outputs([output_path(output_dir, f"sample_{i + 1:04d}_{name}.nii.gz" if name else
                                        f"sample_{i + 1:04d}.nii.gz") for i in range(num_samples)], overwrite=overwrite)
     affine = np.diag([*map(float, spacing), 1.0])

@@ -28,11 +28,6 @@ from prod9_components.outputs import check_outputs, output_path as file_in
 logger = logging.getLogger("prod9")
 
 
-def _check_steps(sampler) -> None:
-    if int(sampler.num_steps) < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {sampler.num_steps}")
-
-
 def sample_volumes(network: nn.Module, autoencoder: nn.Module, sampler, modality: str | int, num_samples: int,
                    token_grid: Sequence[int], seed: int = 0, sw_config: SlidingWindowConfig | None = None,
                    device: str | torch.device = "cpu", volume_grid: Sequence[int] | None = None):
@@ -47,7 +42,6 @@ def sample_volumes(network: nn.Module, autoencoder: nn.Module, sampler, modality
             ``token_grid`` is sampled as its centre (positions are absolute). None: ``token_grid`` is the volume.
         seed: sample ``i`` uses seed ``seed + i`` (reproducible, independent of ``num_samples``).
     """
-    _check_steps(sampler)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     label = torch.tensor([modality_index(modality)], device=device)
@@ -98,7 +92,6 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
         pad_token: token that fills grid cells cropped away when a volume exceeds the model's grid.
         overwrite: replace existing outputs; an output that is one of the sources is refused regardless.
     """
-    _check_steps(sampler)
     sources = [modality_index(m) for m in source_modalities]
     target = modality_index(target_modality)
     if target in sources:
@@ -206,7 +199,6 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
         source_modalities: those of the base transformer; generation needs a label-conditional base (none).
         overwrite: replace existing outputs; an output that is one of the masks is refused regardless.
     """
-    _check_steps(sampler)
     if source_modalities:
         raise ValueError(f"this ControlNet steers an in-context transformer (sources {', '.join(source_modalities)}): "
                          "generating from a mask alone needs one trained on a label-conditional transformer")
