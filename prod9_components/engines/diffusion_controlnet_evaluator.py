@@ -9,7 +9,7 @@ from torch import nn
 
 from prod9_components.data.sharding import item_number
 from prod9_components.engines.diffusion_evaluator import RectifiedFlowEvaluator
-from prod9_components.engines.diffusion_generation import decode_latent
+from prod9_components.generation.decode import decode_latent
 from prod9_components.engines.translation_baselines import baseline_predictions
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.tumour import control_scores, segmentation_scores
@@ -61,8 +61,8 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, D, H, W) of scaled latents (B, C, d, h, w), one tiled decode each."""
-        return torch.stack([decode_latent(self.vae, latent[None], self.scale_factor, self.sw_config,
-                                          self.intensity_range) for latent in latents])
+        return torch.cat([decode_latent(self.vae, latent[None], self.scale_factor, self.sw_config,
+                                        self.intensity_range) for latent in latents])
 
     def outputs(self, engine: ControlNetEvaluator, batchdata: dict) -> dict:
         output = super().outputs(engine, batchdata)

@@ -21,7 +21,8 @@ from prod9_components.data.modalities import MODALITIES
 from prod9_components.data.sharding import item_number
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.engines.translation_baselines import baseline_predictions
-from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
+from prod9_components.generation.decode import decode_tokens
+from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.losses.masked_token import masked_token_loss
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
@@ -104,9 +105,7 @@ class MaskGiTEvaluator(Evaluator):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, D, H, W) of token grids (B, d, h, w), through the stage-1 sliding window."""
-        wrapper = AutoencoderInferenceWrapper(self.autoencoder, self.sw_config)
-        with torch.no_grad():
-            return wrapper.decode(self.autoencoder.fsq.embed(tokens)).float()
+        return decode_tokens(self.autoencoder, tokens, self.sw_config)
 
     @staticmethod
     def images(batchdata: dict, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,7 @@ from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
 from prod9_components.data.modalities import modality_index, modality_name
-from prod9_components.engines.diffusion_generation import sample_volumes
+from prod9_components.generation.maisi import sample_volumes
 from prod9_components.handlers.generated_samples import SampleScorer, real_volumes
 from prod9_components.handlers.tensorboard_images import MidSliceWriter
 from prod9_components.inference.sliding_window import SlidingWindowConfig

@@ -14,7 +14,7 @@ from torch import nn
 
 from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
 from prod9_components.data.token_cache import pad_or_crop
-from prod9_components.engines.maskgit_generation import sample_volumes
+from prod9_components.generation.maskgit import sample_volumes
 from prod9_components.handlers.tensorboard_images import MidSliceWriter
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.generation import MEMORISED_BELOW, RealReference, generation_scores, real_reference
@@ -110,7 +110,7 @@ class GeneratedSamplesHandler:
         sampler: a ``MaskGiTSampler``.
         modalities: modalities to sample (names or indices).
         token_grid: (d, h, w) token grid of each sample; volume_grid: the training volume grid (see
-            :func:`~prod9_components.engines.maskgit_generation.sample_volumes`).
+            :func:`~prod9_components.generation.maskgit.sample_volumes`).
         encoder: the stage-1 tokenizer (a ``CaseEncoder``: the preprocessing of the real cases).
         held_out_cases: real cases of the evaluated split; training_cases: real cases of the training split.
         num_samples: samples per modality, >= 2 (diversity needs pairs).
