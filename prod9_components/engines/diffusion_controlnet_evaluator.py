@@ -9,8 +9,8 @@ from torch import nn
 
 from prod9_components.data.sharding import item_number
 from prod9_components.engines.diffusion_evaluator import RectifiedFlowEvaluator
-from prod9_components.generation.decode import decode_latent
 from prod9_components.engines.translation_baselines import baseline_predictions
+from prod9_components.generation.decode import decode_latent
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.tumour import control_scores, segmentation_scores
 from prod9_components.networks.export import unwrap

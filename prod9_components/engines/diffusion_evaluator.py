@@ -11,6 +11,7 @@ from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
 from prod9_components.data.sharding import item_number
+from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.losses.rectified_flow import rectified_flow_loss
 
 
@@ -35,7 +36,7 @@ class RectifiedFlowEvaluator(Evaluator):
                  key_val_metric: dict | None = None, additional_metrics: dict | None = None,
                  metric_cmp_fn: Callable | None = None, val_handlers: Sequence | None = None,
                  amp: bool = False, control_keys: Mapping[str, str] | None = None) -> None:
-        amp = bool(amp) and torch.device(device).type == "cuda"
+        amp = cuda_amp(amp, device)
         kwargs = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
                          key_val_metric=key_val_metric, additional_metrics=additional_metrics,

@@ -19,6 +19,7 @@ from torch import nn
 
 from prod9_components.data.modalities import MODALITIES
 from prod9_components.data.sharding import item_number
+from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.engines.translation_baselines import baseline_predictions
 from prod9_components.generation.decode import decode_tokens
@@ -59,7 +60,7 @@ class MaskGiTEvaluator(Evaluator):
                  metric_cmp_fn: Callable | None = None, val_handlers: Sequence | None = None,
                  amp: bool = False, control_mask_key: str | None = None,
                  translation_baselines: dict | None = None) -> None:
-        amp = bool(amp) and torch.device(device).type == "cuda"
+        amp = cuda_amp(amp, device)
         kwargs = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
                          key_val_metric=key_val_metric, additional_metrics=additional_metrics,

@@ -20,8 +20,7 @@ from prod9_components.data.modalities import modality_index, modality_name
 from prod9_components.generation.decode import decode_latent
 from prod9_components.generation.inputs import condition_preprocessing
 from prod9_components.generation.loop import generate, sample_items, seeded
-from prod9_components.generation.saver import (GeneratedVolume, VolumeSaver, case_names, sample_names,
-                                               spacing_affine)
+from prod9_components.generation.saver import GeneratedVolume, VolumeSaver, case_names, sample_names, spacing_affine
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.rectified_flow import sample_rectified_flow

@@ -22,8 +22,7 @@ from prod9_components.data.token_cache import pad_or_crop, restore
 from prod9_components.generation.decode import decode_tokens
 from prod9_components.generation.inputs import condition_preprocessing
 from prod9_components.generation.loop import generate, sample_items, seeded
-from prod9_components.generation.saver import (GeneratedVolume, VolumeSaver, case_names, sample_names,
-                                               spacing_affine)
+from prod9_components.generation.saver import GeneratedVolume, VolumeSaver, case_names, sample_names, spacing_affine
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 
 __all__ = ["generate_samples", "generate_with_masks", "sample_volumes", "translate_volumes"]
