@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from prod9_components.data.sharding import item_number
 from prod9_components.engines.diffusion_evaluator import RectifiedFlowEvaluator
 from prod9_components.engines.translation_baselines import baseline_predictions
 from prod9_components.generation.decode import decode_latent
@@ -64,8 +63,8 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
         return torch.cat([decode_latent(self.vae, latent[None], self.scale_factor, self.sw_config,
                                         self.intensity_range) for latent in latents])
 
-    def outputs(self, engine: ControlNetEvaluator, batchdata: dict) -> dict:
-        output = super().outputs(engine, batchdata)
+    def outputs(self, engine: ControlNetEvaluator, batchdata: dict, generator: torch.Generator) -> dict:
+        output = super().outputs(engine, batchdata, generator)
         if self.vae is None:
             return output
         device = engine.state.device
@@ -73,8 +72,7 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
         labels = batchdata["label"].to(device).long()
         controls = self.controls(batchdata, device)
         network = unwrap(self.network)
-        seed = self.seed + item_number(engine.state.iteration, batchdata)
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(latent.shape, generator=generator)  # the sample's noise: after the val_loss draws
 
         def sample(conditions: dict) -> torch.Tensor:
             with engine.mode(network), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):

@@ -10,7 +10,7 @@ from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
-from prod9_components.data.sharding import item_number
+from prod9_components.data.sharding import validation_generator
 from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.losses.rectified_flow import rectified_flow_loss
 
@@ -45,7 +45,8 @@ class RectifiedFlowEvaluator(Evaluator):
         self.control_keys = dict(control_keys or {})
 
     def _iteration(self, engine: RectifiedFlowEvaluator, batchdata: dict) -> dict:
-        engine.state.output = self.outputs(engine, batchdata)
+        generator = validation_generator(self.seed, engine.state.iteration, batchdata)
+        engine.state.output = self.outputs(engine, batchdata, generator)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -54,12 +55,12 @@ class RectifiedFlowEvaluator(Evaluator):
         """The network's condition arguments of a batch."""
         return {arg: batchdata[key].to(device) for key, arg in self.control_keys.items()}
 
-    def outputs(self, engine: RectifiedFlowEvaluator, batchdata: dict) -> dict:
-        """``{"val_loss"}`` of one batch; subclasses add what their handlers read."""
+    def outputs(self, engine: RectifiedFlowEvaluator, batchdata: dict, generator: torch.Generator) -> dict:
+        """``{"val_loss"}`` of one batch at noise and timesteps drawn from ``generator`` (the batch's
+        :func:`~prod9_components.data.sharding.validation_generator`); subclasses draw on from it and add what their
+        handlers read."""
         latent = batchdata["latent"].to(engine.state.device)
         labels = batchdata["label"].to(engine.state.device).long()
-        item = item_number(engine.state.iteration, batchdata)  # not the iteration: same noise on any number of ranks
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + item)
         noise = torch.randn(latent.shape, generator=generator).to(latent)
         uniform = torch.rand(latent.shape[0], generator=generator)
         timesteps = (uniform * self.scheduler.num_train_timesteps).to(latent.device)

@@ -18,7 +18,7 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 
 from prod9_components.data.modalities import MODALITIES
-from prod9_components.data.sharding import item_number
+from prod9_components.data.sharding import validation_generator
 from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.engines.translation_baselines import baseline_predictions
@@ -82,8 +82,7 @@ class MaskGiTEvaluator(Evaluator):
     def _iteration(self, engine: MaskGiTEvaluator, batchdata: dict) -> dict:
         device = engine.state.device
         tokens = batchdata["tokens"].to(device)
-        item = item_number(engine.state.iteration, batchdata)  # not the iteration: same masks on any number of ranks
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + item)
+        generator = validation_generator(self.seed, engine.state.iteration, batchdata)
         inputs = self.context_builder(tokens, train=False)
         target = inputs["target_tokens"]
         mask = sample_training_mask(target.shape, self.schedule, generator=generator).to(device)
