@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from prod9_components.engines.diffusion_evaluator import RectifiedFlowEvaluator
+from prod9_components.engines.maisi_diffusion_evaluator import RectifiedFlowEvaluator
 from prod9_components.engines.translation_baselines import baseline_predictions
 from prod9_components.generation.decode import decode_latent
 from prod9_components.inference.sliding_window import SlidingWindowConfig
@@ -17,7 +17,7 @@ from prod9_components.sampling.rectified_flow import sample_rectified_flow
 from prod9_components.sampling.steps import check_num_steps
 
 
-class ControlNetEvaluator(RectifiedFlowEvaluator):
+class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
     """``val_loss`` of base + control on every held-out item and, with a ``vae``, one whole volume per item sampled
     from seeded noise under the item's conditions and decoded, for the metric handlers:
 
@@ -43,7 +43,7 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
         segmenter: segment-the-synthetic (DESIGN §9): an object with ``predict(images (B, 1, D, H, W), modalities
             (B,)) -> (B, 1, D, H, W) bool``, e.g. a
             :class:`~prod9_components.engines.tumour_segmenter.CachedTumourSegmenter`; None: no ``seg_dice_*``.
-        the rest: as :class:`~prod9_components.engines.diffusion_evaluator.RectifiedFlowEvaluator`.
+        the rest: as :class:`~prod9_components.engines.maisi_diffusion_evaluator.RectifiedFlowEvaluator`.
     """
 
     def __init__(self, *args, vae: nn.Module | None = None, scale_factor: float = 1.0, num_steps: int = 10,
@@ -63,7 +63,7 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
         return torch.cat([decode_latent(self.vae, latent[None], self.scale_factor, self.sw_config,
                                         self.intensity_range) for latent in latents])
 
-    def outputs(self, engine: ControlNetEvaluator, batchdata: dict, generator: torch.Generator) -> dict:
+    def outputs(self, engine: MaisiControlNetEvaluator, batchdata: dict, generator: torch.Generator) -> dict:
         output = super().outputs(engine, batchdata, generator)
         if self.vae is None:
             return output

@@ -18,7 +18,7 @@ from prod9_components.losses.rectified_flow import rectified_flow_loss
 class RectifiedFlowEvaluator(Evaluator):
     """``val_loss`` of every held-out latent at noise and uniform timesteps drawn from ``seed`` and the item, so every
     validation sees the same noisy inputs and epochs compare. Samples and distribution distances come from a
-    handler (:class:`~prod9_components.handlers.diffusion_samples.DiffusionSamplesHandler`).
+    handler (:class:`~prod9_components.handlers.maisi_samples.MaisiSamplesHandler`).
 
     Args:
         device: where the network lives.
