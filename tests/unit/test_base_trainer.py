@@ -44,3 +44,21 @@ def test_optimizer_step_clips_and_steps_like_the_hand_written_loop():
     for net in (plain, scaled):
         for p, q in zip(net.parameters(), expected.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_last_ckpt_holds_the_loss_scaler(tmp_path):
+    """MONAI attaches handlers inside the workflow's constructor, before the trainer makes its scaler: the checkpoint
+    handler must still find it, or a resumed float16 run starts from a fresh loss scale."""
+    from prod9_components.handlers.checkpoint import CheckpointHandler
+
+    class Trainer(BaseTrainer):
+        def _iteration(self, engine, batch):
+            self.optimizer_step(self.network(batch).pow(2).sum())
+            return {"loss": 0.0}
+
+    network = torch.nn.Linear(3, 1)
+    handler = CheckpointHandler(str(tmp_path), network, save_dict={})
+    trainer = Trainer("cpu", 1, [torch.ones(2, 3)], network, torch.optim.SGD(network.parameters(), lr=0.1),
+                      train_handlers=[handler], amp=True, amp_dtype=torch.float16)
+    trainer.run()
+    assert "scaler" in torch.load(tmp_path / "last.ckpt", weights_only=True)
