@@ -369,7 +369,8 @@ def maisi_generation(device: torch.device, repeats: int, size: str) -> list[dict
     """One T2 volume per call: noise (1, 4, d, h, w) -> 10 or 30 Euler steps (guidance 1) -> sliding-window VAE
     decode (ROI 64, small: 32; overlap 0.5) -> image (1, 4d, 4h, 4w); bfloat16 autocast on CUDA (as stage 2).
     ``decode_seconds`` is the decode alone."""
-    from prod9_components.engines.diffusion_generation import decode_latent, sample_volumes
+    from prod9_components.generation.decode import decode_latent
+    from prod9_components.generation.maisi import sample_volumes
     from prod9_components.inference.sliding_window import SlidingWindowConfig
 
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ _EXPORTS = {
     ),
     "case_cache": ("check_sha256", "file_sha256"),
     "control_latents": ("LoadControlLatentd", "control_items"),
-    "sharding": ("item_number", "validation_shard"),
+    "sharding": ("item_number", "validation_generator", "validation_shard"),
     "latent_cache": (
         "LoadLatentd",
         "build_latent_cache",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["validation_shard", "item_number"]
+__all__ = ["item_number", "validation_generator", "validation_shard"]
 
 
 def validation_shard(items: Sequence[Mapping]) -> list[dict]:
@@ -30,3 +31,11 @@ def item_number(iteration: int, batchdata: Mapping) -> int:
     if "val_index" in batchdata:
         return int(batchdata["val_index"].reshape(-1)[0]) + 1
     return int(iteration)
+
+
+def validation_generator(seed: int, iteration: int, batchdata: Mapping) -> torch.Generator:
+    """The random stream of one validation batch (its masks, noise, timesteps and samples, drawn in turn): seeded from
+    the run's ``seed`` and the :func:`item_number` of its first item, so every validation draws the same numbers and
+    they do not depend on the number of ranks. The one seed scheme of every evaluator; the factor keeps the streams of
+    neighbouring seeds apart (seed s, item i + 1 is not seed s + 1, item i)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + item_number(iteration, batchdata))

@@ -16,6 +16,7 @@ from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 from prod9_components.metrics.baselines import pool_baseline
 from prod9_components.networks.export import unwrap
@@ -50,7 +51,7 @@ class AutoencoderEvaluator(Evaluator):
         val_handlers: Sequence | None = None,
         amp: bool = False,
     ) -> None:
-        amp = bool(amp) and torch.device(device).type == "cuda"
+        amp = cuda_amp(amp, device)
         kwargs = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
                          non_blocking=non_blocking, postprocessing=postprocessing, key_val_metric=key_val_metric,

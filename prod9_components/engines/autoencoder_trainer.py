@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from prod9_components.engines.base_trainer import BaseTrainer
 from prod9_components.networks.export import unwrap
 
 
-class AutoencoderGANTrainer(Trainer):
+class AutoencoderGANTrainer(BaseTrainer):
     """Train an autoencoder with an :class:`~prod9_components.losses.autoencoder_gan.AutoencoderGANLoss`.
 
     The network maps ``image (B, C, D, H, W)`` to ``(reconstruction, codes)`` (FSQ) or
@@ -35,7 +35,7 @@ class AutoencoderGANTrainer(Trainer):
         loss_function: ``AutoencoderGANLoss``; its ``disc_start`` also delays the discriminator steps.
         epoch_length: iterations per epoch (``limit_train_batches``); None means the whole loader.
         train_handlers: Ignite/MONAI handlers to attach.
-        amp: autocast + GradScaler (CUDA only: on CPU bfloat16 matmul is hundreds of times slower).
+        amp: float16 autocast + GradScaler, one per network (CUDA only: on CPU float32).
         grad_clip: max gradient norm for both networks, None to disable.
     """
 
@@ -55,34 +55,14 @@ class AutoencoderGANTrainer(Trainer):
         amp: bool = False,
         grad_clip: float | None = 1.0,
     ) -> None:
-        amp = bool(amp) and torch.device(device).type == "cuda"
-        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
-                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp,
-                         decollate=False)
-        self.network = network
-        self.optimizer = optimizer
+        super().__init__(device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
+                         train_handlers, amp, torch.float16, grad_clip)
         self.discriminator = discriminator
         self.disc_optimizer = disc_optimizer
         self.loss_function = loss_function
-        self.grad_clip = grad_clip
-        # Created once here (not in run()) so a resumed run can restore their state from last.ckpt.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
-        self.disc_scaler = torch.amp.GradScaler("cuda", enabled=amp)
-
-    def run(self) -> None:  # keep our scalers: the base class would replace them with fresh ones
-        super(Trainer, self).run()
-
-    def _autocast(self):
-        return torch.autocast("cuda", enabled=self.amp)
-
-    def _step(self, loss: torch.Tensor, params, optimizer, scaler) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if self.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        # The discriminator's own loss scale (the generator's is the base class's ``scaler``); made here so a resumed
+        # run restores it from last.ckpt.
+        self.disc_scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
     def _iteration(self, engine: AutoencoderGANTrainer, batchdata: dict) -> dict:
         images = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
@@ -93,25 +73,25 @@ class AutoencoderGANTrainer(Trainer):
         # Generator step. The discriminator is not updated here, so its gradients are discarded; during the
         # warm-up its output would be multiplied by 0, so it is not computed at all (a third of a tiny step).
         adversarial = iteration >= self.loss_function.disc_start
-        with self._autocast():
+        with self.autocast():
             reconstruction, *latent = self.network(images)
             z_mu, z_sigma = (latent[0], latent[1]) if len(latent) == 2 else (None, None)
             fake_logits = self.discriminator(reconstruction.float().contiguous()) if adversarial else None
             losses = self.loss_function.generator_loss(
                 images, reconstruction.float(), fake_logits, unwrap(self.network).get_last_layer(), iteration,
                 z_mu=z_mu, z_sigma=z_sigma)
-        self._step(losses["loss"], self.network.parameters(), self.optimizer, self.scaler)
+        self.optimizer_step(losses["loss"])
 
         # Discriminator step, from the end of the warm-up on.
         disc_loss = torch.zeros((), device=images.device)
         if adversarial:
-            with self._autocast():
+            with self.autocast():
                 # One forward over real and fake together: DDP expects one forward per backward.
                 both = torch.cat([images, reconstruction.detach().to(images.dtype)]).contiguous()
                 logits = self.discriminator(both)[-1]
                 real_logits, fake_logits = logits.split(images.shape[0])
                 disc_loss = self.loss_function.discriminator_loss(real_logits, fake_logits)
-            self._step(disc_loss, self.discriminator.parameters(), self.disc_optimizer, self.disc_scaler)
+            self.optimizer_step(disc_loss, self.disc_optimizer, self.discriminator.parameters(), self.disc_scaler)
 
         output = {name: value.detach().float() for name, value in losses.items() if torch.is_tensor(value)}
         output.update({"image": images, "pred": reconstruction.detach(), "disc_loss": disc_loss.detach()})

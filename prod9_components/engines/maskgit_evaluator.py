@@ -18,10 +18,12 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 
 from prod9_components.data.modalities import MODALITIES
-from prod9_components.data.sharding import item_number
+from prod9_components.data.sharding import validation_generator
+from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.engines.translation_baselines import baseline_predictions
-from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
+from prod9_components.generation.decode import decode_tokens
+from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.losses.masked_token import masked_token_loss
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
@@ -58,7 +60,7 @@ class MaskGiTEvaluator(Evaluator):
                  metric_cmp_fn: Callable | None = None, val_handlers: Sequence | None = None,
                  amp: bool = False, control_mask_key: str | None = None,
                  translation_baselines: dict | None = None) -> None:
-        amp = bool(amp) and torch.device(device).type == "cuda"
+        amp = cuda_amp(amp, device)
         kwargs = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
                          key_val_metric=key_val_metric, additional_metrics=additional_metrics,
@@ -80,8 +82,7 @@ class MaskGiTEvaluator(Evaluator):
     def _iteration(self, engine: MaskGiTEvaluator, batchdata: dict) -> dict:
         device = engine.state.device
         tokens = batchdata["tokens"].to(device)
-        item = item_number(engine.state.iteration, batchdata)  # not the iteration: same masks on any number of ranks
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + item)
+        generator = validation_generator(self.seed, engine.state.iteration, batchdata)
         inputs = self.context_builder(tokens, train=False)
         target = inputs["target_tokens"]
         mask = sample_training_mask(target.shape, self.schedule, generator=generator).to(device)
@@ -104,9 +105,7 @@ class MaskGiTEvaluator(Evaluator):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, D, H, W) of token grids (B, d, h, w), through the stage-1 sliding window."""
-        wrapper = AutoencoderInferenceWrapper(self.autoencoder, self.sw_config)
-        with torch.no_grad():
-            return wrapper.decode(self.autoencoder.fsq.embed(tokens)).float()
+        return decode_tokens(self.autoencoder, tokens, self.sw_config)
 
     @staticmethod
     def images(batchdata: dict, device: torch.device) -> torch.Tensor:

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from prod9_components.engines.base_trainer import BaseTrainer
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.losses.masked_token import token_loss
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
 
 
-class MaskGiTTrainer(Trainer):
+class MaskGiTTrainer(BaseTrainer):
     """One optimizer step per batch of token crops.
 
     Per sample: draw the target modality (and, in-context, a subset of source modalities), draw a mask ratio from
@@ -45,15 +45,10 @@ class MaskGiTTrainer(Trainer):
                  epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool = False,
                  grad_clip: float | None = 1.0, non_blocking: bool = False,
                  control_mask_key: str | None = None) -> None:
-        amp = bool(amp) and torch.device(device).type == "cuda"
-        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
-                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp,
-                         decollate=False)
-        self.network = network
-        self.optimizer = optimizer
+        super().__init__(device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
+                         train_handlers, amp, torch.bfloat16, grad_clip)
         self.context_builder = context_builder
         self.schedule = schedule
-        self.grad_clip = grad_clip
         self.control_mask_key = control_mask_key
 
     def _iteration(self, engine: MaskGiTTrainer, batchdata: dict) -> dict:
@@ -66,18 +61,14 @@ class MaskGiTTrainer(Trainer):
         masked_input = target.masked_fill(mask, unwrap(self.network).mask_token_id)
 
         self.network.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with self.autocast():
             # Logits (M, K) of the M masked positions only: the head, the log-softmax and the accuracy never touch
             # the visible ones. Through forward (not another method), so a DDP wrapper syncs the gradients.
             logits = self.network(masked_input, inputs["target_label"], inputs["source_tokens"],
                                   inputs["source_labels"], origin, positions=mask,
                                   **control_inputs(batchdata, inputs["rows"], self.control_mask_key))
         losses = token_loss(logits.float(), target[mask])
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if self.grad_clip:  # frozen parameters have no gradient and are skipped
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        self.optimizer.step()
+        self.optimizer_step(losses["loss"])
 
         engine.state.output = {"loss": losses["loss"].detach(), "token_accuracy": losses["token_accuracy"].detach(),
                                "mask_ratio": mask.float().mean().detach()}

@@ -100,11 +100,16 @@ class CheckpointHandler:
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
         self.save_dict["network"] = self.network
-        for name in ("scaler", "disc_scaler"):  # AMP state of our trainers (created in their constructors)
-            if getattr(engine, name, None) is not None:
-                self.save_dict[name] = getattr(engine, name)
+        engine.add_event_handler(Events.STARTED, self.add_scalers)
         engine.add_event_handler(Events.STARTED, self.load_last)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def add_scalers(self, engine: Engine) -> None:
+        """Save the trainer's AMP loss scalers too. At start, not in :meth:`attach`: MONAI attaches handlers inside
+        the workflow's constructor, before our trainers' constructors have made their scalers."""
+        for name in ("scaler", "disc_scaler"):
+            if getattr(engine, name, None) is not None:
+                self.save_dict[name] = getattr(engine, name)
 
     def fingerprint(self) -> dict:
         """What this run is made from: network constructor arguments, a hash of the data split, upstream file hashes

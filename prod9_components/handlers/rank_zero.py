@@ -14,14 +14,14 @@ def _user_output_types() -> tuple[type, ...]:
     from monai.handlers import StatsHandler
     from monai.handlers.tensorboard_handlers import TensorBoardHandler
 
-    from prod9_components.handlers.diffusion_samples import DiffusionSamplesHandler
-    from prod9_components.handlers.generated_samples import GeneratedSamplesHandler
+    from prod9_components.handlers.maisi_samples import MaisiSamplesHandler
+    from prod9_components.handlers.maskgit_samples import MaskGiTSamplesHandler
     from prod9_components.handlers.metrics_json import MetricsJSONWriter
     from prod9_components.handlers.progress import ProgressBarHandler
     from prod9_components.handlers.tensorboard_images import MidSliceImageHandler
 
-    return (StatsHandler, TensorBoardHandler, ProgressBarHandler, MidSliceImageHandler, DiffusionSamplesHandler,
-            GeneratedSamplesHandler, MetricsJSONWriter)
+    return (StatsHandler, TensorBoardHandler, ProgressBarHandler, MidSliceImageHandler, MaisiSamplesHandler,
+            MaskGiTSamplesHandler, MetricsJSONWriter)
 
 
 def for_this_rank(handlers: Sequence) -> list:

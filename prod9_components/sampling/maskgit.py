@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from prod9_components.sampling.schedules import mask_ratio
+from prod9_components.sampling.steps import check_num_steps
 
 __all__ = ["MaskGiTSampler", "guided_logits"]
 
@@ -67,8 +68,7 @@ class MaskGiTSampler:
         guidance_scale: float = 1.0,
         sampling_temperature: float = 1.0,
     ) -> None:
-        if int(num_steps) < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}.")
+        self.num_steps = check_num_steps(num_steps)
         mask_ratio(0.0, schedule)  # unknown schedule -> ValueError listing the valid ones
         if temperature < 0 or sampling_temperature < 0:
             raise ValueError(
@@ -76,7 +76,6 @@ class MaskGiTSampler:
             )
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}.")
-        self.num_steps = int(num_steps)
         self.schedule = schedule
         self.temperature = float(temperature)
         self.guidance_scale = float(guidance_scale)

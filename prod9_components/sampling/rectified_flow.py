@@ -13,15 +13,9 @@ import torch
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
-__all__ = ["check_num_steps", "guided_velocity", "sample_rectified_flow", "sampling_timesteps"]
+from prod9_components.sampling.steps import check_num_steps
 
-
-def check_num_steps(num_steps: int, scheduler: RFlowScheduler) -> int:
-    """Raise a one-line ValueError unless ``1 <= num_steps <= T``."""
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= scheduler.num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be an integer in 1..{scheduler.num_train_timesteps} (the "
-                         f"training timesteps), got {num_steps!r}")
-    return num_steps
+__all__ = ["guided_velocity", "sample_rectified_flow", "sampling_timesteps"]
 
 
 def sampling_timesteps(scheduler: RFlowScheduler, num_steps: int, latent_size: Sequence[int],
@@ -31,7 +25,7 @@ def sampling_timesteps(scheduler: RFlowScheduler, num_steps: int, latent_size: S
     The scheduler's ``set_timesteps`` gives t_0..t_{K-1}, resolution-shifted when it uses MAISI-v2's timestep
     transform (``input_img_size_numel`` = the latent's voxel count); the final 0 closes the interval.
     """
-    check_num_steps(num_steps, scheduler)
+    check_num_steps(num_steps, scheduler.num_train_timesteps)
     scheduler.set_timesteps(num_steps, device=device, input_img_size_numel=math.prod(int(s) for s in latent_size))
     return torch.cat([scheduler.timesteps.float().to(device), torch.zeros(1, device=device)])
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.networks.schedulers import RFlowScheduler
 
-from prod9_components.engines.diffusion_trainer import RectifiedFlowTrainer
+from prod9_components.engines.maisi_diffusion_trainer import RectifiedFlowTrainer
 from prod9_components.handlers.checkpoint import CheckpointHandler
 from prod9_components.handlers.nan_guard import NaNGuard, NonFiniteLossError
 from prod9_components.networks.maisi_diffusion import MaisiDiffusionUNet

@@ -4,7 +4,8 @@ from ignite.engine import Engine, Events
 
 from prod9_components.data.brats import discover_cases
 from prod9_components.engines.tokenizer import CaseTokenizer
-from prod9_components.handlers.generated_samples import GeneratedSamplesHandler, real_volumes
+from prod9_components.handlers.maskgit_samples import MaskGiTSamplesHandler
+from prod9_components.handlers.sample_scorer import real_volumes
 from prod9_components.metrics.generation import real_reference
 from prod9_components.networks.autoencoder_fsq import AutoencoderFSQ
 from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
@@ -29,7 +30,7 @@ def _run(sampler: MaskGiTSampler, cases: dict, tmp_path=None, epochs: int = 1) -
     net = TransformerDecoderSingleStream(autoencoder.codebook_size, hidden_dim=32, num_layers=1, num_heads=4,
                                          max_grid_size=GRID)
     encoder = CaseTokenizer(autoencoder, spacing=(4.0, 4.0, 4.0))
-    handler = GeneratedSamplesHandler(net, autoencoder, sampler, ["T1", "FLAIR"], GRID, encoder, cases["held_out"],
+    handler = MaskGiTSamplesHandler(net, autoencoder, sampler, ["T1", "FLAIR"], GRID, encoder, cases["held_out"],
                                       cases["training"], num_samples=3,
                                       log_dir=None if tmp_path is None else str(tmp_path))
     engine = Engine(lambda e, b: None)
@@ -68,7 +69,7 @@ def test_identical_samples_score_one_and_random_ones_less(one_thread, cases, tmp
 
 def test_needs_pairs_and_real_cases(cases):
     with pytest.raises(ValueError, match="num_samples must be >= 2"):
-        GeneratedSamplesHandler(None, None, None, ["T1"], GRID, None, cases["held_out"], cases["training"],
+        MaskGiTSamplesHandler(None, None, None, ["T1"], GRID, None, cases["held_out"], cases["training"],
                                 num_samples=1)
     with pytest.raises(ValueError, match="needs held-out and training cases, got 1 and 0"):
-        GeneratedSamplesHandler(None, None, None, ["T1"], GRID, None, cases["held_out"], [])
+        MaskGiTSamplesHandler(None, None, None, ["T1"], GRID, None, cases["held_out"], [])

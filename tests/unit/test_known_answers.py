@@ -21,7 +21,7 @@ from prod9_components.data.demo import synthesize_case
 from prod9_components.data.token_cache import most_frequent_token
 from prod9_components.data.transforms import RobustIntensityScaled
 from prod9_components.engines.autoencoder_trainer import AutoencoderGANTrainer
-from prod9_components.engines.diffusion_trainer import RectifiedFlowTrainer
+from prod9_components.engines.maisi_diffusion_trainer import RectifiedFlowTrainer
 from prod9_components.engines.maskgit_context import TokenContextBuilder
 from prod9_components.engines.maskgit_trainer import MaskGiTTrainer
 from prod9_components.losses.autoencoder_gan import AutoencoderGANLoss

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.networks.schedulers import RFlowScheduler
 
-from prod9_components.engines.diffusion_trainer import RectifiedFlowTrainer
+from prod9_components.engines.maisi_diffusion_trainer import RectifiedFlowTrainer
 from prod9_components.networks.maisi_controlnet import CONDITION_TYPES, MaisiControlNet
 from prod9_components.networks.maisi_diffusion import MaisiDiffusionUNet
 from prod9_components.sampling.rectified_flow import sample_rectified_flow
@@ -137,19 +137,19 @@ def _evaluator_parts():
 
 
 def test_evaluator_reports_segment_the_synthetic_and_the_translation_baselines(one_thread):
-    """ControlNetEvaluator (condition mask+image+label) with a segmenter whose answer is known and fitted translation baselines:
+    """MaisiControlNetEvaluator (condition mask+image+label) with a segmenter whose answer is known and fitted translation baselines:
     ``seg_dice_real`` is exactly 1 (the real tumour is the bright voxels), ``seg_dice_generated`` is the Dice of the
     sample's bright voxels with the mask, their ratio is computed at the end, and the baselines' outputs are the fitted
     maps of the batch's source image."""
     from ignite.metrics import Average
 
-    from prod9_components.engines.diffusion_controlnet_evaluator import ControlNetEvaluator
+    from prod9_components.engines.maisi_controlnet_evaluator import MaisiControlNetEvaluator
     from prod9_components.engines.tumour_segmenter import TumourSegmenter
     from prod9_components.metrics.image_quality import translation_metrics
     from prod9_components.metrics.tumour import control_metrics, segmentation_metrics
 
     net, vae, batch, baselines = _evaluator_parts()
-    evaluator = ControlNetEvaluator(
+    evaluator = MaisiControlNetEvaluator(
         "cpu", [batch], net, RFlowScheduler(1000, use_discrete_timesteps=False),
         control_keys={"seg": "control_mask", "source": "control_image"}, vae=vae, num_steps=2,
         translation_baselines=baselines, segmenter=TumourSegmenter(BrightVoxels(), roi_size=(16, 16, 16)),
@@ -170,9 +170,9 @@ def test_evaluator_reports_segment_the_synthetic_and_the_translation_baselines(o
 
 
 def test_evaluator_of_a_source_image_controlnet_needs_the_translation_baselines():
-    from prod9_components.engines.diffusion_controlnet_evaluator import ControlNetEvaluator
+    from prod9_components.engines.maisi_controlnet_evaluator import MaisiControlNetEvaluator
 
     net, vae, batch, _ = _evaluator_parts()
     with pytest.raises(ValueError, match="pass translation_baselines"):
-        ControlNetEvaluator("cpu", [batch], net, RFlowScheduler(1000, use_discrete_timesteps=False),
+        MaisiControlNetEvaluator("cpu", [batch], net, RFlowScheduler(1000, use_discrete_timesteps=False),
                             control_keys={"seg": "control_mask", "source": "control_image"}, vae=vae)

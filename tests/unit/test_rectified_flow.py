@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.schedulers import RFlowScheduler
 
-from prod9_components.engines.diffusion_generation import sample_latents
+from prod9_components.generation.maisi import sample_latents
 from prod9_components.losses.rectified_flow import rectified_flow_loss
 from prod9_components.metrics.distribution_distance import intensity_distances, wasserstein_1d
 from prod9_components.networks.ema import ExponentialMovingAverage

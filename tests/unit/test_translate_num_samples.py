@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from prod9_components.data.transforms import preprocessing
-from prod9_components.engines.maskgit_generation import translate_volumes
+from prod9_components.generation.maskgit import translate_volumes
 from prod9_components.networks.autoencoder_fsq import AutoencoderFSQ
 
 

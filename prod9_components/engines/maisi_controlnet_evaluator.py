@@ -7,17 +7,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from prod9_components.data.sharding import item_number
-from prod9_components.engines.diffusion_evaluator import RectifiedFlowEvaluator
-from prod9_components.engines.diffusion_generation import decode_latent
+from prod9_components.engines.maisi_diffusion_evaluator import RectifiedFlowEvaluator
 from prod9_components.engines.translation_baselines import baseline_predictions
+from prod9_components.generation.decode import decode_latent
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.tumour import control_scores, segmentation_scores
 from prod9_components.networks.export import unwrap
-from prod9_components.sampling.rectified_flow import check_num_steps, sample_rectified_flow
+from prod9_components.sampling.rectified_flow import sample_rectified_flow
+from prod9_components.sampling.steps import check_num_steps
 
 
-class ControlNetEvaluator(RectifiedFlowEvaluator):
+class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
     """``val_loss`` of base + control on every held-out item and, with a ``vae``, one whole volume per item sampled
     from seeded noise under the item's conditions and decoded, for the metric handlers:
 
@@ -43,14 +43,15 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
         segmenter: segment-the-synthetic (DESIGN §9): an object with ``predict(images (B, 1, D, H, W), modalities
             (B,)) -> (B, 1, D, H, W) bool``, e.g. a
             :class:`~prod9_components.engines.tumour_segmenter.CachedTumourSegmenter`; None: no ``seg_dice_*``.
-        the rest: as :class:`~prod9_components.engines.diffusion_evaluator.RectifiedFlowEvaluator`.
+        the rest: as :class:`~prod9_components.engines.maisi_diffusion_evaluator.RectifiedFlowEvaluator`.
     """
 
     def __init__(self, *args, vae: nn.Module | None = None, scale_factor: float = 1.0, num_steps: int = 10,
                  sw_config: SlidingWindowConfig | None = None, intensity_range: Sequence[float] = (0.0, 1.0),
                  translation_baselines: Mapping | None = None, segmenter: object | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.vae, self.scale_factor, self.num_steps = vae, float(scale_factor), check_num_steps(num_steps, self.scheduler)
+        self.vae, self.scale_factor = vae, float(scale_factor)
+        self.num_steps = check_num_steps(num_steps, self.scheduler.num_train_timesteps)
         self.sw_config, self.intensity_range = sw_config, tuple(intensity_range)
         self.translation_baselines, self.segmenter = translation_baselines, segmenter
         if vae is not None and "control_image" in self.control_keys.values() and translation_baselines is None:
@@ -59,11 +60,11 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, D, H, W) of scaled latents (B, C, d, h, w), one tiled decode each."""
-        return torch.stack([decode_latent(self.vae, latent[None], self.scale_factor, self.sw_config,
-                                          self.intensity_range) for latent in latents])
+        return torch.cat([decode_latent(self.vae, latent[None], self.scale_factor, self.sw_config,
+                                        self.intensity_range) for latent in latents])
 
-    def outputs(self, engine: ControlNetEvaluator, batchdata: dict) -> dict:
-        output = super().outputs(engine, batchdata)
+    def outputs(self, engine: MaisiControlNetEvaluator, batchdata: dict, generator: torch.Generator) -> dict:
+        output = super().outputs(engine, batchdata, generator)
         if self.vae is None:
             return output
         device = engine.state.device
@@ -71,8 +72,7 @@ class ControlNetEvaluator(RectifiedFlowEvaluator):
         labels = batchdata["label"].to(device).long()
         controls = self.controls(batchdata, device)
         network = unwrap(self.network)
-        seed = self.seed + item_number(engine.state.iteration, batchdata)
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(latent.shape, generator=generator)  # the sample's noise: after the val_loss draws
 
         def sample(conditions: dict) -> torch.Tensor:
             with engine.mode(network), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):

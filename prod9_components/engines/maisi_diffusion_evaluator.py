@@ -10,14 +10,15 @@ from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
-from prod9_components.data.sharding import item_number
+from prod9_components.data.sharding import validation_generator
+from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.losses.rectified_flow import rectified_flow_loss
 
 
 class RectifiedFlowEvaluator(Evaluator):
     """``val_loss`` of every held-out latent at noise and uniform timesteps drawn from ``seed`` and the item, so every
     validation sees the same noisy inputs and epochs compare. Samples and distribution distances come from a
-    handler (:class:`~prod9_components.handlers.diffusion_samples.DiffusionSamplesHandler`).
+    handler (:class:`~prod9_components.handlers.maisi_samples.MaisiSamplesHandler`).
 
     Args:
         device: where the network lives.
@@ -35,7 +36,7 @@ class RectifiedFlowEvaluator(Evaluator):
                  key_val_metric: dict | None = None, additional_metrics: dict | None = None,
                  metric_cmp_fn: Callable | None = None, val_handlers: Sequence | None = None,
                  amp: bool = False, control_keys: Mapping[str, str] | None = None) -> None:
-        amp = bool(amp) and torch.device(device).type == "cuda"
+        amp = cuda_amp(amp, device)
         kwargs = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
                          key_val_metric=key_val_metric, additional_metrics=additional_metrics,
@@ -44,7 +45,8 @@ class RectifiedFlowEvaluator(Evaluator):
         self.control_keys = dict(control_keys or {})
 
     def _iteration(self, engine: RectifiedFlowEvaluator, batchdata: dict) -> dict:
-        engine.state.output = self.outputs(engine, batchdata)
+        generator = validation_generator(self.seed, engine.state.iteration, batchdata)
+        engine.state.output = self.outputs(engine, batchdata, generator)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -53,12 +55,12 @@ class RectifiedFlowEvaluator(Evaluator):
         """The network's condition arguments of a batch."""
         return {arg: batchdata[key].to(device) for key, arg in self.control_keys.items()}
 
-    def outputs(self, engine: RectifiedFlowEvaluator, batchdata: dict) -> dict:
-        """``{"val_loss"}`` of one batch; subclasses add what their handlers read."""
+    def outputs(self, engine: RectifiedFlowEvaluator, batchdata: dict, generator: torch.Generator) -> dict:
+        """``{"val_loss"}`` of one batch at noise and timesteps drawn from ``generator`` (the batch's
+        :func:`~prod9_components.data.sharding.validation_generator`); subclasses draw on from it and add what their
+        handlers read."""
         latent = batchdata["latent"].to(engine.state.device)
         labels = batchdata["label"].to(engine.state.device).long()
-        item = item_number(engine.state.iteration, batchdata)  # not the iteration: same noise on any number of ranks
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + item)
         noise = torch.randn(latent.shape, generator=generator).to(latent)
         uniform = torch.rand(latent.shape[0], generator=generator)
         timesteps = (uniform * self.scheduler.num_train_timesteps).to(latent.device)

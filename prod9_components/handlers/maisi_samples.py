@@ -9,19 +9,19 @@ from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
 from prod9_components.data.modalities import modality_index, modality_name
-from prod9_components.engines.diffusion_generation import sample_volumes
-from prod9_components.handlers.generated_samples import SampleScorer, real_volumes
+from prod9_components.generation.maisi import sample_volumes
+from prod9_components.handlers.sample_scorer import SampleScorer
 from prod9_components.handlers.tensorboard_images import MidSliceWriter
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.generation import MEMORISED_BELOW
 
-__all__ = ["DiffusionSamplesHandler", "real_volumes"]
+__all__ = ["MaisiSamplesHandler"]
 
 
-class DiffusionSamplesHandler:
+class MaisiSamplesHandler:
     """After each evaluation, sample ``num_samples`` volumes per modality, log mid slices and score them.
 
-    Scores (:class:`~prod9_components.handlers.generated_samples.SampleScorer`, the same for the MaskGiT samples), in
+    Scores (:class:`~prod9_components.handlers.sample_scorer.SampleScorer`, the same for the MaskGiT samples), in
     ``engine.state.metrics`` so metric writers that run later report them, as ``<score>_<MOD>`` and their means over
     modalities ``<score>``: ``brain_dice``, ``intensity_w1`` and ``gradient_w1`` (Wasserstein-1 distances between the
     generated and the real held-out voxel intensities and gradient magnitudes), ``sample_ms_ssim``,

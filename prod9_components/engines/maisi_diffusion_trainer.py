@@ -7,18 +7,18 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
+from prod9_components.engines.base_trainer import BaseTrainer
 from prod9_components.losses.rectified_flow import noisy_latent
 from prod9_components.losses.region_contrastive import region_contrastive_loss, tumour_region
 from prod9_components.networks.ema import ExponentialMovingAverage
 from prod9_components.networks.export import unwrap
 
 
-class RectifiedFlowTrainer(Trainer):
+class RectifiedFlowTrainer(BaseTrainer):
     """One optimizer step per batch of cached latents: velocity MSE at a timestep the scheduler draws.
 
     Each batch holds ``"latent"`` (B, C, d, h, w), already scaled to unit std, and ``"label"`` (B,) modality ids.
@@ -55,14 +55,11 @@ class RectifiedFlowTrainer(Trainer):
                  train_handlers: Sequence | None = None, amp: bool = False, grad_clip: float | None = 1.0,
                  control_keys: Mapping[str, str] | None = None, contrastive_weight: float = 0.0,
                  contrastive_margin: float = 0.05) -> None:
-        amp = bool(amp) and torch.device(device).type == "cuda"
-        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
-                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp,
-                         decollate=False)
+        super().__init__(device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
+                         train_handlers, amp, torch.bfloat16, grad_clip)
         if not 0.0 <= label_dropout <= 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
-        self.network, self.optimizer, self.scheduler, self.ema = network, optimizer, scheduler, ema
-        self.label_dropout, self.grad_clip = float(label_dropout), grad_clip
+        self.scheduler, self.ema, self.label_dropout = scheduler, ema, float(label_dropout)
         self.control_keys = dict(control_keys or {})
         self.contrastive_weight, self.contrastive_margin = float(contrastive_weight), float(contrastive_margin)
         if self.contrastive_weight and "control_mask" not in self.control_keys.values():
@@ -78,7 +75,7 @@ class RectifiedFlowTrainer(Trainer):
         controls = {arg: batchdata[key].to(engine.state.device) for key, arg in self.control_keys.items()}
 
         self.network.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with self.autocast():
             noisy, timesteps, target = noisy_latent(self.scheduler, latent)
             if self.contrastive_weight:  # the same inputs with the tumour removed, in one forward (DDP-safe)
                 mask = controls["control_mask"]
@@ -92,11 +89,7 @@ class RectifiedFlowTrainer(Trainer):
                 velocity = self.network(noisy, timesteps, class_labels=labels, **controls)
             velocity_loss = F.mse_loss(velocity.float(), target.float())
             loss = velocity_loss + self.contrastive_weight * contrastive if self.contrastive_weight else velocity_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        self.optimizer.step()
+        self.optimizer_step(loss)
         if self.ema is not None:
             self.ema.update(self.network)
 
