@@ -43,8 +43,8 @@ class UsageError(ValueError):
 
 
 def bundles_root() -> Path:
-    """The stage bundles installed with the package (the one place to change when they move into the wheel)."""
-    return Path(__file__).resolve().parents[2] / "bundles"
+    """The stage bundles installed with the package (package data: ``prod9_components/bundles/<stage>/``)."""
+    return Path(__file__).resolve().parents[1] / "bundles"
 
 
 def config_files(stage: str, verb: str, config: str | None = None) -> tuple[Path, list[str]]:
