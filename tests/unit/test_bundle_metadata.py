@@ -29,3 +29,14 @@ def test_metadata_without_a_version_is_rejected(tmp_path):
     (tmp_path / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(Exception, match="version"):
         verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA))
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_bundle_files_follow_the_model_zoo_format(bundle):
+    """The zoo's pre-commit (pretty-format-json --no-sort-keys --indent=4, end-of-file-fixer) would change nothing,
+    and metadata has the name and the changelog entry of its version that the zoo's CI asks for."""
+    for path in sorted((ROOT / "bundles" / bundle / "configs").glob("*.json")):
+        text = path.read_text()
+        assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path}: not 4-space JSON with a final newline"
+    metadata = json.loads((ROOT / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    assert metadata["name"].strip() and metadata["version"] in metadata["changelog"]
