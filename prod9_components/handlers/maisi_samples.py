@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ignite.engine import Engine, Events
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
-from prod9_components.data.modalities import modality_index, modality_name
 from prod9_components.generation.maisi import sample_volumes
-from prod9_components.handlers.sample_scorer import SampleScorer
-from prod9_components.handlers.tensorboard_images import MidSliceWriter
+from prod9_components.handlers.sample_scorer import ScoredSamplesHandler
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.generation import MEMORISED_BELOW
 
 __all__ = ["MaisiSamplesHandler"]
 
 
-class MaisiSamplesHandler:
+class MaisiSamplesHandler(ScoredSamplesHandler):
     """After each evaluation, sample ``num_samples`` volumes per modality, log mid slices and score them.
 
     Scores (:class:`~prod9_components.handlers.sample_scorer.SampleScorer`, the same for the MaskGiT samples), in
@@ -47,27 +44,15 @@ class MaisiSamplesHandler:
                  guidance_scale: float = 1.0, seed: int = 0, sw_config: SlidingWindowConfig | None = None,
                  intensity_range: Sequence[float] = (0.0, 1.0), memorised_below: float = MEMORISED_BELOW,
                  log_dir: str | None = None, tag: str = "val/samples") -> None:
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 to measure diversity between samples, got {num_samples}")
+        super().__init__(modalities, encoder, held_out_cases, training_cases, num_samples, memorised_below, log_dir,
+                         tag)
         self.network, self.vae, self.scheduler = network, vae, scheduler
-        self.modalities = [modality_name(modality_index(m)) for m in modalities]
         self.latent_size, self.scale_factor = list(latent_size), float(scale_factor)
-        self.num_samples, self.num_steps, self.guidance_scale = int(num_samples), int(num_steps), guidance_scale
+        self.num_steps, self.guidance_scale = int(num_steps), guidance_scale
         self.seed, self.sw_config, self.intensity_range = int(seed), sw_config, intensity_range
-        self.scorer = SampleScorer(encoder, held_out_cases, training_cases, self.modalities, memorised_below)
-        self.log_dir, self.tag = log_dir, tag
-        self._slices = MidSliceWriter(log_dir)
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
+    def sample(self, modality: str) -> list:
         device = next(self.network.parameters()).device
-        scores = {}
-        for name in self.modalities:
-            samples = list(sample_volumes(self.network, self.vae, self.scheduler, name, self.num_samples,
-                                          self.latent_size, self.scale_factor, self.num_steps, self.guidance_scale,
-                                          self.seed, self.sw_config, device, self.intensity_range))
-            scores[name] = self.scorer.scores(name, samples)
-            self._slices.write(f"{self.tag}_{name}", samples, engine.state.epoch)
-        SampleScorer.record(engine.state.metrics, scores)
+        return list(sample_volumes(self.network, self.vae, self.scheduler, modality, self.num_samples,
+                                   self.latent_size, self.scale_factor, self.num_steps, self.guidance_scale, self.seed,
+                                   self.sw_config, device, self.intensity_range))

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ignite.engine import Engine, Events
 from torch import nn
 
-from prod9_components.data.modalities import modality_name
 from prod9_components.generation.maskgit import sample_volumes
-from prod9_components.handlers.sample_scorer import SampleScorer
-from prod9_components.handlers.tensorboard_images import MidSliceWriter
+from prod9_components.handlers.sample_scorer import ScoredSamplesHandler
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.generation import MEMORISED_BELOW
 from prod9_components.networks.export import unwrap
@@ -19,7 +16,7 @@ from prod9_components.networks.export import unwrap
 __all__ = ["MaskGiTSamplesHandler"]
 
 
-class MaskGiTSamplesHandler:
+class MaskGiTSamplesHandler(ScoredSamplesHandler):
     """After each evaluation, sample ``num_samples`` volumes per modality, score them against real cases and log
     mid slices.
 
@@ -52,26 +49,14 @@ class MaskGiTSamplesHandler:
                  seed: int = 0, sw_config: SlidingWindowConfig | None = None,
                  memorised_below: float = MEMORISED_BELOW, log_dir: str | None = None,
                  tag: str = "val/samples") -> None:
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 to measure diversity between samples, got {num_samples}")
+        super().__init__(modalities, encoder, held_out_cases, training_cases, num_samples, memorised_below, log_dir,
+                         tag)
         self.network, self.autoencoder, self.sampler = network, autoencoder, sampler
-        self.modalities = [modality_name(m) for m in modalities]
         self.token_grid, self.volume_grid = list(token_grid), volume_grid
-        self.num_samples, self.seed, self.sw_config = int(num_samples), int(seed), sw_config
-        self.scorer = SampleScorer(encoder, held_out_cases, training_cases, self.modalities, memorised_below)
-        self.log_dir, self.tag = log_dir, tag
-        self._slices = MidSliceWriter(log_dir)
+        self.seed, self.sw_config = int(seed), sw_config
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
+    def sample(self, modality: str) -> list:
         network = unwrap(self.network)
         device = next(network.parameters()).device
-        scores = {}
-        for modality in self.modalities:
-            samples = list(sample_volumes(network, self.autoencoder, self.sampler, modality, self.num_samples,
-                                          self.token_grid, self.seed, self.sw_config, device, self.volume_grid))
-            scores[modality] = self.scorer.scores(modality, samples)
-            self._slices.write(f"{self.tag}_{modality}", samples, engine.state.epoch)
-        SampleScorer.record(engine.state.metrics, scores)
+        return list(sample_volumes(network, self.autoencoder, self.sampler, modality, self.num_samples,
+                                   self.token_grid, self.seed, self.sw_config, device, self.volume_grid))

@@ -1,6 +1,6 @@
-"""Scores of generated samples against real volumes, for the sampling handlers of both families:
-:class:`~prod9_components.handlers.maskgit_samples.MaskGiTSamplesHandler` and
-:class:`~prod9_components.handlers.maisi_samples.MaisiSamplesHandler`.
+"""Scores of generated samples against real volumes, and the per-evaluation loop of the sampling handlers of both
+families (:class:`~prod9_components.handlers.maskgit_samples.MaskGiTSamplesHandler`,
+:class:`~prod9_components.handlers.maisi_samples.MaisiSamplesHandler`): only how a sample is made differs.
 """
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
+from ignite.engine import Engine, Events
 
 from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
 from prod9_components.data.token_cache import pad_or_crop
+from prod9_components.handlers.tensorboard_images import MidSliceWriter
 from prod9_components.metrics.generation import MEMORISED_BELOW, RealReference, generation_scores, real_reference
 
-__all__ = ["SampleScorer", "real_volumes"]
+__all__ = ["SampleScorer", "ScoredSamplesHandler", "real_volumes"]
 
 
 def real_volumes(encoder, cases: Sequence[Mapping], modalities: Sequence[str | int], size: Sequence[int],
@@ -85,3 +87,41 @@ class SampleScorer:
                 metrics[f"{key}_{name}"] = value
         for key in next(iter(scores.values()), {}):
             metrics[key] = sum(values[key] for values in scores.values()) / len(scores)
+
+
+class ScoredSamplesHandler:
+    """After each evaluation, ``num_samples`` samples per modality (:meth:`sample`, a family's), their scores
+    (:class:`SampleScorer`) in ``engine.state.metrics`` and their mid slices in TensorBoard (one row per sample).
+
+    Args:
+        modalities: modalities to sample (names or indices).
+        encoder, held_out_cases, training_cases, memorised_below: as :class:`SampleScorer`.
+        num_samples: samples per modality, >= 2 (diversity needs pairs).
+        log_dir: TensorBoard directory for the mid slices, None for metrics only; tag: tag prefix (the modality is
+            appended).
+    """
+
+    def __init__(self, modalities: Sequence[str | int], encoder, held_out_cases: Sequence[Mapping],
+                 training_cases: Sequence[Mapping], num_samples: int, memorised_below: float = MEMORISED_BELOW,
+                 log_dir: str | None = None, tag: str = "val/samples") -> None:
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 to measure diversity between samples, got {num_samples}")
+        self.modalities = [modality_name(modality_index(m)) for m in modalities]
+        self.num_samples, self.tag = int(num_samples), tag
+        self.scorer = SampleScorer(encoder, held_out_cases, training_cases, self.modalities, memorised_below)
+        self._slices = MidSliceWriter(log_dir)
+
+    def sample(self, modality: str) -> list[torch.Tensor]:
+        """The ``num_samples`` volumes (each (1, D, H, W)) of ``modality``, the same seeds every evaluation."""
+        raise NotImplementedError
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        scores = {}
+        for name in self.modalities:
+            samples = self.sample(name)
+            scores[name] = self.scorer.scores(name, samples)
+            self._slices.write(f"{self.tag}_{name}", samples, engine.state.epoch)
+        SampleScorer.record(engine.state.metrics, scores)
