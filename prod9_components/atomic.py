@@ -3,7 +3,8 @@
 A crash, a kill or a full disk leaves either the old file or the new one, never a half-written one. A SIGKILL can
 still leave the temp file itself behind; temp files have one recognisable name,
 ``.<name>.prod9-tmp-<host>-<pid>-<random><suffix>``, and the first atomic write of a process into a folder removes
-the ones there whose writer (same host, that pid) is no longer alive. Nothing else is ever deleted.
+the ones there whose writer (same host, that pid) is no longer alive. Nothing else is ever deleted. A folder is
+written the same way (:func:`atomic_dir`: built beside its place, renamed into it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -137,6 +139,23 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)  # and the rename itself survives a power cut
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp folder beside ``path`` (named like the temp files); on success it is renamed to ``path`` (which
+    must not exist, or be an empty folder), on error it is removed with what was written into it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}{TEMP_MARK}{_host()}-{os.getpid()}-", dir=path.parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        os.rename(tmp, path)  # refused if path appeared meanwhile with something in it: nothing is replaced
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temp folder only
+        raise
+    _fsync_dir(path.parent)
 
 
 def write_json(data, path: str | os.PathLike) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import os
 
-from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
-                                                 resolved, run_bundle)
+from prod9_components.cli.bundle_runner import (bundles_root, evaluate_bundle, flag_overrides, main_for, report,
+                                                 report_training, resolved, run_bundle)
 from prod9_components.cli.written import start_clock, summary
 
 STAGE = "maskgit_stage1"
-VERBS = ("train", "validate", "test", "infer")
+VERBS = ("train", "validate", "test", "infer", "export")
 
 
 def _with_doc(verb, doc: str):
@@ -39,13 +39,14 @@ class StageOneCommands:
     ``export_path``), which fill in the fields in braces of these docstrings.
     """
 
-    _stage: str  # a string starting with "_": fire's help does not list it
+    _stage: str  # names starting with "_": fire's help does not list them
+    _output_dir: str
 
     def __init_subclass__(cls, *, stage: str, title: str, output_dir: str, export_path: str, **kwargs) -> None:
         """A command for one bundle: ``{stage}``, ``{title}``, ``{output_dir}`` and ``{export_path}`` in the
         docstrings below are filled in, so fire's ``--help`` states that bundle's defaults."""
         super().__init_subclass__(**kwargs)
-        cls._stage = stage
+        cls._stage, cls._output_dir = stage, output_dir
         fields = {"stage": stage, "title": title, "output_dir": output_dir, "export_path": export_path}
         cls.__doc__ = (cls.__doc__ or StageOneCommands.__doc__.splitlines()[0]).format(**fields)
         for name in VERBS:
@@ -126,6 +127,21 @@ class StageOneCommands:
             **flag_overrides(overrides)})
         report(f"reconstruction written to {output}" if output else
                summary("reconstructions", resolved(workflow, "infer_dir"), start))
+
+    def export(self, output_dir: str, checkpoint: str | None = None):
+        """Write a trained checkpoint as a MONAI model-zoo bundle folder that runs on its own: configs/inference.json
+        (standalone), models/model.pt, large_files.yml, docs/README.md (model card), docs/data_license.txt.
+
+        Args:
+            output_dir: the new bundle folder (must not exist, or be empty: nothing is replaced).
+            checkpoint: best.ckpt or an export of this stage (default {output_dir}/best.ckpt).
+        """
+        from prod9_components.zoo_bundle import export_stage1_bundle
+
+        checkpoint = checkpoint or os.path.join(self._output_dir, "best.ckpt")
+        target = export_stage1_bundle(checkpoint, output_dir, self._stage, bundles_root() / self._stage)
+        report(f"model-zoo bundle written to {target}/ (run it there: python -m monai.bundle run "
+               "--config_file configs/inference.json; fill in the URL in large_files.yml before publishing)")
 
 
 class AutoencoderCommands(StageOneCommands, stage=STAGE, title="MaskGiT stage-1 FSQ autoencoder",

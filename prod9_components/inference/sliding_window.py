@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import Inferer, SlidingWindowInferer
 
 from prod9_components.limits import check_voxels, voxel_count
 
-__all__ = ["SlidingWindowConfig", "AutoencoderInferenceWrapper"]
+__all__ = ["SlidingWindowConfig", "AutoencoderInferenceWrapper", "TiledReconstructionInferer"]
 
 
 @dataclass
@@ -176,3 +176,23 @@ class AutoencoderInferenceWrapper:
         if self.quantizer is None:
             raise TypeError(f"{type(self.autoencoder).__name__} has no fsq quantizer: it produces no tokens.")
         return self.quantizer.quantize(self.encode(image))
+
+
+class TiledReconstructionInferer(Inferer):
+    """MONAI ``Inferer`` for a stage-1 :class:`~prod9_components.networks.reconstruction.Reconstruction` network:
+    the tiled encode -> decode of :class:`AutoencoderInferenceWrapper` (what ``infer`` runs: encoder windows blend
+    the latent, FSQ rounds once), for configs that call ``inferer(inputs, network)`` such as an exported bundle's
+    ``SupervisedEvaluator``. A plain ``SlidingWindowInferer`` over the whole network would blend reconstructed
+    windows instead: another result.
+
+    Args: as :class:`SlidingWindowConfig`. Shapes: inputs (B, C, D, H, W) -> (B, C_out, D, H, W).
+    """
+
+    def __init__(self, roi_size: Sequence[int] | int = (64, 64, 64), overlap: float = 0.25, sw_batch_size: int = 4,
+                 mode: str = "gaussian", sigma_scale: float = 0.125) -> None:
+        super().__init__()
+        self.sw_config = SlidingWindowConfig(roi_size, overlap, sw_batch_size, mode, sigma_scale)
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+        autoencoder = getattr(network, "autoencoder", network)
+        return AutoencoderInferenceWrapper(autoencoder.eval(), self.sw_config).reconstruct(inputs)
