@@ -10,7 +10,7 @@ import prod9_components
 from prod9_components.cli.bundle_runner import config_files
 from tests.helpers import cli
 
-INSTALLED = Path(prod9_components.__file__).resolve().parents[1] / "bundles"
+INSTALLED = Path(prod9_components.__file__).resolve().parent / "bundles"
 
 
 def train_here(tmp_path, monkeypatch, *args: str):
