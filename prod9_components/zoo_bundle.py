@@ -27,12 +27,10 @@ from pathlib import Path
 import torch
 
 from prod9_components.atomic import atomic_dir
-from prod9_components.networks.export import read_record
-from prod9_components.networks.registry import NETWORK_CLASSES
+from prod9_components.cli.literal_flags import is_config_syntax, literal
+from prod9_components.networks.export import build_network, read_record
 
-__all__ = ["STAGE1_BUNDLES", "export_stage1_bundle", "stage1_inference_config"]
-
-STAGE1_BUNDLES = ("maskgit_stage1", "maisi_stage1_vae")
+__all__ = ["config_data", "export_stage1_bundle", "stage1_inference_config"]
 
 
 def stage1_inference_config(network_target: str, network_args: dict, spacing, intensity_range, roi_size,
@@ -94,10 +92,8 @@ def export_stage1_bundle(checkpoint: str | os.PathLike, target: str | os.PathLik
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"--output-dir {target}: exists and is not empty; export into a new folder")
     record, sha256 = read_record(checkpoint, stages=[stage])
-    if record["network_target"] not in NETWORK_CLASSES:
-        raise ValueError(f"{checkpoint}: network {record['network_target']} is not a prod9 network")
-    network = NETWORK_CLASSES[record["network_target"]](**record["network_args"])
-    network.load_state_dict(record["state_dict"])
+    network = build_network(record, source=str(checkpoint))  # a registered class, its arguments checked
+    network_args = config_data(record["network_args"], str(checkpoint))
     preprocessing = record.get("preprocessing", {})
     spacing = preprocessing.get("spacing", [1.0, 1.0, 1.0])
     intensity_range = preprocessing.get("intensity", {}).get("range", [0.0, 1.0])
@@ -117,7 +113,7 @@ def export_stage1_bundle(checkpoint: str | os.PathLike, target: str | os.PathLik
                                            f"{record.get('epoch', '?')}")
         _write_json(folder / "configs" / "metadata.json", metadata)
         _write_json(folder / "configs" / "inference.json", stage1_inference_config(
-            record["network_target"], record["network_args"], spacing, intensity_range, roi_size, factor))
+            record["network_target"], network_args, spacing, intensity_range, roi_size, factor))
         shutil.copyfile(source_bundle / "configs" / "logging.conf", folder / "configs" / "logging.conf")
         shutil.copyfile(source_bundle / "LICENSE", folder / "LICENSE")
         (folder / "large_files.yml").write_text(
@@ -129,6 +125,22 @@ def export_stage1_bundle(checkpoint: str | os.PathLike, target: str | os.PathLik
         (folder / "docs" / "README.md").write_text(model_card(metadata, record, spacing, roi_size))
         (folder / "docs" / "data_license.txt").write_text(data_license(metadata))
     return target
+
+
+def config_data(value, source: str):
+    """``value`` (a record's plain data) as it must stand in a MONAI config to mean itself: strings MONAI would
+    evaluate or follow (``$...``, ``@...``, ``%...``) become string literals; a dict MONAI would instantiate or
+    interpret (``_target_``, ``_requires_``, ...) is refused, naming ``source``."""
+    if isinstance(value, str):
+        return literal(value) if is_config_syntax(value) else value
+    if isinstance(value, dict):
+        special = [k for k in value if str(k).startswith("_") and str(k).endswith("_")]
+        if special:
+            raise ValueError(f"{source}: network_args hold a config directive {special[0]!r}; expected plain data")
+        return {k: config_data(v, source) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [config_data(v, source) for v in value]
+    return value
 
 
 def _write_json(path: Path, data: dict) -> None:
