@@ -1,6 +1,6 @@
 """Generator and discriminator objectives of a stage-1 autoencoder (FSQ autoencoder or KL-VAE) trained as a GAN.
 
-generator loss = recon_weight * L1 + perceptual_weight * perceptual
+generator loss = recon_weight * L1 + mse_weight * L2 + perceptual_weight * perceptual
                  + adversarial_weight * adaptive_weight * adversarial + kl_weight * KL
 
 The adaptive weight balances the adversarial gradient against the reconstruction gradient at the decoder's last
@@ -72,6 +72,8 @@ class AutoencoderGANLoss(nn.Module):
 
     Args:
         recon_weight: weight of the L1 reconstruction loss.
+        mse_weight: weight of the squared-error reconstruction loss (the one PSNR measures; L1 alone favours the
+            median and leaves larger errors at edges).
         perceptual_weight: weight of the perceptual loss.
         adversarial_weight: weight of the adversarial generator loss (multiplied by the adaptive weight).
         kl_weight: weight of the KL term (KL-VAE only; 0 disables it).
@@ -92,6 +94,7 @@ class AutoencoderGANLoss(nn.Module):
     def __init__(
         self,
         recon_weight: float = 1.0,
+        mse_weight: float = 0.0,
         perceptual_weight: float = 0.1,
         adversarial_weight: float = 0.1,
         kl_weight: float = 0.0,
@@ -103,6 +106,7 @@ class AutoencoderGANLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.recon_weight = recon_weight
+        self.mse_weight = mse_weight
         self.perceptual_weight = perceptual_weight
         self.adversarial_weight = adversarial_weight
         self.kl_weight = kl_weight
@@ -149,14 +153,17 @@ class AutoencoderGANLoss(nn.Module):
             z_mu, z_sigma: posterior mean and std of a KL-VAE, (B, latent_channels, d, h, w).
 
         Returns:
-            dict with ``loss`` (total, differentiable), ``recon_loss``, ``perceptual_loss``, ``adv_loss``,
+            dict with ``loss`` (total, differentiable), ``recon_loss`` (L1), ``mse_loss`` (0 when unweighted),
+            ``perceptual_loss``, ``adv_loss``,
             ``adaptive_weight`` (the factor applied to ``adversarial_weight * adv_loss``: 0 during warm-up, 1 when it
             cannot be computed, e.g. under ``torch.no_grad()``) and ``kl_loss``; all scalars.
         """
         zero = reconstruction.new_zeros(())
-        recon_loss = (reconstruction.float() - image.float()).abs().mean()
+        error = reconstruction.float() - image.float()
+        recon_loss = error.abs().mean()
+        mse_loss = error.square().mean() if self.mse_weight > 0 else zero
         perceptual_loss = self.perceptual_loss(reconstruction, image) if self.perceptual_loss is not None else zero
-        nll_loss = self.recon_weight * recon_loss + self.perceptual_weight * perceptual_loss
+        nll_loss = self.recon_weight * recon_loss + self.mse_weight * mse_loss + self.perceptual_weight * perceptual_loss
 
         adv_loss = zero
         adaptive = zero
@@ -182,6 +189,7 @@ class AutoencoderGANLoss(nn.Module):
         return {
             "loss": loss,
             "recon_loss": recon_loss,
+            "mse_loss": mse_loss,
             "perceptual_loss": perceptual_loss,
             "adv_loss": adv_loss,
             "adaptive_weight": adaptive,

@@ -95,6 +95,20 @@ def test_warm_up_makes_adversarial_term_inert():
     assert out_a["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_reconstruction_terms_are_weighted_l1_and_squared_error():
+    image, recon = _volume(seed=3), _volume(seed=4).requires_grad_()
+    out = AutoencoderGANLoss(recon_weight=0.5, mse_weight=2.0, perceptual_weight=0).generator_loss(
+        image, recon, None, None, iteration=0)
+    l1, mse = (recon - image).abs().mean(), ((recon - image) ** 2).mean()
+    assert out["recon_loss"].item() == pytest.approx(l1.item(), rel=1e-6)
+    assert out["mse_loss"].item() == pytest.approx(mse.item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(0.5 * l1.item() + 2.0 * mse.item(), rel=1e-6)
+    # Squared error alone: its gradient is 2 * error / N, the one PSNR rewards.
+    AutoencoderGANLoss(recon_weight=0, mse_weight=1.0, perceptual_weight=0).generator_loss(
+        image, recon, None, None, iteration=0)["loss"].backward()
+    torch.testing.assert_close(recon.grad, 2 * (recon - image).detach() / image.numel())
+
+
 def test_adaptive_weight_equals_independent_grad_norm_ratio():
     autoencoder, discriminator, image = _gan_setup(seed=1)
     loss_fn = AutoencoderGANLoss(disc_start=0, adversarial_weight=0.5)
