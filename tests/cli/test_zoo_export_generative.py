@@ -118,6 +118,15 @@ def test_maskgit_stage2_bundles_run_alone(stage2_runs, tmp_path):
     assert again.returncode != 0 and "exists and is not empty" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in bundle.rglob("*")} == before
 
+    # A checkpoint whose stage-1 export changed since it was trained is refused, naming the file; nothing written.
+    record = weights_of(checkpoint)
+    record["autoencoder_sha256"] = "0" * 64
+    torch.save(record, tmp_path / "stale.ckpt")
+    stale = cli("prod9-train-transformer", "export", "--checkpoint", str(tmp_path / "stale.ckpt"), "--output-dir",
+                str(tmp_path / "stale_bundle"), check=False, in_process=True)
+    assert stale.returncode == 2 and f"{record['autoencoder_path']}: this stage-1 export changed" in stale.stderr
+    assert not (tmp_path / "stale_bundle").exists()
+
 
 def test_maskgit_controlnet_bundle_runs_alone(stage2_runs, tmp_path):
     out = tmp_path / "stage3"
