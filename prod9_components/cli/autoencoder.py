@@ -1,7 +1,7 @@
 """``prod9-train-autoencoder``: MaskGiT stage 1, the FSQ autoencoder (bundle ``maskgit_stage1``).
 
-Verbs: ``train``, ``validate``, ``test``, ``infer``. Any ``--<bundle id> value`` not listed is passed to the bundle
-as an override (e.g. ``--epochs 5``, ``--network_def#num_channels '[32,64,128]'``).
+Verbs: ``train``, ``validate``, ``test``, ``infer``, ``export``. Any ``--<bundle id> value`` not listed is passed to the
+bundle as an override (e.g. ``--epochs 5``, ``--network_def#num_channels '[32,64,128]'``).
 
 The verbs are those of every stage-1 autoencoder bundle: :class:`StageOneCommands` holds them once, and each
 command (this one, ``prod9-train-maisi-vae``) is a subclass that names its bundle, so ``--help`` shows that
@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 import os
 
-from prod9_components.cli.bundle_runner import (bundles_root, evaluate_bundle, flag_overrides, main_for, report,
+from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report,
                                                  report_training, resolved, run_bundle)
 from prod9_components.cli.written import start_clock, summary
+from prod9_components.cli.zoo_export import export_stage
 
 STAGE = "maskgit_stage1"
 VERBS = ("train", "validate", "test", "infer", "export")
@@ -130,18 +131,14 @@ class StageOneCommands:
 
     def export(self, output_dir: str, checkpoint: str | None = None):
         """Write a trained checkpoint as a MONAI model-zoo bundle folder that runs on its own: configs/inference.json
-        (standalone), models/model.pt, large_files.yml, docs/README.md (model card), docs/data_license.txt.
+        (standalone: reconstructs volumes with models/model.pt), models/model.pt, large_files.yml, docs/README.md
+        (model card), docs/data_license.txt.
 
         Args:
             output_dir: the new bundle folder (must not exist, or be empty: nothing is replaced).
             checkpoint: best.ckpt or an export of this stage (default {output_dir}/best.ckpt).
         """
-        from prod9_components.zoo_bundle import export_stage1_bundle
-
-        checkpoint = checkpoint or os.path.join(self._output_dir, "best.ckpt")
-        target = export_stage1_bundle(checkpoint, output_dir, self._stage, bundles_root() / self._stage)
-        report(f"model-zoo bundle written to {target}/ (run it there: python -m monai.bundle run "
-               "--config_file configs/inference.json; fill in the URL in large_files.yml before publishing)")
+        export_stage(self._stage, checkpoint or os.path.join(self._output_dir, "best.ckpt"), output_dir)
 
 
 class AutoencoderCommands(StageOneCommands, stage=STAGE, title="MaskGiT stage-1 FSQ autoencoder",

@@ -1,8 +1,8 @@
 """``prod9-train-maisi-controlnet``: MAISI stage 3, a ControlNet on the frozen stage-2 latent diffusion model
 (bundle ``maisi_stage3_controlnet``).
 
-Verbs: ``train``, ``validate``, ``test``, ``generate``. Any ``--<bundle id> value`` not listed is passed to the bundle
-as an override (e.g. ``--epochs 5``, ``--contrastive-weight 0.1``).
+Verbs: ``train``, ``validate``, ``test``, ``generate``, ``export``. Any ``--<bundle id> value`` not listed is passed
+to the bundle as an override (e.g. ``--epochs 5``, ``--contrastive-weight 0.1``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
                                                  report_training, resolved, run_bundle)
 from prod9_components.cli.written import start_clock, summary
+from prod9_components.cli.zoo_export import export_stage
 
 STAGE = "maisi_stage3_controlnet"
 
@@ -102,6 +103,20 @@ class MaisiControlNetCommands:
             "guidance_scale": guidance_scale, "seed": seed, "output_dir": output_dir, "overwrite": overwrite,
             **flag_overrides(overrides)})
         report(summary("controlled samples", resolved(workflow, "generate_dir"), start))
+
+
+    def export(self, output_dir: str, checkpoint: str = "outputs/maisi_stage3/best.ckpt"):
+        """Write a trained ControlNet as a MONAI model-zoo bundle folder that runs on its own: configs/inference.json
+        (standalone; in the folder `python -m monai.bundle run --config_file configs/inference.json` generates a
+        volume per mask and/or source image into eval/), models/model.pt (the control branch), models/diffusion.pt
+        (the frozen stage-2 UNet it controls), models/vae.pt (the stage-1 VAE), large_files.yml, docs/README.md
+        (model card), docs/data_license.txt.
+
+        Args:
+            output_dir: the new bundle folder (must not exist, or be empty: nothing is replaced).
+            checkpoint: best.ckpt of a stage-3 run (default outputs/maisi_stage3/best.ckpt).
+        """
+        export_stage(STAGE, checkpoint, output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """``prod9-train-maisi-diffusion``: MAISI stage 2, rectified-flow latent diffusion (bundle ``maisi_stage2_diffusion``).
 
-Verbs: ``train``, ``validate``, ``test``, ``generate``. Any ``--<bundle id> value`` not listed is passed to the bundle
-as an override (e.g. ``--epochs 5``, ``--vae-path outputs/maisi_stage1/maisi_vae_final.pt``).
+Verbs: ``train``, ``validate``, ``test``, ``generate``, ``export``. Any ``--<bundle id> value`` not listed is passed
+to the bundle as an override (e.g. ``--epochs 5``, ``--vae-path outputs/maisi_stage1/maisi_vae_final.pt``).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, report, report_training,
                                                  resolved, run_bundle)
 from prod9_components.cli.written import start_clock, summary
+from prod9_components.cli.zoo_export import export_stage
 
 STAGE = "maisi_stage2_diffusion"
 
@@ -88,6 +89,20 @@ class MaisiDiffusionCommands:
             "num_inference_steps": num_inference_steps, "modality": modality, "guidance_scale": guidance_scale,
             "seed": seed, "output_dir": output_dir, "overwrite": overwrite, **flag_overrides(overrides)})
         report(summary("generated volumes", resolved(workflow, "generate_dir"), start))
+
+
+    def export(self, output_dir: str, checkpoint: str = "outputs/maisi_stage2/best.ckpt"):
+        """Write a trained diffusion model as a MONAI model-zoo bundle folder that runs on its own:
+        configs/inference.json (standalone; in the folder `python -m monai.bundle run --config_file
+        configs/inference.json` generates samples from noise into eval/), models/model.pt (the EMA weights),
+        models/vae.pt (the stage-1 VAE it decodes with), large_files.yml, docs/README.md (model card),
+        docs/data_license.txt.
+
+        Args:
+            output_dir: the new bundle folder (must not exist, or be empty: nothing is replaced).
+            checkpoint: a best.ckpt of this stage (default outputs/maisi_stage2/best.ckpt).
+        """
+        export_stage(STAGE, checkpoint, output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """``prod9-train-maisi-vae``: MAISI stage 1, the KL-VAE (bundle ``maisi_stage1_vae``).
 
-Verbs: ``train``, ``validate``, ``test``, ``infer`` — the stage-1 verbs of ``prod9-train-autoencoder``
+Verbs: ``train``, ``validate``, ``test``, ``infer``, ``export`` — the stage-1 verbs of ``prod9-train-autoencoder``
 (:class:`~prod9_components.cli.autoencoder.StageOneCommands`) on the MAISI bundle. Any ``--<bundle id> value`` not
 listed is passed to the bundle as an override (e.g. ``--epochs 5``, ``--network_def#num_splits 4``).
 """

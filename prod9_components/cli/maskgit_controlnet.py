@@ -1,8 +1,8 @@
 """``prod9-train-maskgit-controlnet``: MaskGiT stage 3, a ControlNet on the frozen stage-2 transformer
 (bundle ``maskgit_stage3_controlnet``).
 
-Verbs: ``train``, ``validate``, ``test``, ``generate``. Any ``--<bundle id> value`` not listed is passed to the bundle
-as an override (e.g. ``--epochs 5``, ``--num-control-blocks 6``).
+Verbs: ``train``, ``validate``, ``test``, ``generate``, ``export``. Any ``--<bundle id> value`` not listed is passed
+to the bundle as an override (e.g. ``--epochs 5``, ``--num-control-blocks 6``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from prod9_components.cli.argv import rename_deprecated_flags
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
                                                  report_training, resolved, run_bundle)
 from prod9_components.cli.written import start_clock, summary
+from prod9_components.cli.zoo_export import export_stage
 
 STAGE = "maskgit_stage3_controlnet"
 
@@ -100,6 +101,20 @@ class ControlNetCommands:
         workflow = run_bundle(STAGE, "generate", config, ids)
         folder = resolved(workflow, "generate_dir") if not single_file else str(Path(output).parent)
         report(summary("mask-controlled samples", folder, start))
+
+
+    def export(self, output_dir: str, checkpoint: str = "outputs/maskgit_stage3/best.ckpt"):
+        """Write a trained ControlNet as a MONAI model-zoo bundle folder that runs on its own: configs/inference.json
+        (standalone; in the folder `python -m monai.bundle run --config_file configs/inference.json` generates a
+        volume per tumour mask into eval/), models/model.pt (the control branch), models/transformer.pt (the frozen
+        stage-2 transformer it controls), models/autoencoder.pt (the stage-1 decoder), large_files.yml,
+        docs/README.md (model card), docs/data_license.txt.
+
+        Args:
+            output_dir: the new bundle folder (must not exist, or be empty: nothing is replaced).
+            checkpoint: best.ckpt of a stage-3 run (default outputs/maskgit_stage3/best.ckpt).
+        """
+        export_stage(STAGE, checkpoint, output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

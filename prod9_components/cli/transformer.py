@@ -16,6 +16,7 @@ from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides,
 from prod9_components.cli.literal_flags import Expression
 from prod9_components.cli.seed_configs import seed_config
 from prod9_components.cli.written import start_clock, summary
+from prod9_components.cli.zoo_export import export_stage
 
 LABEL, INCONTEXT = "maskgit_stage2_label", "maskgit_stage2_incontext"
 
@@ -160,6 +161,21 @@ class TransformerCommands:
         workflow = run_bundle(stage, "generate", config, ids)
         report(f"generated volume written to {output}" if single_file else
                summary("generated volumes", resolved(workflow, "generate_dir"), start))
+
+
+    def export(self, output_dir: str, checkpoint: str = "outputs/maskgit_stage2_label/best.ckpt"):
+        """Write a trained transformer as a MONAI model-zoo bundle folder that runs on its own: configs/inference.json
+        (standalone; in the folder `python -m monai.bundle run --config_file configs/inference.json` generates
+        label-conditional samples, or translates the source volumes of an in-context checkpoint, into eval/),
+        models/model.pt and models/autoencoder.pt (the stage-1 network it decodes with), large_files.yml,
+        docs/README.md (model card), docs/data_license.txt.
+
+        Args:
+            output_dir: the new bundle folder (must not exist, or be empty: nothing is replaced).
+            checkpoint: best.ckpt of a stage-2 run; its stage picks the bundle (default
+                outputs/maskgit_stage2_label/best.ckpt; in-context: outputs/maskgit_stage2_incontext/best.ckpt).
+        """
+        export_stage(_stage(None, checkpoint, None), checkpoint, output_dir)
 
 
 def _ints(value) -> list[int]:

@@ -143,6 +143,49 @@ def build_network(record: dict, expected_args: dict | None = None, source: str =
     return network
 
 
+def load_weights(network: nn.Module, path: str | os.PathLike, **parts: str | os.PathLike) -> nn.Module:
+    """Load a model-zoo weights file (``models/model.pt``: a state dict, tensors only) into ``network``; returns it.
+
+    What a standalone ``configs/inference.json`` of an exported bundle loads its networks with: the file is read with
+    ``torch.load(weights_only=True)`` (a pickle that would run code is refused) and must fit ``network`` exactly.
+
+    Args:
+        network: the network its config built (``@network_def``).
+        path: its own weights.
+        parts: submodule name -> weights file of that submodule, merged in under its prefix before the strict load
+            (a ControlNet's frozen ``base``: ``load_weights(net, "models/model.pt", base="models/transformer.pt")``).
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming the file (missing, not a state dict, keys or shapes that
+            do not fit).
+    """
+    state = {}
+    for prefix, file in [("", path), *((f"{name}.", file) for name, file in parts.items())]:
+        state.update({prefix + key: value for key, value in _read_state_dict(file).items()})
+    try:
+        network.load_state_dict(state)
+    except (RuntimeError, ValueError) as error:
+        files = ", ".join(map(str, [path, *parts.values()]))
+        raise ValueError(f"{files}: the weights do not fit {type(network).__name__} ({_first_line(error)})") from None
+    return network
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict:
+    """The state dict in ``path``, read with ``weights_only=True``; one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or a pickle that would run code
+        raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path}: not a state dict (expected a dict of parameter name -> tensor)")
+    return state
+
+
 def check_network_args(record: dict, expected_args: dict, source: str = "checkpoint") -> None:
     """Raise a one-line ValueError naming the first constructor argument whose value differs."""
     args = record["network_args"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from monai.bundle import ConfigParser
 
-from prod9_components.zoo_bundle import config_data
+from prod9_components.zoo import config_data
 
 
 def test_config_syntax_in_network_args_reads_back_as_plain_strings(tmp_path, monkeypatch):
