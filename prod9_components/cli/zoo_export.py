@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prod9_components.cli.bundle_runner import bundles_root, report
 
+
 def export_stage(stage: str, checkpoint: str, output_dir: str) -> None:
     """Write the zoo folder of ``checkpoint`` (a ``stage`` record) into ``output_dir`` and say where."""
     from prod9_components.zoo import export_bundle
