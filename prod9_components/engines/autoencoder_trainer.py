@@ -13,7 +13,7 @@ import torch
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from prod9_components.engines.base_trainer import BaseTrainer
+from prod9_components.engines.base_trainer import BaseTrainer, channels_last_on_cpu
 from prod9_components.networks.export import unwrap
 
 
@@ -57,7 +57,7 @@ class AutoencoderGANTrainer(BaseTrainer):
     ) -> None:
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
                          train_handlers, amp, torch.float16, grad_clip)
-        self.discriminator = discriminator
+        self.discriminator = channels_last_on_cpu(discriminator, device)
         self.disc_optimizer = disc_optimizer
         self.loss_function = loss_function
         # The discriminator's own loss scale (the generator's is the base class's ``scaler``); made here so a resumed

@@ -9,13 +9,24 @@ import torch
 from monai.engines import Trainer
 from torch import nn
 
-__all__ = ["BaseTrainer", "cuda_amp"]
+__all__ = ["BaseTrainer", "channels_last_on_cpu", "cuda_amp"]
 
 
 def cuda_amp(amp: bool, device: torch.device | str) -> bool:
     """Whether autocast is on: ``amp`` on a CUDA device only. On CPU bfloat16 matmul is hundreds of times slower than
     float32 (DESIGN §6), so a CPU run stays float32 whatever ``amp`` says. Every trainer and evaluator gates here."""
     return bool(amp) and torch.device(device).type == "cuda"
+
+
+def channels_last_on_cpu(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """On CPU, lay ``module``'s 5D (Conv3d) weights out channels-last, in place; returns it. oneDNN's 3D convolutions
+    run faster on them: a training step of the demo's stage-1 networks (batch 2 of 48x56x40, float32) took 0.72x (FSQ
+    autoencoder) and 0.77x (KL-VAE) the time of the same step on contiguous weights, measured alternately. 2D and
+    1D weights (a transformer's) are untouched; a DDP-wrapped module is left as it is (its gradient buckets were laid
+    out when it was wrapped); CUDA keeps cuDNN's default layout (not measured here)."""
+    if torch.device(device).type == "cpu" and not isinstance(module, nn.parallel.DistributedDataParallel):
+        module.to(memory_format=torch.channels_last_3d)
+    return module
 
 
 class BaseTrainer(Trainer):
@@ -41,7 +52,7 @@ class BaseTrainer(Trainer):
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
                          epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp,
                          decollate=False)
-        self.network, self.optimizer = network, optimizer
+        self.network, self.optimizer = channels_last_on_cpu(network, device), optimizer
         self.amp_dtype, self.grad_clip = amp_dtype, grad_clip
         # float16 gradients underflow without loss scaling; bfloat16 ones do not. Made here, not in run(), so a
         # resumed run restores its state from last.ckpt (the checkpoint handler saves it).

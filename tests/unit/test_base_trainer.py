@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from prod9_components.engines.base_trainer import BaseTrainer, cuda_amp
+from prod9_components.engines.base_trainer import BaseTrainer, channels_last_on_cpu, cuda_amp
 
 
 def _step(trainer: BaseTrainer, x: torch.Tensor, scaler=None) -> None:
@@ -19,6 +19,28 @@ def test_amp_only_on_cuda():
                           amp_dtype=torch.float16)
     assert not trainer.amp and not trainer.scaler.is_enabled()  # float32 on CPU; the scaler exists for resumes
     assert BaseTrainer("cpu", 1, [], torch.nn.Linear(3, 2), trainer.optimizer).scaler is None  # bfloat16: none
+
+
+def test_cpu_trainers_lay_conv3d_weights_out_channels_last_and_step_the_same():
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.GELU(), torch.nn.Conv3d(4, 1, 1),
+                                  torch.nn.Flatten(), torch.nn.Linear(6**3, 2))
+    reference, x = copy.deepcopy(network), torch.randn(2, 2, 6, 6, 6)
+    trainer = BaseTrainer("cpu", 1, [], network, torch.optim.SGD(network.parameters(), lr=0.1))
+    assert network[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not network[0].weight.is_contiguous()  # really re-laid out
+    assert network[4].weight.is_contiguous()  # 2D weights untouched
+    _step(trainer, x)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    optimizer.zero_grad()
+    ((reference(x) ** 2).sum() * 10).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    optimizer.step()
+    for p, q in zip(network.parameters(), reference.parameters()):  # the same step, up to summation order
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # CUDA keeps its layout (nothing is moved: only the layout decision is checked)
+    cuda_net = torch.nn.Conv3d(1, 4, 3)
+    assert channels_last_on_cpu(cuda_net, "cuda") is cuda_net and cuda_net.weight.is_contiguous()
 
 
 def test_optimizer_step_clips_and_steps_like_the_hand_written_loop():
