@@ -33,9 +33,11 @@ VERB_CONFIGS = {
     "train": ["train.json"],
     "validate": ["train.json", "evaluate.json"],
     "test": ["train.json", "evaluate.json"],
-    "infer": ["train.json", "inference.json"],
-    "generate": ["train.json", "inference.json"],
+    "infer": ["train.json", "checkpoint_inference.json"],
+    "generate": ["train.json", "checkpoint_inference.json"],
 }
+# checkpoint_inference.json: the commands' infer/generate, layered on train.json, reading the run's checkpoint record;
+# configs/inference.json is the standalone model-zoo config (models/*.pt, prod9_components.zoo.template).
 
 
 class UsageError(ValueError):
@@ -100,7 +102,8 @@ def bundle_ids(bundle: Path) -> Any:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / name) for name in ("train.json", "evaluate.json", "inference.json")])
+    names = ("train.json", "evaluate.json", "checkpoint_inference.json")
+    parser.read_config([str(bundle / "configs" / name) for name in names])
     return parser
 
 
