@@ -1,7 +1,7 @@
 """Every repository bundle's standalone ``configs/inference.json`` is the exporter's config of its stage written from
 the bundle's train.json defaults (:func:`prod9_components.zoo.template.template_config`): one definition for the file
 in the repository and the file an export writes. Run without weights, it stops in one line naming the missing
-``models/*.pt`` files."""
+``models/*.pt`` files; the translation template pads with the background code training pads with."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from monai.bundle import ConfigParser
 
 from prod9_components.zoo.inference import BUILDERS
 from prod9_components.zoo.template import template_config
@@ -63,3 +65,24 @@ def test_the_template_without_weights_fails_in_one_line_naming_them(stage, missi
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {missing}; "), result.stderr[-2000:]
     assert not (bundle / "eval").exists()
+
+
+def test_the_translation_template_pads_with_the_token_training_computes():
+    """Without a trained record the in-context template computes ``pad_token`` from its autoencoder, by the
+    expression of train.json: the same autoencoder gives the same token."""
+    torch.manual_seed(0)
+    configs = ROOT / "bundles" / "maskgit_stage2_incontext" / "configs"
+    template = ConfigParser()
+    template.read_config(str(configs / "inference.json"))
+    tiny = {"num_channels": [8, 16, 32], "num_res_blocks": [0, 1, 1], "norm_num_groups": 4}
+    for key, value in tiny.items():
+        template[f"autoencoder_def#{key}"] = value
+    autoencoder = template.get_parsed_content("autoencoder_def").eval()  # random weights: a token of its own
+    training = ConfigParser()
+    training.read_config(str(configs / "train.json"))
+    tokens = []
+    for parser in (template, training):
+        parser["autoencoder"], parser["device"] = autoencoder, torch.device("cpu")
+        tokens.append(parser.get_parsed_content("pad_token"))
+    assert isinstance(tokens[0], int) and 0 <= tokens[0] < autoencoder.codebook_size
+    assert tokens[0] == tokens[1]
