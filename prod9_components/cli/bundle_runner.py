@@ -33,9 +33,11 @@ VERB_CONFIGS = {
     "train": ["train.json"],
     "validate": ["train.json", "evaluate.json"],
     "test": ["train.json", "evaluate.json"],
-    "infer": ["train.json", "inference.json"],
-    "generate": ["train.json", "inference.json"],
+    "infer": ["train.json", "checkpoint_inference.json"],
+    "generate": ["train.json", "checkpoint_inference.json"],
 }
+# checkpoint_inference.json: the commands' infer/generate, layered on train.json, reading the run's checkpoint record;
+# configs/inference.json is the standalone model-zoo config (models/*.pt, prod9_components.zoo.template).
 
 
 class UsageError(ValueError):
@@ -70,6 +72,11 @@ def config_files(stage: str, verb: str, config: str | None = None) -> tuple[Path
     if not (bundle / "configs" / "train.json").is_file():
         raise UsageError(f"{bundle}: not a bundle (expected {bundle / 'configs' / 'train.json'})")
     files = [str(bundle / "configs" / name) for name in VERB_CONFIGS[verb]]
+    if preset is not None and user_preset(config) is None and preset.name == "inference.json":
+        # the standalone zoo config: layered on train.json it would replace the verb's own ids
+        raise UsageError(f"--config {config}: the standalone model-zoo config, which runs with models/*.pt by "
+                         "`python -m monai.bundle run --config_file configs/inference.json` in its folder; the "
+                         "commands run configs/checkpoint_inference.json")
     if preset is not None and user_preset(config) is None:  # one of our bundle files: layered as config
         files.append(str(preset))
     return bundle, files
@@ -100,7 +107,8 @@ def bundle_ids(bundle: Path) -> Any:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / name) for name in ("train.json", "evaluate.json", "inference.json")])
+    names = ("train.json", "evaluate.json", "checkpoint_inference.json")
+    parser.read_config([str(bundle / "configs" / name) for name in names])
     return parser
 
 

@@ -170,6 +170,18 @@ def load_weights(network: nn.Module, path: str | os.PathLike, **parts: str | os.
     return network
 
 
+def require_weights(*paths: str | os.PathLike) -> None:
+    """Raise one FileNotFoundError naming every file of ``paths`` that is missing (a bundle's ``models/*.pt``).
+
+    A standalone ``configs/inference.json`` calls it first, so a folder without its weights (the repository's template
+    before an export's files are copied in) stops with one line naming them, not deep inside a loader.
+    """
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)}: weights file{'s' if len(missing) > 1 else ''} not found; this "
+                                "config runs with the models/*.pt files an `export` of a trained stage writes")
+
+
 def _read_state_dict(path: str | os.PathLike) -> dict:
     """The state dict in ``path``, read with ``weights_only=True``; one-line errors naming the file."""
     path = Path(path)

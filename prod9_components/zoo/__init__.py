@@ -14,7 +14,8 @@ Layout of the folder (the zoo's):
     LICENSE
 
 :func:`export_bundle` writes it (:mod:`.folder`); every value taken from a checkpoint is written as data
-(:func:`config_data`).
+(:func:`config_data`). The repository's own bundles carry the same ``configs/inference.json``, written by the same
+builders from their train.json defaults (:mod:`.template`).
 """
 
 from prod9_components.zoo.data import config_data

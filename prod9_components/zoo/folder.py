@@ -22,7 +22,7 @@ from prod9_components.atomic import atomic_dir
 from prod9_components.data.case_cache import check_sha256
 from prod9_components.networks.export import build_network, read_record
 from prod9_components.zoo.card import data_license, model_card
-from prod9_components.zoo.inference import SETTINGS, Sources, inference_config
+from prod9_components.zoo.inference import Sources, bundle_settings, inference_config
 
 __all__ = ["export_bundle"]
 
@@ -58,7 +58,7 @@ def export_bundle(checkpoint: str | os.PathLike, target: str | os.PathLike, stag
     weights = {"model": network.state_dict()}
     held = {"model": f"`{record['network_target'].rsplit('.', 1)[-1]}`, this stage ({Path(checkpoint).name}, "
                      f"sha256 {sha256[:16]}, epoch {record.get('epoch', '?')})"}
-    sources = Sources(record, str(checkpoint), settings=_settings(source_bundle),
+    sources = Sources(record, str(checkpoint), settings=bundle_settings(source_bundle),
                       downsample_factor=int(getattr(network, "downsample_factor", 4)))
     if stage in UPSTREAM:
         sources.upstream, decoder = _upstream(record, checkpoint, *UPSTREAM[stage])
@@ -106,12 +106,6 @@ def _upstream(record: dict, checkpoint, stage1: str, name: str, what: str):
     upstream, sha = read_record(path, stages=[stage1])
     check_sha256(path, record[f"{name}_sha256"], what, actual=sha, recorded_by=checkpoint)
     return upstream, build_network(upstream, source=path)
-
-
-def _settings(bundle: Path) -> dict:
-    """:data:`~prod9_components.zoo.inference.SETTINGS` of the stage's train.json (its literal values)."""
-    config = json.loads((bundle / "configs" / "train.json").read_text())
-    return {k: config[k] for k in SETTINGS if k in config and not str(config[k]).startswith(("$", "@", "%"))}
 
 
 def _data_format(data_format: dict, network_args: dict) -> dict:

@@ -10,14 +10,26 @@ command's ``generate`` of the same checkpoint and seed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prod9_components.zoo.data import config_data
 
-__all__ = ["BUILDERS", "Sources", "inference_config"]
+__all__ = ["BUILDERS", "Sources", "bundle_settings", "inference_config"]
 
 # Sampling defaults a stage's exported config takes from its train.json (literal values there).
 SETTINGS = ("num_inference_steps", "schedule", "guidance_scale", "sw_batch_size")
+# The background's token, computed as training computes it (train.json's pad_token) from the stage-1 weights loaded
+# beside it: what a config without a trained record (the repository's template) pads translation contexts with.
+BACKGROUND_TOKEN = ("$int(@autoencoder.quantize_stage_2_inputs(torch.zeros(1, 1, 16, 16, 16, device=@device))"
+                    ".flatten().mode().values)")
+
+
+def bundle_settings(bundle: Path) -> dict:
+    """:data:`SETTINGS` of the stage's train.json (its literal values)."""
+    config = json.loads((Path(bundle) / "configs" / "train.json").read_text())
+    return {k: config[k] for k in SETTINGS if k in config and not str(config[k]).startswith(("$", "@", "%"))}
 
 
 @dataclass
@@ -69,8 +81,9 @@ def _weights(name: str) -> str:
 
 
 def _common(generation: str | None) -> dict:
-    imports = ["$import glob", "$import os", "$import torch", "$import monai", "$import prod9_components.data as data",
-               "$import prod9_components.networks.export as export"]
+    # bundle_errors: a missing file or bad value ends `monai.bundle run` in one line naming it, not a traceback
+    imports = ["$import glob", "$import os", "$import prod9_components.bundle_errors", "$import torch", "$import monai",
+               "$import prod9_components.data as data", "$import prod9_components.networks.export as export"]
     if generation:
         imports += [f"$import prod9_components.generation.{generation} as generation",
                     "$import prod9_components.generation.inputs as generation_inputs"]
@@ -124,8 +137,15 @@ def _first_case(key: str) -> str:
     return f"$[data.discover_cases(@dataset_dir)[0][{key}]]"
 
 
-def _end(run: str, initialize: list | None = None) -> dict:
-    return {"initialize": ["$monai.utils.set_determinism(seed=@seed)", *(initialize or [])], "run": [run],
+def _require(*names: str) -> str:
+    """An expression that stops the run in one line when any of the ``models/<name>.pt`` files is missing."""
+    return f"$export.require_weights({', '.join(f'@{name}_path' for name in names)})"
+
+
+def _end(run: str, weights: tuple[str, ...]) -> dict:
+    """``initialize`` (the weights are there, then the seed), ``run``, ``finalize``; ``weights``: the ``models/``
+    files the config loads (``model`` is ``@model_path``, the others ``@<name>_path``)."""
+    return {"initialize": [_require(*weights), "$monai.utils.set_determinism(seed=@seed)"], "run": [run],
             "finalize": []}
 
 
@@ -165,7 +185,7 @@ def stage1(s: Sources) -> dict:
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
                       "val_handlers": "@handlers"},
-        "initialize": [],
+        "initialize": [_require("model")],
         "run": ["$@evaluator.run()"],
         "finalize": [],
     }
@@ -183,7 +203,7 @@ def maskgit_label(s: Sources) -> dict:
         "token_grid": "@volume_grid",
         **_end("$generation.generate_samples(@network, @autoencoder, @sampler, @modality, @num_samples, @token_grid, "
                "@output_dir, @spacing, seed=@seed, sw_config=@sw_config, device=@device, volume_grid=@volume_grid, "
-               "overwrite=@overwrite)"),
+               "overwrite=@overwrite)", ("model", "autoencoder")),
     }
 
 
@@ -195,7 +215,7 @@ def maskgit_incontext(s: Sources) -> dict:
         **_common("maskgit"), **_decoder(s, "autoencoder"), **_network(s), **_maskgit_sampler(s),
         "source_modalities": s.data(list(r["source_modalities"]), "source_modalities"),
         "target_modality": s.data(r["target_modalities"][0], "target_modalities"),
-        "pad_token": int(r["pad_token"]),
+        "pad_token": int(r["pad_token"]) if "pad_token" in r else BACKGROUND_TOKEN,
         "downsample_factor": int(s.downsample_factor),
         "input": "$data.discover_cases(@dataset_dir)[:1]",
         "num_samples": None,
@@ -205,7 +225,7 @@ def maskgit_incontext(s: Sources) -> dict:
         **_end("$generation.translate_volumes(@network, @autoencoder, @sampler, "
                "generation_inputs.input_items(@input, @source_modalities), @source_modalities, @target_modality, "
                "@preprocessing, @output_dir, pad_token=@pad_token, seed=@seed, sw_config=@sw_config, device=@device, "
-               "overwrite=@overwrite, num_samples=@num_samples)"),
+               "overwrite=@overwrite, num_samples=@num_samples)", ("model", "autoencoder")),
     }
 
 
@@ -221,7 +241,8 @@ def maskgit_controlnet(s: Sources) -> dict:
         "mask": _first_case("'seg'"),
         **_end("$generation.generate_with_masks(@network, @autoencoder, @sampler, @modality, "
                "generation_inputs.condition_items(@mask), @volume_grid, @spacing, @output_dir, seed=@seed, "
-               "sw_config=@sw_config, device=@device, source_modalities=@source_modalities, overwrite=@overwrite)"),
+               "sw_config=@sw_config, device=@device, source_modalities=@source_modalities, overwrite=@overwrite)",
+               ("model", "autoencoder", "transformer")),
     }
 
 
@@ -235,7 +256,7 @@ def maisi_diffusion(s: Sources) -> dict:
         **_end("$generation.generate_samples(@network, @vae, @scheduler, @modality, @num_samples, @latent_size, "
                "@scale_factor, @num_inference_steps, @output_dir, @spacing, guidance_scale=@guidance_scale, "
                "seed=@seed, sw_config=@sw_config, device=@device, intensity_range=@intensity_range, "
-               "overwrite=@overwrite)"),
+               "overwrite=@overwrite)", ("model", "vae")),
     }
 
 
@@ -258,7 +279,7 @@ def maisi_controlnet(s: Sources) -> dict:
         **_end("$generation.generate_with_conditions(@network, @vae, @scheduler, @target, @items, @latent_size, "
                "@scale_factor, @num_inference_steps, @spacing, @output_dir, guidance_scale=@guidance_scale, "
                "seed=@seed, sw_config=@sw_config, device=@device, intensity_range=@intensity_range, "
-               "overwrite=@overwrite)"),
+               "overwrite=@overwrite)", ("model", "vae", "diffusion")),
     }
 
 

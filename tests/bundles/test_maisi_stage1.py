@@ -62,7 +62,7 @@ def test_inference_reconstructs_a_volume_on_its_own_grid(maisi_vae_run, tmp_path
     splits = json.loads((Path(maisi_vae_run["output_dir"]) / "datalist.json").read_text())
     source_path = splits["test"][0]["t2"]
     output = tmp_path / "t2_recon.nii.gz"
-    bundle_run(VAE, ["train.json", "inference.json", "tiny.json"], {
+    bundle_run(VAE, ["train.json", "checkpoint_inference.json", "tiny.json"], {
         "dataset_dir": maisi_vae_run["dataset_dir"], "output_dir": tmp_path,
         "checkpoint": maisi_vae_run["export_path"], "input": source_path, "output": output})
     source, recon = nib.load(source_path), nib.load(output)

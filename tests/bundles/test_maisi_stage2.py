@@ -101,7 +101,7 @@ def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_r
     other = nib.load(out / files[1]).get_fdata()
     assert np.abs(data - other).max() > 0.01  # two seeds, two volumes
     # the same workflow as a bundle run: without a modality the sample is unconditional and its name says none
-    bundle_run(DIFFUSION, ["train.json", "tiny.json", "inference.json"], {
+    bundle_run(DIFFUSION, ["train.json", "tiny.json", "checkpoint_inference.json"], {
         "checkpoint": checkpoint, "generate_dir": tmp_path / "bundle", "num_samples": 1, "seed": 7})
     assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["sample_0001.nii.gz"]
 

@@ -46,8 +46,10 @@ def test_train_evaluate_infer_chain(stage1_run):
     assert 10.0 < metrics["pool_baseline_psnr"] < 40.0
     assert metrics["beats_baselines"] == float(all(metrics[f"margin_{s}"] > 0 for s in ("psnr", "ssim", "ms_ssim")))
 
-    # inference.json reconstructs the test split into NIfTI files with the inputs' geometry.
-    bundle_run(STAGE1, ["train.json", "inference.json"], {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out})
+    # checkpoint_inference.json (the `infer` verb's config) reconstructs the test split into NIfTI files with the
+    # inputs' geometry.
+    bundle_run(STAGE1, ["train.json", "checkpoint_inference.json"],
+               {"dataset_dir": stage1_run["dataset_dir"], "output_dir": out})
     written = sorted((out / "reconstructions").glob("*_recon.nii.gz"))
     assert len(written) == 4
     splits = json.loads((out / "datalist.json").read_text())

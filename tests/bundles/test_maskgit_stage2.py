@@ -55,7 +55,8 @@ def test_incontext_chain(stage2_runs):
     assert metrics["regression_source_psnr"] > metrics["copy_source_psnr"] + 2
     assert metrics["beats_baselines"] in (0.0, 1.0)
 
-    bundle_run(INCONTEXT, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_inference_steps": 2})
+    bundle_run(INCONTEXT, ["train.json", "checkpoint_inference.json"],
+               {**_common(stage2_runs, out), "num_inference_steps": 2})
     splits = json.loads((Path(out) / "datalist.json").read_text())
     case = splits["test"][0]
     written = Path(out) / "generated" / f"{case['case']}_T2.nii.gz"
@@ -88,8 +89,8 @@ def test_label_chain(stage2_runs):
     assert 0.7 < metrics["real_brain_dice"] <= 1 and 0 < metrics["real_ms_ssim"] < 1
     assert metrics["real_nearest_training_distance"] > 0 and metrics["real_intensity_w1"] > 0
 
-    bundle_run(LABEL, ["train.json", "inference.json"], {**_common(stage2_runs, out), "num_samples": 2,
-                                                         "modality": "FLAIR", "num_inference_steps": 3})
+    bundle_run(LABEL, ["train.json", "checkpoint_inference.json"],
+               {**_common(stage2_runs, out), "num_samples": 2, "modality": "FLAIR", "num_inference_steps": 3})
     samples = sorted((Path(out) / "generated").glob("sample_*_FLAIR.nii.gz"))
     assert [p.name for p in samples] == ["sample_0001_FLAIR.nii.gz", "sample_0002_FLAIR.nii.gz"]
     # Whole volumes: the largest token grid of the cached training/validation cases, times the downsampling (4).

@@ -65,8 +65,8 @@ def test_chain_train_evaluate_generate(stage3_run):
     # modalities as targets): the two Dice agree up to the grid's padding.
     assert metrics["seg_dice_real"] == pytest.approx(own["dice_test"], abs=0.05)
 
-    bundle_run(MASKGIT_CONTROLNET, ["train.json", "inference.json"], {**_ids(stage3_run, out), "num_inference_steps": 3,
-                                                                      "modality": "FLAIR"})
+    bundle_run(MASKGIT_CONTROLNET, ["train.json", "checkpoint_inference.json"],
+               {**_ids(stage3_run, out), "num_inference_steps": 3, "modality": "FLAIR"})
     image, mask = (nib.load(p) for p in sorted((out / "generated").glob("*.nii.gz")))
     assert image.get_filename().endswith("_FLAIR.nii.gz") and mask.get_filename().endswith("_mask.nii.gz")
     assert image.shape == mask.shape == tuple(4 * g for g in record["volume_grid"])

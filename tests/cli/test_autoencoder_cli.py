@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prod9_components.cli.argv import normalise_multi_value_flags
-from prod9_components.cli.bundle_runner import config_files
+from prod9_components.cli.bundle_runner import UsageError, config_files
 from tests.helpers import ROOT, cli
 
 pytestmark = pytest.mark.slow
@@ -142,6 +142,10 @@ def test_config_resolution(tmp_path):
     tiny = ROOT / "bundles" / "maskgit_stage1" / "configs" / "tiny.json"
     _, files = config_files("maskgit_stage1", "train", str(tiny))
     assert [Path(f).name for f in files] == ["train.json", "tiny.json"]
+    _, files = config_files("maskgit_stage1", "infer")  # the commands' layered config, not the standalone one
+    assert [Path(f).name for f in files] == ["train.json", "checkpoint_inference.json"]
+    with pytest.raises(UsageError, match="standalone model-zoo config"):
+        config_files("maskgit_stage1", "infer", str(tiny.parent / "inference.json"))
 
 
 def test_both_multi_value_spellings_normalise_the_same():

@@ -38,7 +38,8 @@ def wheel(tmp_path_factory):
 def test_the_wheel_carries_every_bundle(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for stage in STAGES:
-        for part in ("configs/train.json", "configs/tiny.json", "configs/inference.json", "configs/metadata.json",
+        for part in ("configs/train.json", "configs/tiny.json", "configs/inference.json",
+                     "configs/checkpoint_inference.json", "configs/metadata.json",
                      "configs/logging.conf", "docs/README.md", "LICENSE"):
             assert f"prod9_components/bundles/{stage}/{part}" in names, f"{stage}/{part} not in {wheel.name}"
 

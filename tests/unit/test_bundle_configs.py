@@ -113,7 +113,8 @@ EVALUATE_HANDLERS = {
     "prod9_components.handlers.metrics_json.MetricsJSONWriter": ["_target_", "output_path", "overwrite", "split",
                                                                  "checkpoint"],
 }
-INFERENCE_SHARED_IDS = ["checkpoint", "record", "finalize"]
+# checkpoint_inference.json: the commands' infer/generate (the standalone inference.json: test_inference_templates)
+CHECKPOINT_INFERENCE_SHARED_IDS = ["checkpoint", "record", "finalize"]
 TINY_SHARED_IDS = ["limit_train_batches", "limit_val_batches", "num_workers", "val_interval"]
 # multi_gpu_train.json: everything but the stage-1 GAN's extra DDP wrappers is the same DDP wiring in all bundles.
 MULTI_GPU_OWN_IDS = {"discriminator", "preprocessing", "validate#metrics#codebook_usage#metric_fn#codebook_size",
@@ -261,7 +262,7 @@ def test_shared_evaluate_ids_and_metrics_writer():
 
 
 def test_shared_inference_and_tiny_ids():
-    for name, ids in (("inference.json", INFERENCE_SHARED_IDS), ("tiny.json", TINY_SHARED_IDS)):
+    for name, ids in (("checkpoint_inference.json", CHECKPOINT_INFERENCE_SHARED_IDS), ("tiny.json", TINY_SHARED_IDS)):
         configs = {b: read(b, name) for b in BUNDLES}
         for id_ in ids:
             assert_same({b: c[id_] for b, c in configs.items()}, f"{name} '{id_}'")
