@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 # voxels (MS-SSIM needs 28): a step costs two thirds of the demo's, so a few hundred fit in a test.
 RECIPE = {"spacing": [6.0, 6.0, 6.0], "batch_size": 4, "roi_size": [36, 40, 28], "learning_rate": 0.003,
           "lr_schedule": "cosine", "warmup_steps": 20, "optimizer#betas": [0.9, 0.99], "loss#disc_start": 10_000,
-          "loss#perceptual_weight": 0.0}
+          "loss#perceptual_weight": 0.0, "loss#recon_weight": 0.0, "loss#mse_weight": 1.0}
 EPOCHS, STEPS_PER_EPOCH = 100, 4  # 4 training cases x 4 modalities = 16 volumes = 4 batches of 4
 
 
