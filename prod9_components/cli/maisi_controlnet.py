@@ -104,7 +104,6 @@ class MaisiControlNetCommands:
             **flag_overrides(overrides)})
         report(summary("controlled samples", resolved(workflow, "generate_dir"), start))
 
-
     def export(self, output_dir: str, checkpoint: str = "outputs/maisi_stage3/best.ckpt"):
         """Write a trained ControlNet as a MONAI model-zoo bundle folder that runs on its own: configs/inference.json
         (standalone; in the folder `python -m monai.bundle run --config_file configs/inference.json` generates a

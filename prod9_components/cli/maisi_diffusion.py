@@ -90,7 +90,6 @@ class MaisiDiffusionCommands:
             "seed": seed, "output_dir": output_dir, "overwrite": overwrite, **flag_overrides(overrides)})
         report(summary("generated volumes", resolved(workflow, "generate_dir"), start))
 
-
     def export(self, output_dir: str, checkpoint: str = "outputs/maisi_stage2/best.ckpt"):
         """Write a trained diffusion model as a MONAI model-zoo bundle folder that runs on its own:
         configs/inference.json (standalone; in the folder `python -m monai.bundle run --config_file

@@ -102,7 +102,6 @@ class ControlNetCommands:
         folder = resolved(workflow, "generate_dir") if not single_file else str(Path(output).parent)
         report(summary("mask-controlled samples", folder, start))
 
-
     def export(self, output_dir: str, checkpoint: str = "outputs/maskgit_stage3/best.ckpt"):
         """Write a trained ControlNet as a MONAI model-zoo bundle folder that runs on its own: configs/inference.json
         (standalone; in the folder `python -m monai.bundle run --config_file configs/inference.json` generates a

@@ -162,7 +162,6 @@ class TransformerCommands:
         report(f"generated volume written to {output}" if single_file else
                summary("generated volumes", resolved(workflow, "generate_dir"), start))
 
-
     def export(self, output_dir: str, checkpoint: str = "outputs/maskgit_stage2_label/best.ckpt"):
         """Write a trained transformer as a MONAI model-zoo bundle folder that runs on its own: configs/inference.json
         (standalone; in the folder `python -m monai.bundle run --config_file configs/inference.json` generates
