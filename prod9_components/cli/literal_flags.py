@@ -21,7 +21,7 @@ from typing import Any
 
 from monai.bundle.config_item import ConfigComponent
 
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-./,=+")
+from prod9_components.config_literals import is_config_syntax, literal
 
 
 class Expression(str):
@@ -30,22 +30,6 @@ class Expression(str):
 
 class FlagValueError(ValueError):
     """A flag value that would be config syntax where the bundle expects a number, list or boolean."""
-
-
-def is_config_syntax(value: str) -> bool:
-    """Whether MONAI's parser would change or run ``value`` instead of keeping it as a plain string."""
-    return value.startswith(("$", "@", "%")) or "::" in value or "@#" in value or "%#" in value
-
-
-def literal(value: str) -> str:
-    """An expression that evaluates to exactly ``value``: ``$'...'`` with every character but ``_SAFE`` escaped.
-
-    The escapes keep ``$ @ % # :`` and quotes out of the text, so MONAI finds no reference, macro or id in it, and
-    ``eval`` of a string literal runs nothing.
-    """
-    escaped = "".join(c if c in _SAFE else f"\\x{ord(c):02x}" if ord(c) < 0x100 else
-                      f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in value)
-    return f"$'{escaped}'"
 
 
 def literal_value(value: Any, flag: str, default: Any = None) -> Any:

@@ -18,7 +18,7 @@ Layout of the folder (the zoo's):
 builders from their train.json defaults (:mod:`.template`).
 """
 
-from prod9_components.zoo.data import config_data
+from prod9_components.config_literals import config_data
 from prod9_components.zoo.folder import export_bundle
 
 __all__ = ["config_data", "export_bundle"]

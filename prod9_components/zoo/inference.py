@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prod9_components.zoo.data import config_data
+from prod9_components.config_literals import config_data
 
 __all__ = ["BUILDERS", "Sources", "bundle_settings", "inference_config"]
 
@@ -51,7 +51,7 @@ class Sources:
     settings: dict = field(default_factory=dict)
 
     def data(self, value, what: str):
-        """A record value as config data (:func:`~prod9_components.zoo.data.config_data`)."""
+        """A record value as config data (:func:`~prod9_components.config_literals.config_data`)."""
         return config_data(value, self.source, what)
 
     def network_def(self, record: dict | None = None) -> dict:

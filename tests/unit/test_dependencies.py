@@ -1,5 +1,6 @@
-"""DESIGN §1's one-way dependencies, read from the source: networks import no training, data or CLI code, and the
-generation path imports no engine, handler or CLI."""
+"""DESIGN §1's one-way dependencies, read from the source: networks import no training, data or CLI code, the
+generation path imports no engine, handler or CLI, and the model-zoo exporter (which the CLI calls) no CLI, engine or
+handler code."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def _imports(folder: str) -> dict[str, set[str]]:
 @pytest.mark.parametrize("folder, allowed", [
     ("networks", {"networks", "limits", "atomic"}),
     ("generation", {"generation", "data", "inference", "networks", "outputs", "sampling"}),
+    ("zoo", {"zoo", "config_literals", "atomic", "data", "networks"}),
 ])
 def test_imports_point_one_way(folder, allowed):
     bad = {name: sorted(modules - allowed) for name, modules in _imports(folder).items() if modules - allowed}
