@@ -105,6 +105,11 @@ class AutoencoderGANLoss(nn.Module):
         perceptual_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        weights = {"recon_weight": recon_weight, "mse_weight": mse_weight, "perceptual_weight": perceptual_weight,
+                   "adversarial_weight": adversarial_weight, "kl_weight": kl_weight}
+        negative = [f"{name}={value!r}" for name, value in weights.items() if not value >= 0]
+        if negative:  # a negative (or NaN) weight would train the network away from the images
+            raise ValueError(f"AutoencoderGANLoss: {negative[0]}; loss weights must be >= 0")
         self.recon_weight = recon_weight
         self.mse_weight = mse_weight
         self.perceptual_weight = perceptual_weight

@@ -30,8 +30,7 @@ TorchScript export is traced, not scripted: the FSQ rounding and MONAI's MAISI b
 _TOKENS = ("`network_def` takes FSQ token grids (int64) with the modality labels{extra}, not one image tensor")
 _LATENTS = ("`network_def` takes a latent with the flow timestep and the modality label{extra}, not one image tensor")
 _NOT_NET_IN_OUT = (" (the input MONAI's `verify_net_in_out` fabricates from `network_data_format#inputs#image`), so "
-                   "that "
-                   "check does not apply; the model zoo keeps its own generative bundles off it for the same reason "
+                   "that check does not apply; the model zoo keeps its own generative bundles off it for the same reason "
                    "(`exclude_verify_shape_list` of its CI). `verify_metadata` applies, and the run above is the "
                    "end-to-end check: it samples with `models/*.pt` and writes NIfTI volumes.")
 

@@ -107,6 +107,9 @@ def test_reconstruction_terms_are_weighted_l1_and_squared_error():
     AutoencoderGANLoss(recon_weight=0, mse_weight=1.0, perceptual_weight=0).generator_loss(
         image, recon, None, None, iteration=0)["loss"].backward()
     torch.testing.assert_close(recon.grad, 2 * (recon - image).detach() / image.numel())
+    for bad in ({"mse_weight": -1.0}, {"recon_weight": float("nan")}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*must be >= 0"):
+            AutoencoderGANLoss(**bad)
 
 
 def test_adaptive_weight_equals_independent_grad_norm_ratio():
