@@ -8,10 +8,11 @@
 ``benchmarks/results.md`` beside it (``--output`` picks another path; any stage can write one).
 
 Every measurement has: name, device, seconds (median of `repeats`), repeats, gflop (counted with torch's FLOP
-counter), gflops_per_s, matmul_peak_gflops (a float32 matmul measured in the same run), peak_fraction (gflops_per_s /
-matmul_peak_gflops), peak_mem_mb (CUDA: max allocated; CPU: peak RSS of a fresh process that ran only this
-measurement), and baseline_seconds + ratio where a MONAI reference of the same work exists. Each measurement runs in
-its own spawned process so peak memory is its own. Timings are never test assertions; they live here.
+counter, taught the CPU's attention kernel: :func:`flop_counter`), gflops_per_s, matmul_peak_gflops (a float32 matmul
+measured in the same run), peak_fraction (gflops_per_s / matmul_peak_gflops), peak_mem_mb (CUDA: max allocated; CPU:
+peak RSS of a fresh process that ran only this measurement), and baseline_seconds + ratio where a MONAI reference of
+the same work exists. Each measurement runs in its own spawned process so peak memory is its own. Timings are never
+test assertions; they live here.
 
 Stages: ``stage1`` FSQ autoencoder (GAN train step, sliding-window encode/decode); ``stage2`` MaskGiT transformer
 (train step, sampling at 8/12/16 steps); ``maisi`` MAISI KL-VAE GAN train step, rectified-flow diffusion train step
@@ -71,11 +72,27 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
     return statistics.median(times)
 
 
+def flop_counter():
+    """torch's FLOP counter, taught the CPU's fused attention kernel: torch counts the CUDA attention kernels but not
+    ``_scaled_dot_product_flash_attention_for_cpu`` (forward or backward), so a CPU transformer step would count only
+    its linear layers. The CPU kernel does the same matmuls, so it gets torch's own attention formulas."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:  # arguments arrive as shapes
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
 def measure(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
     """(median seconds, GFLOP of one call). The FLOP-counting call doubles as the warm-up."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fn()
     return median_seconds(fn, device, repeats), counter.get_total_flops() / 1e9
 
@@ -595,11 +612,10 @@ def build_demo_trainer(bundle: str, workdir: str, device: torch.device | None = 
 def demo_train_step(device: torch.device, repeats: int, size: str, bundle: str, workdir: str) -> list[dict]:
     """The demo's real training iteration of ``bundle``: ``trainer._iteration`` on batches of its own data loader
     (median of at least ``DEMO_STEPS`` after ``DEMO_WARMUP``), its FLOPs, and ``data_seconds``, the median time the
-    loader takes to hand over one batch. GAN trainers are timed past the discriminator warm-up (``disc_start``) and,
-    in a second row, before it (``demo_steps``: how many iterations the demo trains, to compare with ``disc_start``).
+    loader takes to hand over one batch. The unsuffixed row is the step the demo trains: for a GAN trainer,
+    before or past the discriminator warm-up (``disc_start``) as the demo's ``demo_steps`` fall; the other phase is
+    timed in a second row (``_with_discriminator`` or ``_before_disc_start``).
     ``size`` is unused: the sizes are the demo's (``tiny.json`` and its flags)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     torch.manual_seed(0)
     parser, trainer = build_demo_trainer(bundle, workdir, device)
 
@@ -619,7 +635,7 @@ def demo_train_step(device: torch.device, repeats: int, size: str, bundle: str, 
         trainer.state.iteration = iteration
         for _ in range(DEMO_WARMUP):
             trainer._iteration(trainer, next_batch())
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             trainer._iteration(trainer, next_batch())
         times = []
         for _ in range(max(repeats, DEMO_STEPS)):
@@ -632,7 +648,11 @@ def demo_train_step(device: torch.device, repeats: int, size: str, bundle: str, 
         return statistics.median(times), counter.get_total_flops() / 1e9
 
     disc_start = getattr(getattr(trainer, "loss_function", None), "disc_start", None)  # GAN trainers only
-    phases = [("", 10**9)] + ([("_before_disc_start", 0)] if disc_start else [])
+    demo_steps = demo_stage(bundle).epochs * demo_stage(bundle).batches
+    phases = [("", 10**9)]
+    if disc_start is not None:  # the unsuffixed row is the step the demo runs; the other phase beside it
+        with_disc, without = ("_with_discriminator", 10**9), ("_before_disc_start", 0)
+        phases = [("", 0), with_disc] if demo_steps <= disc_start else [("", 10**9), without]
     batch_size = parser.get_parsed_content("batch_size")
     shapes = {k: list(v.shape) for k, v in next_batch().items() if torch.is_tensor(v)}
     rows = []
@@ -641,7 +661,7 @@ def demo_train_step(device: torch.device, repeats: int, size: str, bundle: str, 
         data_seconds = statistics.median(data_times)
         rows.append(result(f"demo_{bundle}_train_step{suffix}", device, seconds, max(repeats, DEMO_STEPS), gflop,
                            peak_mem_mb(device), bundle=bundle, iteration=iteration, disc_start=disc_start,
-                           demo_steps=demo_stage(bundle).epochs * demo_stage(bundle).batches, batch=batch_size,
+                           demo_steps=demo_steps, batch=batch_size,
                            batch_shapes=shapes, volumes_per_s=round(batch_size / seconds, 3),
                            data_seconds=round(data_seconds, 5),
                            data_share=round(data_seconds / (data_seconds + seconds), 3)))
