@@ -14,6 +14,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def script_module(name: str):
+    """``scripts/<name>.py`` as a module (scripts/ is not a package), loaded once and registered first, as
+    dataclasses need."""
+    import importlib.util
+
+    key = f"prod9_script_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "scripts" / f"{name}.py")
+        sys.modules[key] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[key])
+    return sys.modules[key]
+
+
 def configs_dir(bundle: str) -> Path:
     """``bundles/<bundle>/configs``."""
     return ROOT / "bundles" / bundle / "configs"

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from matplotlib.image import imread
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "demo.py"
+from tests.helpers import script_module
 
 
 def _demo():
-    """scripts/demo.py as a module (scripts/ is not a package); registered first, as dataclasses need."""
-    if "demo_script" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("demo_script", SCRIPT)
-        sys.modules["demo_script"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["demo_script"])
-    return sys.modules["demo_script"]
+    return script_module("demo")
 
 
 def _brain(shape=(20, 24, 16), seed=0) -> np.ndarray:
@@ -120,9 +113,7 @@ def test_scores_are_reported_beside_their_baseline_and_a_loss_is_said_plainly():
 
 
 def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
-    spec = importlib.util.spec_from_file_location("quality_script", SCRIPT.parent / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = script_module("quality")
     demo = _demo()
     scores = [demo.Score("psnr", "best_baseline_psnr", "pool").verdict({"psnr": 12.9, "best_baseline_psnr": 14.6}),
               demo.Score("ssim", "best_baseline_ssim", "pool").verdict({"ssim": 0.5, "best_baseline_ssim": 0.4}),
