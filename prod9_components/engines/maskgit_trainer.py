@@ -10,7 +10,6 @@ from torch import nn
 
 from prod9_components.engines.base_trainer import BaseTrainer
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
-from prod9_components.losses.masked_token import token_loss
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
 
@@ -21,7 +20,8 @@ class MaskGiTTrainer(BaseTrainer):
     Per sample: draw the target modality (and, in-context, a subset of source modalities), draw a mask ratio from
     the schedule, replace that many random target tokens by [MASK], and score the logits at the masked positions
     only (loss on the visible tokens would teach the model to copy: DESIGN §4 trap 3). The network is asked for the
-    logits of those positions only (``positions=mask``: (M, K) rows, not the (B, K, d, h, w) grid).
+    loss of those positions only (``positions=mask, targets=...``): its head and the cross-entropy run fused, in
+    chunks, so neither the (B, K, d, h, w) grid nor the (M, K) logits are ever held.
 
     Args:
         device: where the network lives.
@@ -62,12 +62,11 @@ class MaskGiTTrainer(BaseTrainer):
 
         self.network.train()
         with self.autocast():
-            # Logits (M, K) of the M masked positions only: the head, the log-softmax and the accuracy never touch
-            # the visible ones. Through forward (not another method), so a DDP wrapper syncs the gradients.
-            logits = self.network(masked_input, inputs["target_label"], inputs["source_tokens"],
-                                  inputs["source_labels"], origin, positions=mask,
+            # The loss of the M masked positions only: the head and the cross-entropy never touch the visible ones.
+            # Through forward (not another method), so a DDP wrapper syncs the gradients.
+            losses = self.network(masked_input, inputs["target_label"], inputs["source_tokens"],
+                                  inputs["source_labels"], origin, positions=mask, targets=target[mask],
                                   **control_inputs(batchdata, inputs["rows"], self.control_mask_key))
-        losses = token_loss(logits.float(), target[mask])
         self.optimizer_step(losses["loss"])
 
         engine.state.output = {"loss": losses["loss"].detach(), "token_accuracy": losses["token_accuracy"].detach(),

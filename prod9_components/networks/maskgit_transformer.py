@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prod9_components.losses.masked_token import linear_token_loss
 from prod9_components.networks.modality_processor import ModalityProcessor
 
 __all__ = ["TransformerDecoderSingleStream"]
@@ -104,6 +105,9 @@ class TransformerDecoderSingleStream(nn.Module):
         output: logits (B, K, d, h, w) for the target positions (channel-first, for ``F.cross_entropy``); with
             ``positions``, logits (M, K) of its M True positions only, in row-major (b, z, y, x) order, the order
             of ``target_tokens[positions]`` — the training path: the head never sees the other positions.
+        targets: (M,) int64 or None: with ``positions``, the true tokens ``target_tokens[positions]`` would have;
+            the output is then their loss dict (:func:`linear_token_loss`: ``loss``, ``token_accuracy``), computed
+            without holding the (M, K) logits.
     """
 
     def __init__(
@@ -260,9 +264,11 @@ class TransformerDecoderSingleStream(nn.Module):
         return x, attn_mask, context.shape[1]
 
     def logits(self, x: torch.Tensor, context_length: int, grid: Sequence[int],
-               positions: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor | None = None,
+               targets: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits (B, K, d, h, w) of the target positions of the last block's output ``x`` (B, L, hidden); with
-        ``positions`` (B, d, h, w) bool, logits (M, K) of its M True positions only (row-major order)."""
+        ``positions`` (B, d, h, w) bool, logits (M, K) of its M True positions only (row-major order); with
+        ``targets`` (M,) too, their loss instead (:func:`linear_token_loss`: the logits are never held)."""
         target = x[:, context_length:]  # (B, N, hidden)
         if positions is None:
             logits = self.head(self.ln_f(target))  # (B, N, K)
@@ -272,7 +278,10 @@ class TransformerDecoderSingleStream(nn.Module):
             raise ValueError(f"positions must be a bool tensor of shape {expected}, "
                              f"got {positions.dtype} {tuple(positions.shape)}.")
         # Layer norm and head act per row, so gathering the rows first gives the same logits for them.
-        return self.head(self.ln_f(target[positions.flatten(1)]))  # (M, K)
+        rows = self.ln_f(target[positions.flatten(1)])  # (M, hidden)
+        if targets is None:
+            return self.head(rows)  # (M, K)
+        return linear_token_loss(rows, self.head.weight, self.head.bias, targets)
 
     def forward(
         self,
@@ -282,9 +291,10 @@ class TransformerDecoderSingleStream(nn.Module):
         source_labels: torch.Tensor | None = None,
         grid_origin: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         x, attn_mask, context_length = self.embed_sequence(target_tokens, target_label, source_tokens,
                                                            source_labels, grid_origin)
         for block in self.blocks:
             x = block(x, attn_mask)
-        return self.logits(x, context_length, target_tokens.shape[1:], positions)
+        return self.logits(x, context_length, target_tokens.shape[1:], positions, targets)

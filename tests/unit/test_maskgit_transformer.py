@@ -293,12 +293,18 @@ def test_masked_rows_give_the_full_grid_loss_gradients_and_accuracy(with_context
         out = token_loss(rows, target[mask], label_smoothing)
         return out["loss"], out["token_accuracy"]
 
-    new_loss, new_acc, new_grads = loss_and_grads(net, rows_loss)
-    assert 0 < old_acc < 1 and new_acc == old_acc
-    torch.testing.assert_close(new_loss, old_loss, atol=1e-6, rtol=0)
-    assert new_grads.keys() == old_grads.keys() and "head.weight" in new_grads
-    for name, grad in new_grads.items():
-        torch.testing.assert_close(grad, old_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    def fused_loss():  # the trainer's path: head and cross-entropy fused (no label smoothing there)
+        out = net(*args, positions=mask, targets=target[mask])
+        return out["loss"], out["token_accuracy"]
+
+    paths = [rows_loss] + ([fused_loss] if label_smoothing == 0 else [])
+    for path in paths:
+        new_loss, new_acc, new_grads = loss_and_grads(net, path)
+        assert 0 < old_acc < 1 and new_acc == old_acc
+        torch.testing.assert_close(new_loss, old_loss, atol=1e-6, rtol=0)
+        assert new_grads.keys() == old_grads.keys() and "head.weight" in new_grads
+        for name, grad in new_grads.items():
+            torch.testing.assert_close(grad, old_grads[name], atol=1e-6, rtol=1e-5, msg=f"{path.__name__}: {name}")
     # The rows are the full grid's logits at the masked positions, in target[mask] order.
     with torch.no_grad():
         net.eval()

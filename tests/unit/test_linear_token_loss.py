@@ -1,0 +1,63 @@
+"""linear_token_loss, the fused head + cross-entropy of MaskGiT training, against F.cross_entropy on the logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prod9_components.losses import masked_token
+from prod9_components.losses.masked_token import linear_token_loss
+
+
+def head_and_rows(rows=23, channels=8, vocabulary=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, channels, generator=g, requires_grad=True)
+    head = torch.nn.Linear(channels, vocabulary)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocabulary, channels, generator=g))
+        head.bias.copy_(torch.randn(vocabulary, generator=g))
+    targets = torch.randint(0, vocabulary, (rows,), generator=g)
+    return hidden, head, targets
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=True)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 23, 100])
+def test_fused_loss_matches_cross_entropy_of_the_logits(monkeypatch, chunk_rows):
+    """Loss, accuracy and all three gradients equal F.cross_entropy's on the materialised logits, whatever the
+    chunking (1 row, uneven chunks, exactly M, more than M); a scaled loss scales the gradients."""
+    hidden, head, targets = head_and_rows()
+    monkeypatch.setitem(masked_token.CHUNK_LOGITS, "cpu", chunk_rows * head.out_features)
+    logits = head(hidden)
+    # About a third of the rows made right, so the accuracy is neither 0 nor 1.
+    targets = torch.where(torch.arange(len(targets)) % 3 == 0, logits.argmax(1), targets)
+    expected = F.cross_entropy(logits, targets)
+    out = linear_token_loss(hidden, head.weight, head.bias, targets)
+    torch.testing.assert_close(out["loss"], expected, atol=1e-6, rtol=1e-6)
+    assert out["token_accuracy"] == (logits.argmax(1) == targets).float().mean() and 0 < out["token_accuracy"] < 1
+    assert not out["token_accuracy"].requires_grad
+    tensors = (hidden, head.weight, head.bias)
+    for got, want in zip(grads(3 * out["loss"], tensors), grads(3 * expected, tensors)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_frozen_head_gets_no_gradient_and_the_rows_still_learn():
+    """A ControlNet's base head is frozen: only ``hidden`` gets a gradient, the same one as through the logits."""
+    hidden, head, targets = head_and_rows()
+    head.requires_grad_(False)
+    out = linear_token_loss(hidden, head.weight, head.bias, targets)
+    out["loss"].backward()
+    assert head.weight.grad is None and head.bias.grad is None
+    expected = grads(F.cross_entropy(head(hidden), targets), (hidden,))[0]
+    torch.testing.assert_close(hidden.grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_shapes_and_empty_masks_are_named():
+    hidden, head, targets = head_and_rows()
+    with pytest.raises(ValueError, match="expected hidden"):
+        linear_token_loss(hidden[:, :4], head.weight, head.bias, targets)
+    with pytest.raises(ValueError, match="expected targets"):
+        linear_token_loss(hidden, head.weight, head.bias, targets[:3])
+    with pytest.raises(ValueError, match="no position"):
+        linear_token_loss(hidden[:0], head.weight, head.bias, targets[:0])
