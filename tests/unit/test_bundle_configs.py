@@ -38,7 +38,7 @@ SHARED_IDS = [
     "train#dataloader#num_workers", "train#dataloader#pin_memory", "train#dataloader#shuffle",
     "validate#dataset", "validate#dataloader", "validate#split",
     # engine wiring
-    "optimizer#lr",
+    "optimizer#lr", "optimizer#fused",
     "train#trainer#amp", "train#trainer#device", "train#trainer#epoch_length", "train#trainer#max_epochs",
     "train#trainer#network", "train#trainer#optimizer", "train#trainer#train_data_loader",
     "train#trainer#train_handlers",
