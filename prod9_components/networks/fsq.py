@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["FiniteScalarQuantizer"]
+__all__ = ["FiniteScalarQuantizer", "code_digits"]
 
 
 class FiniteScalarQuantizer(nn.Module):
@@ -99,3 +100,12 @@ class FiniteScalarQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, codebook_size={self.codebook_size}"
+
+
+def code_digits(levels: Sequence[int]) -> torch.Tensor:
+    """One-hot FSQ digits of every token id: (prod(levels), sum(levels)) float, row ``k`` holding a 1 at digit
+    ``(k // prod(levels[:c])) % levels[c]`` of each channel ``c`` (the numbering of
+    :meth:`FiniteScalarQuantizer.quantize`)."""
+    ids = torch.arange(math.prod(levels))
+    columns = [F.one_hot((ids // math.prod(levels[:c])) % level, level) for c, level in enumerate(levels)]
+    return torch.cat(columns, dim=1).float()

@@ -11,6 +11,7 @@ reaches it by context dropout (replace the label by ``null_label`` and drop the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prod9_components.losses.masked_token import linear_token_loss
+from prod9_components.networks.fsq import code_digits
 from prod9_components.networks.modality_processor import ModalityProcessor
 
 __all__ = ["TransformerDecoderSingleStream"]
@@ -94,6 +96,14 @@ class TransformerDecoderSingleStream(nn.Module):
         max_grid_size: largest token grid (d, h, w) the position tables cover.
         mlp_ratio: MLP width as a multiple of ``hidden_dim``.
         dropout: dropout on embeddings, attention weights and residual branches.
+        aligned_sources: also add each present source's token + modality embedding at the same voxel to the target
+            token's input (their mean over the present sources): translation is mostly a per-voxel map, which
+            attention alone finds only after many steps (off in checkpoints made before it existed).
+        code_levels: the FSQ levels of the tokens (their product is ``codebook_size``; token id -> one digit per
+            FSQ channel as :class:`~prod9_components.networks.fsq.FiniteScalarQuantizer` numbers them). When given,
+            token embeddings and head rows also get a learned vector per (channel, digit): ids that share a digit
+            share it, so what is learned about one code carries to its neighbours on the FSQ grid, instead of each
+            of the K ids being learned alone. None: one free vector per id (checkpoints made before it existed).
 
     Shapes:
         target_tokens: (B, d, h, w) int64 in [0, K], K at masked positions.
@@ -121,6 +131,8 @@ class TransformerDecoderSingleStream(nn.Module):
         max_grid_size: Sequence[int] = (64, 64, 64),
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        aligned_sources: bool = False,
+        code_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         max_grid_size = [int(s) for s in max_grid_size]
@@ -143,6 +155,8 @@ class TransformerDecoderSingleStream(nn.Module):
             "max_grid_size": max_grid_size,
             "mlp_ratio": float(mlp_ratio),
             "dropout": float(dropout),
+            "aligned_sources": bool(aligned_sources),
+            "code_levels": None if code_levels is None else [int(level) for level in code_levels],
         }
         self.max_grid_size = tuple(max_grid_size)
 
@@ -153,6 +167,14 @@ class TransformerDecoderSingleStream(nn.Module):
         self.blocks = nn.ModuleList([Block(hidden_dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers)])
         self.ln_f = nn.LayerNorm(hidden_dim)
         self.head = nn.Linear(hidden_dim, codebook_size)  # never predicts [MASK]
+        if code_levels is not None:
+            if math.prod(self.init_args["code_levels"]) != codebook_size:
+                raise ValueError(f"code_levels {list(code_levels)} make {math.prod(code_levels)} codes, "
+                                 f"not codebook_size {codebook_size}.")
+            digits = code_digits(self.init_args["code_levels"])  # (K, sum(levels)) one-hot digits
+            self.register_buffer("code_digits", torch.cat([digits, torch.zeros_like(digits[:1])]), persistent=False)
+            self.code_embedding = nn.Linear(digits.shape[1], hidden_dim, bias=False)  # [MASK] row: no digits
+            self.code_head = nn.Linear(hidden_dim, digits.shape[1], bias=False)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -161,6 +183,18 @@ class TransformerDecoderSingleStream(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def token_table(self) -> torch.Tensor:
+        """Embedding of every id (K + 1, hidden), [MASK] last: the id's own row plus its FSQ digits' vectors."""
+        if self.init_args["code_levels"] is None:
+            return self.token_embedding.weight
+        return self.token_embedding.weight + self.code_embedding(self.code_digits)
+
+    def head_weight(self) -> torch.Tensor:
+        """Output head rows (K, hidden): the id's own row plus its FSQ digits' rows."""
+        if self.init_args["code_levels"] is None:
+            return self.head.weight
+        return self.head.weight + self.code_digits[:-1] @ self.code_head.weight
 
     @property
     def codebook_size(self) -> int:
@@ -215,7 +249,7 @@ class TransformerDecoderSingleStream(nn.Module):
             raise ValueError(f"target_tokens must be (B, d, h, w), got shape {tuple(target_tokens.shape)}.")
         self._check_tokens(target_tokens, "target_tokens")
         positions = self.position_embedding(target_tokens.shape[1:], grid_origin)
-        tokens = self.token_embedding(target_tokens.flatten(1))  # (B, N, hidden)
+        tokens = F.embedding(target_tokens.flatten(1), self.token_table())  # (B, N, hidden)
         return tokens + positions + self.context.embed_label(target_label)[:, None]
 
     def embed_sources(self, source_tokens: torch.Tensor, grid_origin: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +261,16 @@ class TransformerDecoderSingleStream(nn.Module):
             raise ValueError(f"source_tokens must be (B, S, d, h, w), got shape {tuple(source_tokens.shape)}.")
         self._check_tokens(source_tokens, "source_tokens")
         positions = self.position_embedding(source_tokens.shape[2:], grid_origin)
-        return self.token_embedding(source_tokens.flatten(2)) + positions[:, None]
+        return F.embedding(source_tokens.flatten(2), self.token_table()) + positions[:, None]
+
+    def aligned_sources(self, source_tokens: torch.Tensor, source_labels: torch.Tensor) -> torch.Tensor:
+        """Mean over the present sources (label >= 0) of token + modality embedding, per voxel:
+        (B, S, d, h, w), (B, S) -> (B, d*h*w, hidden); zero where no source is present (the null context)."""
+        present = (source_labels >= 0).to(self.token_embedding.weight.dtype)  # (B, S)
+        embedded = F.embedding(source_tokens.flatten(2), self.token_table()) + self.context.embed_label(
+            source_labels.clamp(min=0))[:, :, None]  # (B, S, N, hidden)
+        total = (embedded * present[:, :, None, None]).sum(1)
+        return total / present.sum(1).clamp(min=1)[:, None, None]
 
     def embed_sequence(
         self,
@@ -254,6 +297,8 @@ class TransformerDecoderSingleStream(nn.Module):
                 )
             sources = self.embed_sources(source_tokens, grid_origin)
         context, context_padding = self.context(sources, source_labels, target_label)
+        if sources is not None and self.init_args["aligned_sources"]:
+            target = target + self.aligned_sources(source_tokens, source_labels)
 
         x = self.embedding_dropout(torch.cat([context.to(target.dtype), target], dim=1))
         # Bool SDPA mask, True = attend; None keeps the fused kernels when nothing is padded.
@@ -271,7 +316,7 @@ class TransformerDecoderSingleStream(nn.Module):
         ``targets`` (M,) too, their loss instead (:func:`linear_token_loss`: the logits are never held)."""
         target = x[:, context_length:]  # (B, N, hidden)
         if positions is None:
-            logits = self.head(self.ln_f(target))  # (B, N, K)
+            logits = F.linear(self.ln_f(target), self.head_weight(), self.head.bias)  # (B, N, K)
             return logits.transpose(1, 2).reshape(x.shape[0], self.codebook_size, *grid)
         expected = (x.shape[0], *(int(s) for s in grid))
         if positions.dtype != torch.bool or tuple(positions.shape) != expected:
@@ -280,8 +325,8 @@ class TransformerDecoderSingleStream(nn.Module):
         # Layer norm and head act per row, so gathering the rows first gives the same logits for them.
         rows = self.ln_f(target[positions.flatten(1)])  # (M, hidden)
         if targets is None:
-            return self.head(rows)  # (M, K)
-        return linear_token_loss(rows, self.head.weight, self.head.bias, targets)
+            return F.linear(rows, self.head_weight(), self.head.bias)  # (M, K)
+        return linear_token_loss(rows, self.head_weight(), self.head.bias, targets)
 
     def forward(
         self,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from prod9_components.networks.fsq import FiniteScalarQuantizer
+from prod9_components.networks.fsq import FiniteScalarQuantizer, code_digits
 
 
 def test_codebook_size_and_channels():
@@ -82,3 +82,17 @@ def test_rejects_bad_input():
         FiniteScalarQuantizer([8, 5])(torch.zeros(1, 3, 2, 2, 2))
     assert not FiniteScalarQuantizer([8, 5]).state_dict()  # nothing learned, nothing stored
     assert math.isclose(FiniteScalarQuantizer([5]).embed(torch.tensor([[4]])).item(), 1.0)
+
+
+@pytest.mark.parametrize("levels", [[4, 3], [8, 6, 5]])
+def test_code_digits_are_the_quantizer_digits(levels):
+    """code_digits row k: one 1 per channel, at the digit whose FSQ value embed(k) has (digit order = value order)."""
+    fsq = FiniteScalarQuantizer(levels)
+    ids = torch.arange(fsq.codebook_size)
+    digits = code_digits(levels)
+    assert digits.shape == (fsq.codebook_size, sum(levels)) and (digits.sum(1) == len(levels)).all()
+    values = fsq.embed(ids.reshape(1, -1, 1, 1))[0, :, :, 0, 0]  # (C, K)
+    for c, level in enumerate(levels):
+        digit = digits[:, sum(levels[:c]):sum(levels[:c + 1])].argmax(1)
+        grid = values[c].unique()  # the channel's values, ascending
+        assert len(grid) == level and torch.equal(values[c], grid[digit])

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,13 +268,15 @@ def half_right(net, args, target, mask):
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("with_context", [False, True])
-def test_masked_rows_give_the_full_grid_loss_gradients_and_accuracy(with_context, label_smoothing):
+@pytest.mark.parametrize("with_context,structured", [(False, False), (True, False), (True, True)])
+def test_masked_rows_give_the_full_grid_loss_gradients_and_accuracy(with_context, structured, label_smoothing):
     """forward(..., positions=mask) -> (M, K) logits and token_loss: the training loss, every gradient (head
-    included) and the token accuracy of the full-grid logits restricted to the masked positions."""
+    included) and the token accuracy of the full-grid logits restricted to the masked positions (also with the
+    FSQ-digit embeddings and aligned sources)."""
     from prod9_components.losses.masked_token import token_loss
 
-    net = make_net(dropout=0.1).train()  # dropout on: both passes must draw the same masks
+    structure = {"code_levels": [4, 4, 4], "aligned_sources": True} if structured else {}
+    net = make_net(dropout=0.1, **structure).train()  # dropout on: both passes must draw the same masks
     g = torch.Generator().manual_seed(3)
     target = torch.randint(0, K, (3, *GRID), generator=g)
     mask = torch.rand(3, *GRID, generator=g) < 0.4
@@ -376,3 +379,52 @@ def test_trainer_loss_and_gradients_are_the_full_grid_ones(monkeypatch):
     assert grads.keys() == expected.keys() and "head.weight" in grads
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_code_levels_share_what_is_learned_between_fsq_neighbours():
+    """With code_levels, a step that raises one id's logit raises those of ids sharing FSQ digits with it far more
+    than those of ids sharing none; without, every other id's logit moves alike (one free row per id)."""
+    target_id = 21  # digits (1, 1, 1) of levels [4, 4, 4]
+    digits = [(k % 4, k // 4 % 4, k // 16) for k in range(K)]
+    shared = [k for k in range(K) if k != target_id and sum(a == b for a, b in zip(digits[k], digits[target_id])) == 2]
+    unrelated = [k for k in range(K) if all(a != b for a, b in zip(digits[k], digits[target_id]))]
+    gaps = {}
+    for code_levels in (None, [4, 4, 4]):
+        net = make_net(code_levels=code_levels).train()
+        target = rand_tokens(1, *GRID)
+        mask = torch.zeros(1, *GRID, dtype=torch.bool)
+        mask[0, 1, 2, 3] = True
+        args = (target.masked_fill(mask, K), torch.tensor([2]))
+        before = net(*args, positions=mask).detach()[0]
+        net(*args, positions=mask, targets=torch.tensor([target_id]))["loss"].backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.05 * p.grad
+        change = net(*args, positions=mask).detach()[0] - before
+        gaps[str(code_levels)] = float(change[shared].mean() - change[unrelated].mean())
+    assert gaps["[4, 4, 4]"] > 0.05 and abs(gaps["None"]) < 0.2 * gaps["[4, 4, 4]"], gaps
+
+
+def test_code_levels_must_make_the_codebook():
+    with pytest.raises(ValueError, match="code_levels"):
+        make_net(code_levels=[4, 4, 3])
+
+
+def test_aligned_sources_reach_the_target_voxel_they_share():
+    """aligned_sources adds the source token at the same voxel to the target's input: changing one source token
+    changes that target voxel's embedding only; absent sources (the null context) add nothing."""
+    target, label = rand_tokens(1, *GRID), torch.tensor([2])
+    sources, labels = rand_tokens(1, 1, *GRID, seed=1), torch.tensor([[0]])
+    changed = sources.clone()
+    changed[0, 0, 1, 2, 3] = (changed[0, 0, 1, 2, 3] + 1) % K
+    voxel = np.ravel_multi_index((1, 2, 3), GRID)
+    for aligned in (False, True):
+        net = make_net(aligned_sources=aligned)
+        n = int(np.prod(GRID))
+        a, b = (block_input(net, target, label, s, labels)[0, -n:] for s in (sources, changed))
+        moved = (a - b).abs().sum(1) > 0
+        assert moved.tolist() == [aligned and i == voxel for i in range(n)]
+    net = make_net(aligned_sources=True)
+    absent = torch.tensor([[-1]])
+    a, b = (block_input(net, target, label, s, absent)[0, -n:] for s in (sources, changed))
+    assert torch.equal(a, b)
