@@ -148,6 +148,9 @@ def iteration(trainer, batch: dict) -> Callable[[], None]:
     return lambda: trainer._iteration(trainer, batch)
 
 
+LEVELS = [8, 8, 8, 6, 5]  # the bundles' default FSQ levels: 15,360 codes
+
+
 def sized(network: dict) -> dict:
     """``network_def#<arg>`` overrides of a bundle's network constructor arguments."""
     return {f"network_def#{k}": v for k, v in network.items()}
@@ -156,7 +159,7 @@ def sized(network: dict) -> dict:
 def autoencoder(device: torch.device, size: str):
     from prod9_components.networks.autoencoder_fsq import AutoencoderFSQ
 
-    return AutoencoderFSQ(levels=[8, 8, 8, 6, 5], **NETWORKS[size]).to(device)
+    return AutoencoderFSQ(levels=LEVELS, **NETWORKS[size]).to(device)
 
 
 # --- stage 1 measurements (each a function of device, repeats, size) -------------------------------------------
@@ -217,7 +220,8 @@ def transformer(device: torch.device, size: str):
     from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
 
     args, grid = TRANSFORMERS[size]
-    return TransformerDecoderSingleStream(codebook_size=15360, max_grid_size=grid, **args).to(device), grid
+    return TransformerDecoderSingleStream(codebook_size=15360, code_levels=LEVELS, max_grid_size=grid,
+                                          **args).to(device), grid
 
 
 def _context(grid, with_context: bool, device: torch.device, batch: int):
@@ -233,7 +237,8 @@ def transformer_trainer(device: torch.device, size: str, with_context: bool, ove
     args, grid = TRANSFORMERS[size]
     bundle = "maskgit_stage2_incontext" if with_context else "maskgit_stage2_label"
     context = {"source_modalities": ["T1"], "target_modality": "T2"} if with_context else {}
-    _, trainer = bundle_trainer(bundle, device, {**sized({**args, "codebook_size": 15360, "max_grid_size": list(grid)}),
+    _, trainer = bundle_trainer(bundle, device, {**sized({**args, "codebook_size": 15360, "code_levels": LEVELS,
+                                                                "max_grid_size": list(grid)}),
                                                  **context, **(overrides or {})})
     return trainer, {"tokens": torch.randint(15360, (4, 4, *grid))}
 
