@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prod9_components.losses.masked_token import linear_token_loss
 from prod9_components.networks.fsq import code_digits
 from prod9_components.networks.modality_processor import ModalityProcessor
+from prod9_components.networks.token_head import linear_token_loss
 
 __all__ = ["TransformerDecoderSingleStream"]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prod9_components.losses import masked_token
-from prod9_components.losses.masked_token import linear_token_loss
+from prod9_components.networks import token_head
+from prod9_components.networks.token_head import linear_token_loss
 
 
 def head_and_rows(rows=23, channels=8, vocabulary=50, seed=0):
@@ -28,7 +28,7 @@ def test_fused_loss_matches_cross_entropy_of_the_logits(monkeypatch, chunk_rows)
     """Loss, accuracy and all three gradients equal F.cross_entropy's on the materialised logits, whatever the
     chunking (1 row, uneven chunks, exactly M, more than M); a scaled loss scales the gradients."""
     hidden, head, targets = head_and_rows()
-    monkeypatch.setitem(masked_token.CHUNK_LOGITS, "cpu", chunk_rows * head.out_features)
+    monkeypatch.setitem(token_head.CHUNK_LOGITS, "cpu", chunk_rows * head.out_features)
     logits = head(hidden)
     # About a third of the rows made right, so the accuracy is neither 0 nor 1.
     targets = torch.where(torch.arange(len(targets)) % 3 == 0, logits.argmax(1), targets)
