@@ -24,6 +24,8 @@ from prod9_components.networks.token_head import linear_token_loss
 
 __all__ = ["TransformerDecoderSingleStream"]
 
+MAX_CODE_LEVEL = 64  # the largest FSQ level code_levels accepts
+
 
 class SelfAttention(nn.Module):
     """Multi-head bidirectional self-attention with ``F.scaled_dot_product_attention``."""
@@ -168,8 +170,13 @@ class TransformerDecoderSingleStream(nn.Module):
         self.ln_f = nn.LayerNorm(hidden_dim)
         self.head = nn.Linear(hidden_dim, codebook_size)  # never predicts [MASK]
         if code_levels is not None:
-            if math.prod(self.init_args["code_levels"]) != codebook_size:
-                raise ValueError(f"code_levels {list(code_levels)} make {math.prod(code_levels)} codes, "
+            levels = self.init_args["code_levels"]
+            # FSQ levels are small (2..MAX_CODE_LEVEL); the bound also keeps the (K, sum(levels)) digit table small
+            # whatever a checkpoint record claims (one level of 15,360 would be a 1 GB table).
+            if not levels or not all(2 <= level <= MAX_CODE_LEVEL for level in levels):
+                raise ValueError(f"code_levels must be FSQ levels in [2, {MAX_CODE_LEVEL}], got {levels}.")
+            if math.prod(levels) != codebook_size:
+                raise ValueError(f"code_levels {levels} make {math.prod(levels)} codes, "
                                  f"not codebook_size {codebook_size}.")
             digits = code_digits(self.init_args["code_levels"])  # (K, sum(levels)) one-hot digits
             self.register_buffer("code_digits", torch.cat([digits, torch.zeros_like(digits[:1])]), persistent=False)

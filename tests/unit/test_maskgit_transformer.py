@@ -405,9 +405,13 @@ def test_code_levels_share_what_is_learned_between_fsq_neighbours():
     assert gaps["[4, 4, 4]"] > 0.05 and abs(gaps["None"]) < 0.2 * gaps["[4, 4, 4]"], gaps
 
 
-def test_code_levels_must_make_the_codebook():
-    with pytest.raises(ValueError, match="code_levels"):
-        make_net(code_levels=[4, 4, 3])
+@pytest.mark.parametrize("codebook,levels", [(K, [4, 4, 3]), (K, [128, 0.5]), (K, [1, 64]), (K, [-4, -16]),
+                                             (K, []), (128, [128])])
+def test_code_levels_must_be_fsq_levels_that_make_the_codebook(codebook, levels):
+    """A record's code_levels must be FSQ levels in [2, 64] whose product is the codebook: a single level of K (a
+    (K, K) digit table), negative or unit levels are refused in one line before anything is allocated."""
+    with pytest.raises(ValueError, match=r"code_levels (must be FSQ levels in \[2, 64\]|\[4, 4, 3\] make 48 codes)"):
+        make_net(codebook_size=codebook, code_levels=levels)
 
 
 def test_aligned_sources_reach_the_target_voxel_they_share():
