@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
-from prod9_components.sampling.maskgit import MaskGiTSampler, guided_logits
+from prod9_components.sampling.maskgit import MaskGiTSampler, guided_logits, sample_categorical
 from prod9_components.sampling.schedules import SCHEDULES, mask_ratio, sample_training_mask
 
 K = 64
@@ -203,3 +203,41 @@ def test_inpainting_keeps_fixed_tokens_and_restores_training_mode():
     assert net.training  # restored after sampling in eval mode
     with pytest.raises(ValueError, match="fixed_mask needs initial_tokens"):
         MaskGiTSampler().sample(net, SHAPE, torch.tensor([0, 1]), fixed_mask=keep)
+
+
+def test_sample_categorical_draws_softmax_frequencies_and_their_log_probabilities():
+    probs = torch.tensor([0.05, 0.15, 0.0, 0.3, 0.5])
+    logits = probs.clamp_min(1e-30).log().expand(20000, 5) + 3.0  # a shift changes nothing
+    draws, log_probs = sample_categorical(logits, seeded(0))
+    assert draws.shape == log_probs.shape == (20000,) and draws.dtype == torch.int64
+    frequencies = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert torch.allclose(frequencies, probs.double(), atol=0.012)  # 4 standard errors at p = 0.5
+    assert int((draws == 2).sum()) == 0  # a zero-probability code is never drawn
+    assert torch.allclose(log_probs, torch.log_softmax(logits, -1).gather(-1, draws[:, None])[:, 0])
+    again, _ = sample_categorical(logits, seeded(0))
+    assert torch.equal(draws, again)
+
+
+class FixedLogits(nn.Module):
+    """The same logits (K,) at every position: each sampled token is one draw from softmax(logits / tau)."""
+
+    mask_token_id, null_label = 4, 1
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("fixed", logits)
+
+    def forward(self, target_tokens, target_label, *args, **kwargs):
+        b, d, h, w = target_tokens.shape
+        return self.fixed[None, :, None, None, None].expand(b, -1, d, h, w)
+
+
+@pytest.mark.parametrize("sampling_temperature", [1.0, 0.5])
+def test_one_step_tokens_follow_the_tempered_softmax(sampling_temperature):
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    sampler = MaskGiTSampler(num_steps=1, sampling_temperature=sampling_temperature)
+    tokens = sampler.sample(FixedLogits(probs.log()), (4, 16, 16, 16), torch.zeros(4, dtype=torch.long),
+                            generator=seeded(1))
+    expected = probs ** (1 / sampling_temperature)
+    frequencies = torch.bincount(tokens.flatten(), minlength=4).double() / tokens.numel()
+    assert torch.allclose(frequencies, (expected / expected.sum()).double(), atol=0.015)
