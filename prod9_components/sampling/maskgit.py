@@ -7,6 +7,7 @@ and the last step fixes all that remain.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from prod9_components.sampling.schedules import mask_ratio
 from prod9_components.sampling.steps import check_num_steps
 
-__all__ = ["MaskGiTSampler", "guided_logits", "sample_categorical"]
+__all__ = ["MaskGiTSampler", "categorical_noise", "guided_logits", "sample_categorical"]
 
 
 def guided_logits(cond: torch.Tensor | None, uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
@@ -35,25 +36,47 @@ def _gumbel(shape: Sequence[int], generator: torch.Generator | None, device: tor
     return -torch.log(-torch.log(u))
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One draw from ``softmax(logits)`` per row by inverse transform sampling, and its log-probability.
+def _blocks(num_codes: int) -> tuple[int, int]:
+    """``(blocks, size)``: ``num_codes`` cut into blocks of ``size = ceil(sqrt(num_codes))`` codes."""
+    size = math.isqrt(num_codes - 1) + 1
+    return -(-num_codes // size), size
 
-    One uniform number per row against the cumulative probabilities: Gumbel-max needs a uniform and two logarithms
-    per logit, which over a 15,360-code vocabulary took two thirds of a demo sampling run.
+
+def categorical_noise(rows: Sequence[int], num_codes: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """The Gumbel noise of :func:`sample_categorical` for rows of ``num_codes`` logits: (*rows, blocks + size)."""
+    return _gumbel((*rows, sum(_blocks(num_codes))), generator, torch.device(device or "cpu"))
+
+
+def sample_categorical(logits: torch.Tensor, noise: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw from ``softmax(logits)`` per row by Gumbel-max in two levels, and its log-probability.
+
+    The K codes are cut into blocks of ``ceil(sqrt(K))``; Gumbel-max picks a block by its log-sum-exp, then a code
+    inside it: the same distribution as Gumbel-max over all K codes, from about ``2 sqrt(K)`` noise numbers instead of
+    K (one per code took two thirds of a demo sampling run over a 15,360-code vocabulary). Gumbel-max keeps a draw
+    where the logits change little: two runs from one noise draw the same codes wherever their logits nearly agree
+    (at total variation 0.02, 3.6% of the draws differ; inverse transform sampling changed 64%).
 
     Args:
         logits: (..., K) float.
-        generator: for reproducible draws.
+        noise: (..., blocks + size) from :func:`categorical_noise`; None: drawn here from ``generator``.
+        generator: for reproducible draws when ``noise`` is None.
 
     Returns:
         (...,) int64 draws in [0, K) and (...,) float their log-probabilities.
     """
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-    cdf = (logits - log_norm).exp_().cumsum_(dim=-1)
-    u = torch.rand((*logits.shape[:-1], 1), generator=generator, device=logits.device, dtype=cdf.dtype)
-    draws = torch.searchsorted(cdf, u * cdf[..., -1:]).clamp_max_(logits.shape[-1] - 1)
-    return draws.squeeze(-1), (logits.gather(-1, draws) - log_norm).squeeze(-1)
+    rows, num_codes = logits.shape[:-1], logits.shape[-1]
+    blocks, size = _blocks(num_codes)
+    if noise is None:
+        noise = categorical_noise(rows, num_codes, generator, logits.device)
+    padded = torch.nn.functional.pad(logits, (0, blocks * size - num_codes), value=float("-inf"))
+    padded = padded.view(*rows, blocks, size)
+    block_lse = padded.logsumexp(dim=-1)  # (..., blocks); the last block holds at least one real code
+    block = (block_lse + noise[..., :blocks]).argmax(dim=-1)  # (...,)
+    inside = padded.gather(-2, block[..., None, None].expand(*rows, 1, size)).squeeze(-2)  # (..., size)
+    draws = block * size + (inside + noise[..., blocks:]).argmax(dim=-1)
+    return draws, logits.gather(-1, draws[..., None]).squeeze(-1) - block_lse.logsumexp(dim=-1)
 
 
 class MaskGiTSampler:
@@ -192,10 +215,13 @@ class MaskGiTSampler:
                 logits = logits.flatten(2).transpose(1, 2).float()  # (B, N, K)
 
                 # Candidates ~ softmax(logits / tau) at the masked positions only (fixed ones are never re-picked);
-                # their confidence starts as their log-probability.
+                # their confidence starts as their log-probability. Every position draws its own noise, masked or
+                # not: two runs from one seed (a mask vs an empty mask) then draw each position alike wherever their
+                # logits nearly agree.
                 open_logits = logits[masked]  # (M, K)
                 if self.sampling_temperature > 0:
-                    drawn, log_prob = sample_categorical(open_logits / self.sampling_temperature, generator)
+                    noise = categorical_noise(masked.shape, logits.shape[-1], generator, device)[masked]
+                    drawn, log_prob = sample_categorical(open_logits / self.sampling_temperature, noise)
                 else:
                     drawn = open_logits.argmax(dim=-1)
                     log_prob = open_logits.gather(-1, drawn[:, None])[:, 0] - torch.logsumexp(open_logits, dim=-1)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
-from prod9_components.sampling.maskgit import MaskGiTSampler, guided_logits, sample_categorical
+from prod9_components.sampling.maskgit import MaskGiTSampler, categorical_noise, guided_logits, sample_categorical
 from prod9_components.sampling.schedules import SCHEDULES, mask_ratio, sample_training_mask
 
 K = 64
@@ -208,14 +208,28 @@ def test_inpainting_keeps_fixed_tokens_and_restores_training_mode():
 def test_sample_categorical_draws_softmax_frequencies_and_their_log_probabilities():
     probs = torch.tensor([0.05, 0.15, 0.0, 0.3, 0.5])
     logits = probs.clamp_min(1e-30).log().expand(20000, 5) + 3.0  # a shift changes nothing
-    draws, log_probs = sample_categorical(logits, seeded(0))
+    draws, log_probs = sample_categorical(logits, generator=seeded(0))  # 5 codes: 2 blocks of 3, one padded
     assert draws.shape == log_probs.shape == (20000,) and draws.dtype == torch.int64
     frequencies = torch.bincount(draws, minlength=5).double() / len(draws)
     assert torch.allclose(frequencies, probs.double(), atol=0.012)  # 4 standard errors at p = 0.5
     assert int((draws == 2).sum()) == 0  # a zero-probability code is never drawn
     assert torch.allclose(log_probs, torch.log_softmax(logits, -1).gather(-1, draws[:, None])[:, 0])
-    again, _ = sample_categorical(logits, seeded(0))
+    again, _ = sample_categorical(logits, generator=seeded(0))
     assert torch.equal(draws, again)
+
+
+def test_sample_categorical_keeps_its_draws_where_the_logits_change_little():
+    """One noise, logits perturbed by total variation ~0.02 over 15,360 codes: few draws change (Gumbel-max's
+    coupling; inverse transform sampling changed 64% of them), and the draws are not all one code."""
+    generator = seeded(0)
+    logits = 2.0 * torch.randn(2000, 15360, generator=generator)
+    perturbed = logits + 0.05 * torch.randn(logits.shape, generator=generator)
+    total_variation = 0.5 * (logits.softmax(-1) - perturbed.softmax(-1)).abs().sum(-1).mean()
+    noise = categorical_noise((2000,), 15360, generator)
+    draws, perturbed_draws = sample_categorical(logits, noise)[0], sample_categorical(perturbed, noise)[0]
+    assert 0.01 < total_variation < 0.03
+    assert (draws != perturbed_draws).double().mean() < 3 * total_variation
+    assert len(draws.unique()) > 1000
 
 
 class FixedLogits(nn.Module):
@@ -241,3 +255,18 @@ def test_one_step_tokens_follow_the_tempered_softmax(sampling_temperature):
     expected = probs ** (1 / sampling_temperature)
     frequencies = torch.bincount(tokens.flatten(), minlength=4).double() / tokens.numel()
     assert torch.allclose(frequencies, (expected / expected.sum()).double(), atol=0.015)
+
+
+def test_a_position_draws_the_same_token_whichever_others_are_still_masked():
+    """Two runs from one seed that differ only in a region (here: tokens kept there) draw every other position alike
+    (a ControlNet's change outside its mask is then the model's, not the sampler's); one step fixes every position."""
+    probs = torch.full((8,), 1 / 8)
+    sampler = MaskGiTSampler(num_steps=1)
+    keep = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+    keep[:, :4] = True  # half the grid kept: the other half's draws must not move
+    free = sampler.sample(FixedLogits(probs.log()), keep.shape, torch.zeros(1, dtype=torch.long), generator=seeded(3))
+    kept = sampler.sample(FixedLogits(probs.log()), keep.shape, torch.zeros(1, dtype=torch.long), generator=seeded(3),
+                          initial_tokens=torch.zeros(keep.shape, dtype=torch.long), fixed_mask=keep)
+    assert torch.equal(kept[keep], torch.zeros(256, dtype=torch.long))
+    assert torch.equal(kept[~keep], free[~keep])
+    assert len(free[~keep].unique()) == 8  # real draws (uniform over 8 codes), not a constant
