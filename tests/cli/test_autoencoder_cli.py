@@ -158,7 +158,7 @@ def test_both_multi_value_spellings_normalise_the_same():
                                            (["prod9-train-maskgit-controlnet", "generate"], "--mask"),
                                            (["prod9-train-maisi-controlnet", "generate"], "--source")])
 def test_help_prints_flags_and_runs_nothing(command, flag):
-    result = cli(*command, "--help")
+    result = cli(*command, "--help", in_process=True)
     text = result.stdout + result.stderr
     assert flag in text and "--checkpoint" in text
     assert "error:" not in text and "parsing config_file" not in text

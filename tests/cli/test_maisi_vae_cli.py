@@ -16,16 +16,16 @@ TINY = str(ROOT / "bundles" / "maisi_stage1_vae" / "configs" / "tiny.json")
 
 
 def test_help_lists_the_verbs_and_the_bundle_defaults():
-    result = cli("prod9-train-maisi-vae", "--help")
+    result = cli("prod9-train-maisi-vae", "--help", in_process=True)
     text = result.stdout + result.stderr
     for verb in ("train", "validate", "test", "infer"):
         assert f"\n     {verb}\n" in text, verb
     assert "maisi_stage1_vae" in text
-    train = cli("prod9-train-maisi-vae", "train", "--help")
+    train = cli("prod9-train-maisi-vae", "train", "--help", in_process=True)
     text = train.stdout + train.stderr  # fire prints help on stderr when not on a terminal
     assert "export (<output_dir>/maisi_vae_final.pt)" in text and "(default outputs/maisi_stage1)" in text
     assert "maskgit" not in text and "brats_autoencoder" not in text
-    infer = cli("prod9-train-maisi-vae", "infer", "--help")
+    infer = cli("prod9-train-maisi-vae", "infer", "--help", in_process=True)
     text = infer.stdout + infer.stderr
     assert "--input" in text and "--checkpoint" in text and "--roi_size" in text
     assert "error:" not in text
