@@ -38,7 +38,7 @@ def chain_group(nodeid: str) -> str | None:
 MAISI_CHAIN_FILES = {"test_maisi_stage1.py", "test_maisi_stage2.py", "test_maisi_stage3.py", "test_maisi_vae_cli.py"}
 SHARED_FIXTURE_FILES = {"test_known_answers.py"}
 MASKGIT_CHAIN_FILES = {"test_maskgit_stage1.py", "test_maskgit_stage2.py", "test_maskgit_stage3.py",
-                       "test_autoencoder_cli.py", "test_transformer_cli.py"}
+                       "test_autoencoder_cli.py", "test_transformer_cli.py", "test_repo_template_runs.py"}
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -1,5 +1,6 @@
 """What tests use to run the bundles and console scripts for real (tiny networks on the small demo data): each
-bundle's config folder, ``python -m monai.bundle run`` and the ``prod9-train-*`` scripts, as a user runs them."""
+bundle's config folder, ``python -m monai.bundle run`` and the ``prod9-train-*`` scripts, with a user's arguments,
+in the test's process (:func:`as_a_process`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -56,9 +58,8 @@ def config_list(configs: Path, *names: str) -> str:
     return "[" + ",".join(f"'{configs / n}'" for n in names) + "]"
 
 
-def bundle_run(configs: Path, names: list[str], overrides: dict, timeout: int = 600,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` in a subprocess, exactly as a user runs it.
+def bundle_run(configs: Path, names: list[str], overrides: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` with the bundle's logging.conf (in this process: :func:`run_module`).
 
     Args:
         configs: the bundle's config folder (:data:`STAGE1`, :data:`VAE`, ...); its logging.conf is used.
@@ -66,41 +67,63 @@ def bundle_run(configs: Path, names: list[str], overrides: dict, timeout: int = 
         overrides: ``--id value`` pairs.
         check: raise with the run's output tail when it fails.
     """
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_list(configs, *names),
-            "--logging_file", str(configs / "logging.conf")]
+    args = ["run", "--config_file", config_list(configs, *names), "--logging_file", str(configs / "logging.conf")]
     for key, value in overrides.items():
         args += [f"--{key}", str(value)]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=subprocess_env())
-    if check and result.returncode != 0:
-        raise AssertionError(f"bundle run failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-5000:]}")
-    return result
+    return _checked(run_module("monai.bundle", args), check)
 
 
-def cli(command: str, *args: str, check: bool = True, timeout: int = 600,
-        in_process: bool = False) -> subprocess.CompletedProcess:
-    """Run a console script (``prod9-train-autoencoder ...``) from the test venv.
-
-    ``in_process``: call the script's entry point in this process instead (the same code without the seconds of
-    interpreter and import start-up; for runs that stop early, such as bad input).
-    """
-    if in_process:
-        return _cli_in_process(command, args)
-    exe = Path(sys.executable).parent / command
-    result = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                            env=subprocess_env())
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-5000:]}")
-    return result
-
-
-def _cli_in_process(command: str, args) -> subprocess.CompletedProcess:
+def cli(command: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """A console script (``prod9-train-autoencoder ...``): its installed entry point, in this process
+    (:func:`as_a_process`)."""
     (entry,) = entry_points(group="console_scripts", name=command)
-    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    return _checked(as_a_process([command, *args], lambda: entry.load()(list(args))), check)
+
+
+def run_module(module: str, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in this process: the module runs as ``__main__`` with that ``sys.argv``
+    (:func:`as_a_process`)."""
+    import runpy
+
+    def main() -> None:
+        argv = sys.argv
+        sys.argv = [module, *args]
         try:
-            entry.load()(list(args))
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        finally:
+            sys.argv = argv
+
+    return as_a_process([module, *args], main, cwd)
+
+
+def as_a_process(argv: list[str], main: Callable[[], None], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Call ``main()`` as a new process runs it: in ``cwd`` (default: the current directory), output captured,
+    warnings off (as :func:`subprocess_env` sets them), ``SystemExit`` as the exit code, and an error that escapes
+    through ``sys.excepthook`` with exit code 1, as the interpreter does.
+
+    The same code without a new interpreter's start-up: ``import monai`` alone takes 10-15 s on two busy cores, which
+    made up half of the suite's time when every run was a process. Tests about the process itself (torchrun, a
+    killed run, the installed wheel, an exported folder run alone, a user's umask) start real ones.
+    """
+    import warnings
+
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+            contextlib.chdir(cwd or os.getcwd()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            main()
         except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return subprocess.CompletedProcess([command, *args], code, stdout.getvalue(), stderr.getvalue())
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except Exception as error:  # noqa: BLE001 - what the interpreter does with an uncaught error
+            sys.excepthook(type(error), error, error.__traceback__)
+            code = 1
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+
+
+def _checked(result: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
+    """``result``, or, with ``check`` and a non-zero exit code, an AssertionError with the run's output tail."""
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, result.args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result

@@ -88,7 +88,7 @@ def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_r
     assert files == ["sample_0001_T2.nii.gz", "sample_0002_T2.nii.gz"]
     # The same command again would replace them: refused, naming the file and the flag, before any sampling.
     written = {f: (out / f).stat().st_mtime_ns for f in files}
-    result = cli("prod9-train-maisi-diffusion", *args, check=False, in_process=True)
+    result = cli("prod9-train-maisi-diffusion", *args, check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         f"error: {out / files[0]} already exists: pass --overwrite to replace it, or choose another output")
     assert {f: (out / f).stat().st_mtime_ns for f in files} == written
@@ -112,7 +112,7 @@ def test_cli_generate_writes_valid_nifti_and_refuses_bad_input(maisi_diffusion_r
     ):
         bad = tmp_path / "bad"
         result = cli("prod9-train-maisi-diffusion", "generate", "--config", TINY, "--checkpoint", checkpoint,
-                     "--output", str(bad), *args, check=False, in_process=True)
+                     "--output", str(bad), *args, check=False)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
         assert not bad.exists()

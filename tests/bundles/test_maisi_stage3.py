@@ -98,7 +98,7 @@ def test_cli_generates_from_a_mask_on_another_grid_and_a_source(maisi_controlnet
         outputs[name] = tmp_path / name
         result = cli("prod9-train-maisi-controlnet", "generate", "--config", TINY, "--checkpoint", checkpoint,
                      "--mask", str(mask), "--source", case["t1"], "--source-modality", "T1", "--modality", "T2",
-                     "--num-inference-steps", "4", "--output", str(outputs[name]), in_process=name == "original")
+                     "--num-inference-steps", "4", "--output", str(outputs[name]))
         assert result.returncode == 0, result.stderr
     files = sorted(p.name for p in outputs["cropped"].iterdir())
     assert files == ["mask_T2.nii.gz", "mask_mask.nii.gz"]
@@ -116,7 +116,7 @@ def test_cli_generates_from_a_mask_on_another_grid_and_a_source(maisi_controlnet
     # Generating into the same folder again is refused without --overwrite (nothing is replaced).
     result = cli("prod9-train-maisi-controlnet", "generate", "--config", TINY, "--checkpoint", checkpoint, "--mask",
                  str(cropped), "--source", case["t1"], "--source-modality", "T1", "--modality", "T2",
-                 "--num-inference-steps", "4", "--output", str(outputs["cropped"]), check=False, in_process=True)
+                 "--num-inference-steps", "4", "--output", str(outputs["cropped"]), check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         f"error: {outputs['cropped'] / 'mask_T2.nii.gz'} already exists: pass --overwrite to replace it, or choose "
         "another output")
@@ -133,7 +133,7 @@ def test_cli_generates_from_a_mask_on_another_grid_and_a_source(maisi_controlnet
     ):
         bad = tmp_path / "bad"
         result = cli("prod9-train-maisi-controlnet", "generate", "--config", TINY, "--checkpoint", checkpoint,
-                     "--output", str(bad), *args, check=False, in_process=True)
+                     "--output", str(bad), *args, check=False)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr and not bad.exists()
 
@@ -145,6 +145,6 @@ def test_a_diffusion_checkpoint_of_another_latent_size_is_refused(maisi_controln
     atomic_save(record, tmp_path / "small.ckpt")
     result = cli("prod9-train-maisi-controlnet", "train", "--config", TINY, "--diffusion-path",
                  str(tmp_path / "small.ckpt"), "--output-dir", str(tmp_path / "out"), "--dataset-dir",
-                 run["dataset_dir"], "--latent-cache-dir", run["latent_cache_dir"], check=False, in_process=True)
+                 run["dataset_dir"], "--latent-cache-dir", run["latent_cache_dir"], check=False)
     assert result.returncode == 2 and "was trained on latent size [4, 4, 4], but these cases need" in result.stderr
     assert not (tmp_path / "out" / "best.ckpt").exists()

@@ -125,7 +125,7 @@ def test_generate_never_replaces_its_mask_or_earlier_samples(stage3_run, tmp_pat
     before = given.read_bytes()
     checkpoint = str(stage3_run["stage3"] / "best.ckpt")
     result = cli(CMD, "generate", "--checkpoint", checkpoint, "--mask", str(given), "--modality", "T1",
-                 "--output", str(tmp_path / "x.nii.gz"), "--overwrite", check=False, in_process=True)
+                 "--output", str(tmp_path / "x.nii.gz"), "--overwrite", check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (f"error: output {given} is the input {given}: choose another "
                                                       "output (never overwritten)")
@@ -133,7 +133,7 @@ def test_generate_never_replaces_its_mask_or_earlier_samples(stage3_run, tmp_pat
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x_mask_T1.nii.gz").write_bytes(b"earlier sample")
     result = cli(CMD, "generate", "--checkpoint", checkpoint, "--mask", str(given), "--modality", "T1",
-                 "--output", str(tmp_path / "out"), check=False, in_process=True)
+                 "--output", str(tmp_path / "out"), check=False)
     assert result.returncode == 2 and "x_mask_T1.nii.gz already exists: pass --overwrite" in result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_mask_T1.nii.gz"]
 
@@ -149,7 +149,7 @@ def test_bad_input_is_one_clear_line(stage3_run, stage1_run, tmp_path, make_args
     args = make_args({**stage3_run, **stage1_run}, tmp_path)
     if args[0] == "generate":
         args += ["--checkpoint", str(stage3_run["stage3"] / "best.ckpt"), "--output", str(tmp_path / "gen")]
-    result = cli(CMD, *args, "--dataset-dir", stage3_run["dataset_dir"], check=False, in_process=True)
+    result = cli(CMD, *args, "--dataset-dir", stage3_run["dataset_dir"], check=False)
     assert result.returncode != 0
     assert expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "gen").exists() or not any((tmp_path / "gen").iterdir())

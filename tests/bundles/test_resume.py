@@ -76,7 +76,7 @@ def finished_run(demo_dataset_dir, tmp_path_factory):
 def train_cli(out, *args):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SHORT_RUN.items()]
     return cli("prod9-train-autoencoder", "train", "--config", str(STAGE1 / "tiny.json"), "--output-dir", str(out),
-               *flags, *args, check=False, in_process=True)
+               *flags, *args, check=False)
 
 
 def snapshot(folder):

@@ -7,15 +7,13 @@ Only the data's location and the length of each run are given (``--limit_*``, ``
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -24,14 +22,14 @@ FEW_SAMPLES = {"training_reference_cases": 1, "validate#samples#modalities": "['
 
 
 def _run(cwd: Path, bundle: str, dataset_dir: str, check: bool = True, **ids) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of the bundle's [train.json, tiny.json] in ``cwd`` (in this process: the same
+    module and argv; the stage-1 exports of test_zoo_export.py run in new processes)."""
     configs = ROOT / "bundles" / bundle / "configs"
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-            f"['{configs / 'train.json'}','{configs / 'tiny.json'}']", "--logging_file", str(configs / "logging.conf"),
-            "--dataset_dir", dataset_dir]
+    args = ["run", "--config_file", f"['{configs / 'train.json'}','{configs / 'tiny.json'}']", "--logging_file",
+            str(configs / "logging.conf"), "--dataset_dir", dataset_dir]
     for key, value in {**SHORT, **ids}.items():
         args += [f"--{key}", str(value)]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = run_module("monai.bundle", args, cwd=cwd)
     assert result.returncode == 0 or not check, f"{bundle} failed:\n{result.stderr[-4000:]}"
     return result
 

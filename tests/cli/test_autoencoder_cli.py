@@ -61,7 +61,7 @@ def test_validate_and_test_write_metrics(stage1_run, tmp_path):
     assert json.loads((out / "metrics_validation.json").read_text())["split"] == "validation"
     before = (out / "metrics_test.json").read_text()
     result = cli("prod9-train-autoencoder", "test", "--checkpoint", stage1_run["export_path"], "--output-dir",
-                 str(out), "--dataset-dir", stage1_run["dataset_dir"], check=False, in_process=True)
+                 str(out), "--dataset-dir", stage1_run["dataset_dir"], check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (f"error: {out / 'metrics_test.json'} already exists: pass "
                                                       "--overwrite to replace it, or choose another output")
@@ -77,7 +77,7 @@ def test_infer_never_replaces_its_input_and_asks_before_replacing_an_output(stag
     before = source.read_bytes()
     for extra in ([], ["--overwrite"]):  # the input: never, even with --overwrite
         result = cli("prod9-train-autoencoder", "infer", "--checkpoint", stage1_run["export_path"], "--input",
-                     str(source), "--output", str(source), *extra, check=False, in_process=True)
+                     str(source), "--output", str(source), *extra, check=False)
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1] == (f"error: output {source} is the input {source}: choose "
                                                           "another output (never overwritten)")
@@ -86,7 +86,7 @@ def test_infer_never_replaces_its_input_and_asks_before_replacing_an_output(stag
     earlier.write_bytes(b"an earlier reconstruction")
     args = ["infer", "--checkpoint", stage1_run["export_path"], "--input", str(source), "--output", str(earlier),
             "--roi-size", "32", "32", "32"]
-    result = cli("prod9-train-autoencoder", *args, check=False, in_process=True)
+    result = cli("prod9-train-autoencoder", *args, check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         f"error: {earlier} already exists: pass --overwrite to replace it, or choose another output")
     assert earlier.read_bytes() == b"an earlier reconstruction"
@@ -105,7 +105,7 @@ def test_default_config_rebuilds_a_tiny_checkpoint(stage1_run, tmp_path):
 
 def test_missing_dataset_dir_is_one_line_error(tmp_path):
     result = cli("prod9-train-autoencoder", "train", "--dataset-dir", str(tmp_path / "nowhere"), "--output-dir",
-                 str(tmp_path / "out"), check=False, in_process=True)
+                 str(tmp_path / "out"), check=False)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "nowhere" in lines[-1]
@@ -117,7 +117,7 @@ def test_checkpoint_that_is_not_a_torch_file(tmp_path, stage1_run):
     bad.write_text("not a checkpoint")
     result = cli("prod9-train-autoencoder", "infer", "--checkpoint", str(bad), "--input",
                  str(_odd_volume(tmp_path / "x.nii.gz") and tmp_path / "x.nii.gz"), "--output",
-                 str(tmp_path / "y.nii.gz"), check=False, in_process=True)
+                 str(tmp_path / "y.nii.gz"), check=False)
     assert result.returncode != 0
     assert "bad.ckpt" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "y.nii.gz").exists()
@@ -129,7 +129,7 @@ def test_export_with_other_levels_is_refused(stage1_run, tmp_path):
     other = tmp_path / "other_levels.pt"
     torch.save(record, other)
     result = cli("prod9-train-autoencoder", "test", "--checkpoint", str(other), "--output-dir",
-                 str(tmp_path / "eval"), "--dataset-dir", stage1_run["dataset_dir"], check=False, in_process=True)
+                 str(tmp_path / "eval"), "--dataset-dir", stage1_run["dataset_dir"], check=False)
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
     assert "levels" in line and "[8, 5, 5, 5]" in line
@@ -158,7 +158,7 @@ def test_both_multi_value_spellings_normalise_the_same():
                                            (["prod9-train-maskgit-controlnet", "generate"], "--mask"),
                                            (["prod9-train-maisi-controlnet", "generate"], "--source")])
 def test_help_prints_flags_and_runs_nothing(command, flag):
-    result = cli(*command, "--help", in_process=True)
+    result = cli(*command, "--help")
     text = result.stdout + result.stderr
     assert flag in text and "--checkpoint" in text
     assert "error:" not in text and "parsing config_file" not in text
@@ -176,7 +176,7 @@ def test_infer_reads_big_endian_files_with_a_trailing_singleton_axis(stage1_run,
     for name in ("plain", "scanner"):
         cli("prod9-train-autoencoder", "infer", "--checkpoint", stage1_run["export_path"], "--input",
             str(tmp_path / f"{name}.nii.gz"), "--output", str(tmp_path / f"{name}_recon.nii.gz"), "--roi-size", "32",
-            "32", "32", in_process=True)
+            "32", "32")
     recon = nib.load(tmp_path / "scanner_recon.nii.gz")
     assert recon.shape == plain.shape
     np.testing.assert_allclose(recon.affine, plain.affine, atol=1e-5)
@@ -185,7 +185,6 @@ def test_infer_reads_big_endian_files_with_a_trailing_singleton_axis(stage1_run,
     whole = (tmp_path / "plain.nii.gz").read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
     result = cli("prod9-train-autoencoder", "infer", "--checkpoint", stage1_run["export_path"], "--input",
-                 str(tmp_path / "cut.nii.gz"), "--output", str(tmp_path / "cut_recon.nii.gz"), check=False,
-                 in_process=True)
+                 str(tmp_path / "cut.nii.gz"), "--output", str(tmp_path / "cut_recon.nii.gz"), check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'cut.nii.gz'}: cannot read (")

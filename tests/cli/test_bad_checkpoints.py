@@ -43,7 +43,7 @@ def test_bad_checkpoint_is_one_clear_line(command, fault, bad_files, demo_datase
     verb = VERBS[command][0 if fault == "not_torch" else 1]
     out = tmp_path / "out"
     result = cli(command, verb, "--checkpoint", str(bad_files[fault]), "--output-dir", str(out),
-                 "--dataset-dir", demo_dataset_dir, check=False, in_process=True)
+                 "--dataset-dir", demo_dataset_dir, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines and lines[-1].startswith("error: "), result.stderr
     assert f"{bad_files[fault]}: not a loadable prod9 checkpoint" in lines[-1], result.stderr
@@ -61,7 +61,7 @@ def test_a_record_naming_a_function_is_refused_by_the_cli(tmp_path):
     evil, marker, out = tmp_path / "evil.pt", tmp_path / "PWNED", tmp_path / "out"
     atomic_save(hostile_record(marker), evil)
     result = cli("prod9-train-transformer", "train", "--autoencoder-path", str(evil), "--output-dir", str(out),
-                 "--dataset-dir", str(tmp_path / "no data"), check=False, in_process=True)
+                 "--dataset-dir", str(tmp_path / "no data"), check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {evil}: refusing to build network_target 'monai.utils.module.instantiate': not one of the project's "

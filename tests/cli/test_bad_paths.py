@@ -68,7 +68,7 @@ def test_a_broken_link_is_named_not_skipped(broken, demo_dataset_dir, tmp_path):
         name = f"BraTS-Copied/{volume.name}"
     out = tmp_path / "out"
     result = cli("prod9-train-autoencoder", "train", "--dataset-dir", str(dataset), "--output-dir", str(out),
-                 check=False, in_process=True)
+                 check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {dataset}: broken symbolic link(s): {name}"
     assert not out.exists()

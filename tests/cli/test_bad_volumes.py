@@ -34,7 +34,7 @@ def test_a_case_too_small_for_validation_is_named_before_training(tmp_path):
     out = tmp_path / "out"
     result = cli("prod9-train-autoencoder", "train", "--config", str(TINY), "--dataset-dir", str(tmp_path / "data"),
                  "--datalist", str(datalist), "--output-dir", str(out), "--spacing", "1", "1", "1",
-                 "--limit-train-batches", "1", check=False, in_process=True)
+                 "--limit-train-batches", "1", check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: case BraTS-Small: ") and "BraTS-Small_t1.nii.gz is (40, 40, 20) voxels" in line

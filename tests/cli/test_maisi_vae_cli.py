@@ -16,16 +16,16 @@ TINY = str(ROOT / "bundles" / "maisi_stage1_vae" / "configs" / "tiny.json")
 
 
 def test_help_lists_the_verbs_and_the_bundle_defaults():
-    result = cli("prod9-train-maisi-vae", "--help", in_process=True)
+    result = cli("prod9-train-maisi-vae", "--help")
     text = result.stdout + result.stderr
     for verb in ("train", "validate", "test", "infer"):
         assert f"\n     {verb}\n" in text, verb
     assert "maisi_stage1_vae" in text
-    train = cli("prod9-train-maisi-vae", "train", "--help", in_process=True)
+    train = cli("prod9-train-maisi-vae", "train", "--help")
     text = train.stdout + train.stderr  # fire prints help on stderr when not on a terminal
     assert "export (<output_dir>/maisi_vae_final.pt)" in text and "(default outputs/maisi_stage1)" in text
     assert "maskgit" not in text and "brats_autoencoder" not in text
-    infer = cli("prod9-train-maisi-vae", "infer", "--help", in_process=True)
+    infer = cli("prod9-train-maisi-vae", "infer", "--help")
     text = infer.stdout + infer.stderr
     assert "--input" in text and "--checkpoint" in text and "--roi_size" in text
     assert "error:" not in text
@@ -57,7 +57,7 @@ def test_a_file_that_is_not_this_vae_is_one_line_error(maisi_vae_run, tmp_path, 
     torch.save(record, bad)
     result = cli("prod9-train-maisi-vae", "test", "--checkpoint", str(bad), "--config", TINY,
                  "--output-dir", str(tmp_path / "eval"), "--dataset-dir", maisi_vae_run["dataset_dir"],
-                 check=False, in_process=True)
+                 check=False)
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and str(bad) in line and expected in line, line
@@ -67,7 +67,7 @@ def test_a_file_that_is_not_this_vae_is_one_line_error(maisi_vae_run, tmp_path, 
 
 def test_missing_input_is_one_line_error(tmp_path):
     result = cli("prod9-train-maisi-vae", "infer", "--input", str(tmp_path / "missing.nii.gz"), "--output",
-                 str(tmp_path / "out.nii.gz"), check=False, in_process=True)
+                 str(tmp_path / "out.nii.gz"), check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"error: --input {tmp_path / 'missing.nii.gz'}: no such file"
     assert not (tmp_path / "out.nii.gz").exists()

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, cli, subprocess_env
+from tests.helpers import ROOT, cli, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +36,8 @@ def flat(config: dict, prefix: str = "") -> dict:
 def run_bundle(folder: Path, image: Path, overrides: dict) -> Path:
     """``monai.bundle run`` of ``configs/inference.json`` in ``folder`` on ``image``; the reconstruction it wrote."""
     args = [a for key, value in overrides.items() for a in (f"--{key}", repr(value))]  # fire reads Python literals
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                             "--datalist", f"['{image}']", *args], cwd=folder, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = run_module("monai.bundle", ["run", "--config_file", "configs/inference.json", "--datalist", f"['{image}']",
+                                         *args], cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "eval" / image.name.replace(".nii.gz", "_recon.nii.gz")
 

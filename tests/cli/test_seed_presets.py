@@ -15,7 +15,7 @@ from prod9_components.cli.seed_configs import SEED_CONFIGS
 from prod9_components.cli.seed_presets import PresetError, preset_overrides
 from prod9_components.cli.transformer import _stage
 from tests.cli.test_seed_workflows import SEED_DOC
-from tests.helpers import _cli_in_process
+from tests.helpers import cli
 
 
 def seed_yaml_blocks() -> dict[str, str]:
@@ -57,8 +57,8 @@ def test_a_file_at_a_seed_path_is_the_users_preset(tmp_path, monkeypatch):
 
 def test_a_seed_name_of_another_command_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = _cli_in_process("prod9-train-autoencoder", ["train", "--config",
-                                                         "configs/maisi/autoencoder/brats_vae.yaml"])
+    result = cli("prod9-train-autoencoder", "train", "--config", "configs/maisi/autoencoder/brats_vae.yaml",
+                 check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("error: --config configs/maisi/autoencoder/brats_vae.yaml: the "
                                                       "seed's config of bundle maisi_stage1_vae, not of maskgit_stage1")
@@ -124,7 +124,7 @@ def test_a_preset_value_is_data(tmp_path, monkeypatch):
         overrides_for(tmp_path, "maskgit_stage1", "seed: $open('PWNED', 'w')\n")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.yaml").write_text("trainer:\n  max_epochs: 1\ndataset_dir: $open('PWNED', 'w')\n")
-    result = _cli_in_process("prod9-train-autoencoder", ["train", "--config", "p.yaml"])
+    result = cli("prod9-train-autoencoder", "train", "--config", "p.yaml", check=False)
     assert result.returncode == 2 and "$open('PWNED', 'w')" in result.stderr  # read as a (missing) folder name
     assert not (tmp_path / "PWNED").exists()
 
@@ -132,7 +132,7 @@ def test_a_preset_value_is_data(tmp_path, monkeypatch):
 def test_a_bad_preset_key_stops_the_command_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.yaml").write_text("trainer:\n  max_epoch: 1\n")
-    result = _cli_in_process("prod9-train-autoencoder", ["train", "--config", "p.yaml"])
+    result = cli("prod9-train-autoencoder", "train", "--config", "p.yaml", check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("error: p.yaml: trainer.max_epoch maps to no bundle id of "
                                                       "maskgit_stage1 (closest: 'trainer.max_epochs')")

@@ -31,7 +31,7 @@ import pytest
 from prod9_components.cli.bundle_runner import bundle_ids, bundles_root
 from prod9_components.cli.seed_configs import SEED_CONFIGS
 from prod9_components.data.demo import make_demo_dataset
-from tests.helpers import ROOT, _cli_in_process
+from tests.helpers import ROOT, cli
 
 SEED_DOC = ROOT / "tests" / "fixtures" / "seed" / "TRAINING_WORKFLOWS.md"
 SPACING = [4.0, 4.0, 4.0]  # 5 mm demo volumes at 4 mm: about 35x43x35 voxels of brain
@@ -115,7 +115,7 @@ def test_every_seed_command_runs(tmp_path, monkeypatch):
         else:
             if "--output" in args and (work / args[args.index("--output") + 1]).is_file():
                 args.append("--overwrite")
-            result = _cli_in_process(args[0], [*args[1:], *tiny_flags(args)])
+            result = cli(args[0], *args[1:], *tiny_flags(args), check=False)
         print(f"{'ok ' if result.returncode == 0 else 'FAILED'} {time.monotonic() - start:5.0f} s  {command}",
               flush=True)  # pytest -s: the chain's progress
         if result.returncode != 0:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from prod9_components.tracking import mlflow_settings
-from tests.helpers import ROOT, cli
+from tests.helpers import ROOT, cli, run_module
 
 mlflow = pytest.importorskip("mlflow")  # in the dev extra; the tracking extra installs it for users
 
@@ -25,12 +23,12 @@ def test_training_and_evaluation_runs_are_tracked(demo_dataset_dir, tmp_path):
     settings = tmp_path / "mlflow.json"
     settings.write_text(json.dumps(mlflow_settings()))  # what `python -m prod9_components.tracking` prints
     configs = json.dumps([str(BUNDLE / "train.json"), str(BUNDLE / "tiny.json")])
-    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
-                    "--meta_file", str(BUNDLE / "metadata.json"), "--bundle_root", str(BUNDLE.parent),
-                    "--dataset_dir", demo_dataset_dir, "--output_dir", str(out), "--tracking", str(settings),
-                    "--roi_size", "[16,16,16]", "--spacing", "[4.0,4.0,4.0]", "--epochs", "2",
-                    "--limit_train_batches", "3", "--limit_val_batches", "1", "--val_interval", "1"],
-                   check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    trained = run_module("monai.bundle", [
+        "run", "--config_file", configs, "--meta_file", str(BUNDLE / "metadata.json"), "--bundle_root",
+        str(BUNDLE.parent), "--dataset_dir", demo_dataset_dir, "--output_dir", str(out), "--tracking", str(settings),
+        "--roi_size", "[16,16,16]", "--spacing", "[4.0,4.0,4.0]", "--epochs", "2", "--limit_train_batches", "3",
+        "--limit_val_batches", "1", "--val_interval", "1"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
     cli("prod9-train-autoencoder", "validate", "--config", str(BUNDLE / "tiny.json"), "--output-dir", str(out),
         "--dataset-dir", demo_dataset_dir, "--spacing", "4", "4", "4", "--limit-val-batches", "1",
         "--tracking", "mlflow")
@@ -79,7 +77,7 @@ def test_tracking_without_mlflow_is_one_line_naming_the_install(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else find_spec(name, *a))
     result = cli("prod9-train-autoencoder", "validate", "--config", str(BUNDLE / "tiny.json"), "--tracking", "mlflow",
-                 check=False, in_process=True)
+                 check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --tracking mlflow needs MLflow: pip install mlflow "
                                      "(or: pip install -e '.[tracking]')")

@@ -58,13 +58,12 @@ def test_label_samples_are_seeded(stage2_runs, tmp_path):
     # 16^3 windows (GroupNorm statistics per tile) give another image of the same size; 32^3 (the export's) the same.
     for roi, same in (("32", True), ("16", False)):
         cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-steps", "3",
-            "--output", str(tmp_path / roi), "--sample-size", "32", "32", "32", "--roi-size", roi, roi, roi,
-            in_process=True)
+            "--output", str(tmp_path / roi), "--sample-size", "32", "32", "32", "--roi-size", roi, roi, roi)
         image = nib.load(tmp_path / roi / "sample_0001_T2.nii.gz").get_fdata()
         assert image.shape == (32, 32, 32) and (np.abs(image - a).max() == 0) == same
     # A third run into "one" would replace its sample: refused, naming the file and --overwrite.
     result = cli(CMD, "generate", "--checkpoint", ckpt, "--modality", "t2w", "--num-samples", "1", "--num-inference-steps", "3",
-                 "--output", str(tmp_path / "one"), "--sample-size", "32", "32", "32", check=False, in_process=True)
+                 "--output", str(tmp_path / "one"), "--sample-size", "32", "32", "32", check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'one' / 'sample_0001_T2.nii.gz'} already exists: pass --overwrite to replace it, or "
         "choose another output")
@@ -76,7 +75,7 @@ def test_translation_never_replaces_its_source(stage2_runs, tmp_path):
     source.write_bytes(Path(_source(stage2_runs)).read_bytes())
     before = source.read_bytes()
     result = cli(CMD, "generate", "--checkpoint", str(Path(stage2_runs["incontext"]) / "best.ckpt"), "--input",
-                 str(source), "--output", str(source), "--overwrite", check=False, in_process=True)
+                 str(source), "--output", str(source), "--overwrite", check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (f"error: output {source} is the input {source}: choose another "
                                                       "output (never overwritten)")
@@ -89,7 +88,7 @@ def test_translation_never_replaces_its_source(stage2_runs, tmp_path):
 ])
 def test_label_generate_bad_input(stage2_runs, tmp_path, args, expected):
     ckpt = str(Path(stage2_runs["label"]) / "best.ckpt")
-    result = cli(CMD, "generate", "--checkpoint", ckpt, "--output", str(tmp_path / "gen"), *args, check=False, in_process=True)
+    result = cli(CMD, "generate", "--checkpoint", ckpt, "--output", str(tmp_path / "gen"), *args, check=False)
     assert result.returncode != 0
     assert expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "gen").exists() or not any((tmp_path / "gen").iterdir())
@@ -98,7 +97,7 @@ def test_label_generate_bad_input(stage2_runs, tmp_path, args, expected):
 def test_same_source_and_target_is_refused(stage2_runs, tmp_path):
     ckpt = str(Path(stage2_runs["incontext"]) / "best.ckpt")
     result = cli(CMD, "generate", "--checkpoint", ckpt, "--input", _source(stage2_runs), "--output",
-                 str(tmp_path / "x.nii.gz"), "--target-modality", "T1", check=False, in_process=True)
+                 str(tmp_path / "x.nii.gz"), "--target-modality", "T1", check=False)
     assert result.returncode != 0
     assert "T1 is both a source and the target modality" in result.stderr
     assert not (tmp_path / "x.nii.gz").exists()
@@ -112,7 +111,7 @@ def test_export_with_another_vocabulary_is_refused(stage2_runs, tmp_path):
     torch.save(record, other)
     result = cli(CMD, "test", "--checkpoint", str(Path(stage2_runs["label"]) / "best.ckpt"), "--autoencoder-path",
                  str(other), "--output-dir", str(tmp_path / "out"), "--dataset-dir", stage2_runs["dataset_dir"],
-                 check=False, in_process=True)
+                 check=False)
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
     assert "other.pt" in line and f"changed since {Path(stage2_runs['label']) / 'best.ckpt'} was trained" in line
@@ -120,7 +119,7 @@ def test_export_with_another_vocabulary_is_refused(stage2_runs, tmp_path):
 
 
 def test_stage1_checkpoint_is_not_a_transformer(stage2_runs, tmp_path):
-    result = cli(CMD, "test", "--checkpoint", stage2_runs["autoencoder_path"], check=False, in_process=True)
+    result = cli(CMD, "test", "--checkpoint", stage2_runs["autoencoder_path"], check=False)
     assert result.returncode != 0
     assert "not a stage-2 transformer" in result.stderr.strip().splitlines()[-1]
 
@@ -131,14 +130,13 @@ def test_incontext_num_samples_and_no_sample_size(stage2_runs, tmp_path):
     ckpt = str(Path(stage2_runs["incontext"]) / "best.ckpt")
     source = _source(stage2_runs)
     result = cli(CMD, "generate", "--checkpoint", ckpt, "--input", source, "--num-samples", "2", "--num-steps", "2",
-                 "--source-modality", "T1", "--target-modality", "T2", "--output", str(tmp_path / "gen"),
-                 in_process=True)
+                 "--source-modality", "T1", "--target-modality", "T2", "--output", str(tmp_path / "gen"))
     case = Path(source).name.split(".nii")[0]
     names = sorted(p.name for p in (tmp_path / "gen").iterdir())
     assert names == [f"{case}_sample_0001_T2.nii.gz", f"{case}_sample_0002_T2.nii.gz"], result.stdout
     a, b = (nib.load(tmp_path / "gen" / n) for n in names)
     assert a.shape == b.shape == nib.load(source).shape and np.abs(a.get_fdata() - b.get_fdata()).max() > 0
     result = cli(CMD, "generate", "--checkpoint", ckpt, "--sample-size", "32", "32", "32", "--output",
-                 str(tmp_path / "x"), check=False, in_process=True)
+                 str(tmp_path / "x"), check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         "error: --sample-size is for label-conditional checkpoints; a translation has the size of its --input")

@@ -16,8 +16,7 @@ INSTALLED = Path(prod9_components.__file__).resolve().parent / "bundles"
 def train_here(tmp_path, monkeypatch, *args: str):
     """``prod9-train-autoencoder train`` run from ``tmp_path`` on a missing dataset (it stops before training)."""
     monkeypatch.chdir(tmp_path)
-    return cli("prod9-train-autoencoder", "train", *args, "--dataset-dir", str(tmp_path / "no data"), check=False,
-               in_process=True)
+    return cli("prod9-train-autoencoder", "train", *args, "--dataset-dir", str(tmp_path / "no data"), check=False)
 
 
 def hostile_bundle(root: Path) -> Path:
@@ -52,7 +51,7 @@ def test_a_path_flag_starting_with_a_dollar_is_a_name(tmp_path, monkeypatch, dem
     monkeypatch.chdir(tmp_path)
     name = '$__import__("os").mkdir("PWNED")'
     result = cli("prod9-train-autoencoder", "test", "--checkpoint", name, "--output-dir", name,
-                 "--dataset-dir", demo_dataset_dir, check=False, in_process=True)
+                 "--dataset-dir", demo_dataset_dir, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {name}: checkpoint not found"], result.stderr
     assert not (tmp_path / "PWNED").exists()

@@ -19,12 +19,17 @@ from tests.helpers import ROOT, cli, subprocess_env
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = [("stage1_run", "prod9-train-autoencoder"), ("maisi_vae_run", "prod9-train-maisi-vae")]
+
+def test_maskgit_stage1_export_runs_alone(stage1_run, tmp_path):
+    exported_stage1_runs_alone(stage1_run, "prod9-train-autoencoder", tmp_path)
 
 
-@pytest.mark.parametrize("run_fixture, command", FAMILIES)
-def test_an_exported_stage1_bundle_runs_alone(run_fixture, command, request, tmp_path):
-    run = request.getfixturevalue(run_fixture)
+def test_maisi_vae_export_runs_alone(maisi_vae_run, tmp_path):
+    exported_stage1_runs_alone(maisi_vae_run, "prod9-train-maisi-vae", tmp_path)
+
+
+def exported_stage1_runs_alone(run: dict, command: str, tmp_path: Path) -> None:
+    """(Each family's test is named after it: tests/conftest.py runs it on the worker that trained the family.)"""
     checkpoint, bundle = f"{run['output_dir']}/best.ckpt", tmp_path / "zoo_bundle"
     result = cli(command, "export", "--checkpoint", checkpoint, "--output-dir", str(bundle))
     assert f"model-zoo bundle written to {bundle}/" in result.stdout

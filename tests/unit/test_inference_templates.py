@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from monai.bundle import ConfigParser
 
 from prod9_components.zoo.inference import BUILDERS
 from prod9_components.zoo.template import template_config
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import ROOT, run_module
 
 STAGES = sorted(BUILDERS)
 
@@ -58,8 +56,7 @@ def test_the_template_is_standalone_and_reads_models_under_bundle_root(stage):
 def test_the_template_without_weights_fails_in_one_line_naming_them(stage, missing, tmp_path):
     bundle = tmp_path / stage
     shutil.copytree(ROOT / "bundles" / stage, bundle)  # the repository's folder stays as it is
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"],
-                            cwd=bundle, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = run_module("monai.bundle", ["run", "--config_file", "configs/inference.json"], cwd=bundle)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
