@@ -33,10 +33,12 @@ class SeenItems:
             seen.setdefault(engine.state.epoch, []).extend(f"{c}/{m}" for c, m in zip(cases, modalities))
 
     def write(self, engine: Engine, tag: str, seen: dict[int, list[str]]) -> None:
+        """A resumed run adds its epochs to the items of the run it continues."""
         rank = dist.get_rank() if dist.is_initialized() else 0
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
         path = self.output_dir / f"seen_{tag}_rank{rank}.json"
-        path.write_text(json.dumps({"items": seen, "metrics": metrics}))
+        items = json.loads(path.read_text())["items"] if path.exists() else {}
+        path.write_text(json.dumps({"items": {**items, **{str(k): v for k, v in seen.items()}}, "metrics": metrics}))
 
 
 class LearningRates:

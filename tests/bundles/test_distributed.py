@@ -1,7 +1,7 @@
 """2-process gloo `torchrun` runs of stage 1 and stage 2 of both families: every bundle's multi_gpu_train.json
 trains, the ranks see disjoint shards of the training data every epoch, they validate disjoint shards of the
 validation split and end with the same (reduced) metrics, and only rank 0 writes checkpoints; a torchrun run resumes
-from its last.ckpt."""
+from its last.ckpt (MaskGiT stage 1: trained in two runs, one resuming the other)."""
 
 from __future__ import annotations
 
@@ -69,24 +69,28 @@ def check_ranks(out: Path, result: subprocess.CompletedProcess, key_metric: str)
     return metrics[0]
 
 
-@pytest.mark.parametrize("bundle", ["maskgit_stage1", "maisi_stage1_vae"])
-def test_stage1_trains_on_two_gloo_processes(bundle, demo_dataset_dir, tmp_path):
-    out = tmp_path / "run"
-    result = torchrun(bundle, out, {"dataset_dir": demo_dataset_dir, "spacing": TEST_SPACING,
-                                    "limit_train_batches": 2, "limit_val_batches": 2})
-    metrics = check_ranks(out, result, "psnr")
-    # The sharded, reduced validation of the final weights equals one process validating the whole split.
+def assert_one_process_validates_alike(bundle: str, out: Path, metrics: dict, dataset_dir: str, tmp_path: Path):
+    """The sharded, reduced validation of the final weights equals one process validating the whole split."""
     command = {"maskgit_stage1": "prod9-train-autoencoder", "maisi_stage1_vae": "prod9-train-maisi-vae"}[bundle]
     tiny = ROOT / "bundles" / bundle / "configs" / "tiny.json"
     cli(command, "validate", "--config", str(tiny), "--checkpoint", str(out / "best.ckpt"), "--output-dir",
-        str(tmp_path / "single"), "--dataset-dir", demo_dataset_dir, "--spacing", TEST_SPACING)
+        str(tmp_path / "single"), "--dataset-dir", dataset_dir, "--spacing", TEST_SPACING)
     single = json.loads((tmp_path / "single" / "metrics_validation.json").read_text())
     for name in ("psnr", "ssim"):
         assert single[name] == pytest.approx(metrics[name], rel=1e-5), name
 
 
-def test_stage1_resumes_on_two_gloo_processes(demo_dataset_dir, tmp_path):
-    """A DDP run stopped after epoch 1 (a short max_epochs) continues to epoch 2 from its last.ckpt."""
+def test_maisi_stage1_trains_on_two_gloo_processes(demo_dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    result = torchrun("maisi_stage1_vae", out, {"dataset_dir": demo_dataset_dir, "spacing": TEST_SPACING,
+                                                "limit_train_batches": 2, "limit_val_batches": 2})
+    metrics = check_ranks(out, result, "psnr")
+    assert_one_process_validates_alike("maisi_stage1_vae", out, metrics, demo_dataset_dir, tmp_path)
+
+
+def test_maskgit_stage1_trains_and_resumes_on_two_gloo_processes(demo_dataset_dir, tmp_path):
+    """A DDP run stopped after epoch 1 (a short max_epochs) continues to epoch 2 from its last.ckpt; the two runs
+    together pass every check of a 2-epoch run."""
     out = tmp_path / "run"
     settings = {"dataset_dir": demo_dataset_dir, "spacing": TEST_SPACING, "limit_train_batches": 2,
                 "limit_val_batches": 2}
@@ -100,6 +104,8 @@ def test_stage1_resumes_on_two_gloo_processes(demo_dataset_dir, tmp_path):
     final = torch.load(out / "last.ckpt", weights_only=True)
     assert (final["epoch"], final["trainer"]["iteration"]) == (2, 4)
     assert (out / "best.ckpt").is_file() and final["best_epoch"] == 2
+    metrics = check_ranks(out, result, "psnr")
+    assert_one_process_validates_alike("maskgit_stage1", out, metrics, demo_dataset_dir, tmp_path)
 
 
 def test_maskgit_stage2_trains_on_two_gloo_processes(stage2_runs, tmp_path):
