@@ -39,9 +39,8 @@ _EXPORTS = {
     "latent_cache": (
         "LoadLatentd",
         "build_latent_cache",
-        "check_latent_size",
         "latent_cache_key",
-        "latent_grid",
+        "latent_canvas",
         "latent_items",
         "latent_scale_factor",
         "load_latent_file",

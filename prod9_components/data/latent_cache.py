@@ -2,10 +2,12 @@
 
 One ``.npz`` file per case under ``<cache_dir>/<key>/`` (:mod:`prod9_components.data.case_cache`); ``key`` hashes the
 VAE file's bytes, the preprocessing contract and the encoder settings, so a new VAE never reuses stale latents; each
-file records the fingerprint of the case's input volumes, so a changed volume is encoded again. Each file holds:
+file records the fingerprint of the case's input volumes, so a changed volume is encoded again. The diffusion model
+needs one latent size: every case is centre-padded with background to one image canvas before it is encoded
+(:func:`latent_canvas` finds the canvas the cases fit in). Each file holds:
 
     latent     float32 (4, C, d, h, w)  latent mean (never a posterior sample), modality order T1, T1ce, T2, FLAIR
-    seg        uint8   (D, H, W)        tumour mask 0..3 on the preprocessed image grid, D = d * f, ...
+    seg        uint8   (D, H, W)        tumour mask 0..3 on the (padded) image grid, D = d * f, ...
     affine     float64 (4, 4)           voxel -> world (RAS mm) of the preprocessed image grid
     intensity  float32 (4, 2)           the [low, high] each modality was scaled from
 
@@ -23,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.transforms import MapTransform
 
 from prod9_components.atomic import write_json
@@ -38,6 +39,7 @@ LATENT_ARRAYS = {  # name -> (dtype, number of dimensions)
     "affine": (np.float64, 2),
     "intensity": (np.float32, 2),
 }
+GRID_ARRAYS = {"grid": (np.int64, 1)}  # a case's preprocessed grid (D, H, W), for latent_canvas
 
 
 def latent_cache_key(vae_sha256: str, preprocessing: Mapping, extra: Mapping | None = None) -> str:
@@ -102,47 +104,59 @@ def latent_items(items: Sequence[Mapping], modalities: Sequence[str | int]) -> l
     return [{"case": item["case"], "latent": item["latent"], "modality": i} for item in items for i in indices]
 
 
-def latent_grid(items: Sequence[Mapping], multiple: int) -> list[int]:
-    """Per-axis largest latent grid (d, h, w) of ``items``, rounded up to ``multiple`` (the UNet's downsampling):
-    the fixed size every latent is padded to for training and every sample is generated at."""
-    largest = [0, 0, 0]
-    for item in items:
-        grid = load_latent_file(item["latent"])["latent"].shape[2:]
-        largest = [max(a, int(g)) for a, g in zip(largest, grid)]
-    return [-(-n // multiple) * multiple for n in largest]
+def _check_grid(arrays: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    out = cast_arrays(arrays, GRID_ARRAYS, source, "grid")
+    if out["grid"].shape != (3,) or (out["grid"] < 1).any():
+        raise ValueError(f"{source}: expected a grid of three positive sizes, got {out['grid'].tolist()}")
+    return out
 
 
-def check_latent_size(items: Sequence[Mapping], latent_size: Sequence[int], source: str) -> list[int]:
-    """``latent_size`` (the grid a diffusion model was trained and samples at, from its checkpoint ``source``) if
-    every cached latent of ``items`` fits in it, else a one-line ValueError naming both sizes."""
-    needed = latent_grid(items, 1)
-    if any(n > int(s) for n, s in zip(needed, latent_size)):
-        raise ValueError(f"{source}: the diffusion model was trained on latent size {list(latent_size)}, but these "
-                         f"cases need {needed} (another spacing or VAE?); train stage 2 on this data first")
-    return [int(s) for s in latent_size]
+def latent_canvas(cases: Sequence[Mapping], cache_dir: str | os.PathLike, vae_sha256: str, spacing: Sequence[float],
+                  intensity_range: Sequence[float], downsample_factor: int, multiple: int) -> list[int]:
+    """The latent size (d, h, w) every case of ``cases`` fits in: the largest preprocessed grid over
+    ``downsample_factor``, rounded up to ``multiple`` (the UNet's downsampling). The cases are then encoded on this
+    canvas (:class:`~prod9_components.engines.case_encoder.CaseLatentEncoder` ``latent_size``).
+
+    A grid is T1's foreground crop under the encoder's preprocessing (the crop every modality shares), so this reads
+    one volume per case; each case's grid is cached like its latents (a small file under ``<cache_dir>/<key>``, key
+    from the VAE file and the preprocessing), so a rerun loads nothing.
+    """
+    from monai.transforms import Compose
+
+    from prod9_components.data.transforms import preprocessing, preprocessing_contract
+
+    f, t1 = int(downsample_factor), MODALITIES[0]
+    contract = preprocessing_contract(spacing, intensity_range)
+    key = latent_cache_key(vae_sha256, contract, {"grid_of": t1, "k_divisible": f})
+    pipeline = Compose(preprocessing(image_keys=[t1], spacing=spacing, intensity_range=tuple(intensity_range),
+                                     k_divisible=f))
+
+    def grid(case: Mapping) -> dict[str, np.ndarray]:
+        return {"grid": np.asarray(pipeline({t1: case[t1]})[t1].shape[1:])}
+
+    items = build_case_cache(cases, cache_dir, key, grid, _check_grid, list(GRID_ARRAYS), "grid", LATENT_CACHE_VERSION,
+                             metadata={"grids_of": "preprocessed cases", "preprocessing": contract})
+    largest = np.max([load_case_file(item["grid"], _check_grid, "grid")["grid"] for item in items], axis=0)
+    return [-(-int(n) // (f * multiple)) * multiple for n in largest]
 
 
-def pad_latent(latent: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Centre-pad ``latent`` (C, d, h, w) to ``size`` by replicating its edges (the background's latent), or raise
-    when it is larger."""
-    grid = latent.shape[1:]
-    if any(g > s for g, s in zip(grid, size)):
-        raise ValueError(f"latent grid {tuple(grid)} is larger than the training latent size {tuple(size)}")
-    pad: list[int] = []
-    for g, s in reversed(list(zip(grid, size))):
-        pad += [(s - g) // 2, s - g - (s - g) // 2]
-    return F.pad(latent[None], pad, mode="replicate")[0] if any(pad) else latent
+def checked_latent_size(latent: torch.Tensor, size: Sequence[int], source: object) -> torch.Tensor:
+    """``latent`` (C, d, h, w) when its grid is ``size``, else a ValueError naming ``source``."""
+    if list(latent.shape[1:]) != list(size):
+        raise ValueError(f"{source}: cached latent grid {list(latent.shape[1:])} is not the canvas {list(size)}; "
+                         "was the latent cache built for another latent size?")
+    return latent
 
 
 class LoadLatentd(MapTransform):
     """Replace the cache-file path in ``data["latent"]`` by the scaled latent of ``data["modality"]``.
 
-    Output: ``latent`` float32 (C, *latent_size) = ``scale_factor * mean`` centre-padded with its edges,
-    ``label`` int64 scalar (the modality index, the diffusion model's class label).
+    Output: ``latent`` float32 (C, *latent_size) = ``scale_factor * mean``, ``label`` int64 scalar (the modality
+    index, the diffusion model's class label).
 
     Args:
         scale_factor: from :func:`latent_scale_factor`.
-        latent_size: the fixed (d, h, w) every latent is padded to (:func:`latent_grid`).
+        latent_size: the canvas (d, h, w) the cache was encoded on (:func:`latent_canvas`); another size raises.
     """
 
     def __init__(self, scale_factor: float, latent_size: Sequence[int], keys: Sequence[str] | str = ("latent",)) -> None:
@@ -155,6 +169,6 @@ class LoadLatentd(MapTransform):
         for key in self.key_iterator(d):
             arrays = load_latent_file(d[key])
             latent = torch.from_numpy(arrays["latent"][int(d["modality"])]) * self.scale_factor
-            d[key] = pad_latent(latent, self.latent_size)
+            d[key] = checked_latent_size(latent, self.latent_size, d[key])
         d["label"] = torch.tensor(int(d["modality"]), dtype=torch.int64)
         return d

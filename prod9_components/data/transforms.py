@@ -258,13 +258,16 @@ def preprocessing(
     intensity_range: tuple[float, float] = (0.0, 1.0),
     k_divisible: int | Sequence[int] = 8,
     margin: int = 2,
+    spatial_size: Sequence[int] | None = None,
 ) -> list:
     """The deterministic preprocessing, as a FLAT list (CacheDataset caches nothing behind a nested Compose).
 
     Output: images float32 (1, X, Y, Z) in ``intensity_range``, labels (1, X, Y, Z) in {0, 1, 2, 3} (first
     resampled onto the first image's grid if theirs differs), on a RAS grid of ``spacing`` mm (images low-passed
     first where that is coarser than the file: :class:`AntiAliasd`), cropped to the first image's foreground
-    (+``margin`` voxels) and padded to a multiple of ``k_divisible`` (images with the range minimum, labels with 0).
+    (+``margin`` voxels) and padded to a multiple of ``k_divisible`` (images with the range minimum, labels with 0),
+    then, with ``spatial_size``, centre-padded to that grid (a fixed canvas; a larger volume keeps its size, for the
+    caller to refuse).
     """
     image_keys, label_keys = list(image_keys), list(label_keys)
     if not image_keys:
@@ -289,6 +292,11 @@ def preprocessing(
     ]
     if label_keys:
         transforms.append(DivisiblePadd(label_keys, k=k_divisible))
+    if spatial_size is not None:
+        size = tuple(int(s) for s in spatial_size)
+        transforms.append(SpatialPadd(image_keys, spatial_size=size, value=background))
+        if label_keys:
+            transforms.append(SpatialPadd(label_keys, spatial_size=size))
     transforms.append(EnsureTyped(image_keys, dtype=torch.float32))
     return transforms
 

@@ -33,6 +33,11 @@ class CaseEncoder:
         spacing: voxel size in mm of the preprocessed grid.
         intensity_range: range the robust intensity scaling maps to (the autoencoder's training range).
         device: where the autoencoder runs.
+        latent_size: a fixed latent canvas (d, h, w): every case is centre-padded with background to
+            ``f * latent_size`` voxels BEFORE encoding (a case that does not fit raises, naming it). MAISI's
+            diffusion model needs one latent size; padding the latent instead (its edge, or the background's latent)
+            decodes 6-7 dB worse than the VAE's own round trip (the decoder reads the volume's edge from the
+            latent). None: each case on its own grid.
     """
 
     def __init__(
@@ -42,6 +47,7 @@ class CaseEncoder:
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
         intensity_range: tuple[float, float] = (0.0, 1.0),
         device: str | torch.device = "cpu",
+        latent_size: Sequence[int] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.autoencoder = autoencoder.to(self.device).eval()
@@ -50,6 +56,7 @@ class CaseEncoder:
         self.spacing = tuple(float(s) for s in spacing)
         self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
         self.preprocessing = preprocessing_contract(self.spacing, self.intensity_range)
+        self.latent_size = None if latent_size is None else [int(n) for n in latent_size]
         self.autoencoder_path: str | None = None
         self.autoencoder_sha256: str | None = None
         self._pipelines: dict[bool, Compose] = {}
@@ -61,6 +68,7 @@ class CaseEncoder:
         sw_config: SlidingWindowConfig | None = None,
         expected_args: dict | None = None,
         device: str | torch.device = "cpu",
+        latent_size: Sequence[int] | None = None,
     ) -> CaseEncoder:
         """Encoder of a stage-1 export, with the spacing and intensity range of its preprocessing contract.
 
@@ -73,7 +81,7 @@ class CaseEncoder:
             spacing, intensity_range = contract["spacing"], contract["intensity"]["range"]
         except (KeyError, TypeError):
             raise ValueError(f"{path}: the export has no preprocessing contract (spacing, intensity range)") from None
-        encoder = cls(autoencoder, sw_config, spacing, tuple(intensity_range), device)
+        encoder = cls(autoencoder, sw_config, spacing, tuple(intensity_range), device, latent_size)
         encoder.preprocessing = dict(contract)
         encoder.autoencoder_path = os.path.abspath(os.fspath(path))
         encoder.autoencoder_sha256 = sha256
@@ -82,7 +90,8 @@ class CaseEncoder:
     @property
     def settings(self) -> dict:
         """What the arrays depend on besides the export and the preprocessing contract (for the cache key)."""
-        return {"sliding_window": dataclasses.asdict(self.wrapper.sw_config), "margin": 2}
+        canvas = {} if self.latent_size is None else {"latent_size": self.latent_size}
+        return {"sliding_window": dataclasses.asdict(self.wrapper.sw_config), "margin": 2, **canvas}
 
     @property
     def cache_metadata(self) -> dict:
@@ -93,14 +102,29 @@ class CaseEncoder:
         if with_seg not in self._pipelines:
             self._pipelines[with_seg] = Compose(preprocessing(
                 image_keys=MODALITIES, label_keys=("seg",) if with_seg else (), spacing=self.spacing,
-                intensity_range=self.intensity_range, k_divisible=self.factor,
+                intensity_range=self.intensity_range, k_divisible=self.factor, spatial_size=self.image_size,
             ))
         return self._pipelines[with_seg]
 
+    @property
+    def image_size(self) -> list[int] | None:
+        """The image canvas ``f * latent_size`` (None without one)."""
+        return None if self.latent_size is None else [self.factor * n for n in self.latent_size]
+
     def preprocess(self, case: Mapping) -> dict:
-        """The case's four modalities (and "seg" if present) on one preprocessed grid (MONAI dict)."""
+        """The case's four modalities (and "seg" if present) on one preprocessed grid (MONAI dict).
+
+        Raises:
+            ValueError: naming the case when its grid does not fit the canvas ``image_size``.
+        """
         with_seg = "seg" in case
-        return self.pipeline(with_seg)({k: case[k] for k in (*MODALITIES, *(("seg",) if with_seg else ()))})
+        data = self.pipeline(with_seg)({k: case[k] for k in (*MODALITIES, *(("seg",) if with_seg else ()))})
+        grid = list(data[MODALITIES[0]].shape[1:])
+        if self.image_size is not None and grid != self.image_size:
+            raise ValueError(f"case {case.get('case')}: its preprocessed grid {grid} is larger than the latent canvas "
+                             f"{self.image_size} ({self.latent_size} latent cells x {self.factor}); the diffusion "
+                             "model was trained on smaller volumes (another spacing or dataset?)")
+        return data
 
     def shared_arrays(self, data: Mapping) -> dict[str, np.ndarray]:
         """``seg`` uint8 (D, H, W) (zeros for a case without a mask), ``affine`` and ``intensity`` of a

@@ -146,5 +146,6 @@ def test_a_diffusion_checkpoint_of_another_latent_size_is_refused(maisi_controln
     result = cli("prod9-train-maisi-controlnet", "train", "--config", TINY, "--diffusion-path",
                  str(tmp_path / "small.ckpt"), "--output-dir", str(tmp_path / "out"), "--dataset-dir",
                  run["dataset_dir"], "--latent-cache-dir", run["latent_cache_dir"], check=False)
-    assert result.returncode == 2 and "was trained on latent size [4, 4, 4], but these cases need" in result.stderr
+    assert result.returncode == 2 and "is larger than the latent canvas [16, 16, 16] ([4, 4, 4] latent cells x 4); the " \
+        "diffusion model was trained on smaller volumes" in result.stderr
     assert not (tmp_path / "out" / "best.ckpt").exists()

@@ -1,4 +1,5 @@
-"""MAISI latent cache: deterministic latent means keyed by the VAE file, the scale factor, padded training latents."""
+"""MAISI latent cache: deterministic latent means keyed by the VAE file, the scale factor, the canvas cases are padded
+to before they are encoded."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from prod9_components.data.latent_cache import (
     LoadLatentd,
     build_latent_cache,
     latent_cache_key,
-    latent_grid,
+    latent_canvas,
     latent_items,
     latent_scale_factor,
     load_latent_file,
@@ -78,55 +79,84 @@ def test_scale_factor_gives_unit_std_and_is_stored(cached):
     assert latent_scale_factor(items[:1]) != scale  # another set of cases, another factor (and another file)
 
 
-def test_training_latents_are_scaled_padded_and_labelled(cached):
-    items = latent_items(cached["items"], ["T1", "FLAIR"])
+@pytest.fixture(scope="module")
+def canvas(cached):
+    """The cases encoded on one canvas, as stage 2 caches them: latent_canvas, then an encoder with that size."""
+    encoder = cached["encoder"]
+    args = (cached["root"] / "cache", encoder.autoencoder_sha256, encoder.spacing, encoder.intensity_range,
+            encoder.factor)
+    size = latent_canvas(cached["cases"], *args, multiple=8)
+    on_canvas = CaseLatentEncoder.from_export(cached["export"], SW, latent_size=size)
+    key = latent_cache_key(on_canvas.autoencoder_sha256, on_canvas.preprocessing, on_canvas.settings)
+    return {"size": size, "args": args, "encoder": on_canvas, "key": key,
+            "items": build_latent_cache(cached["cases"], cached["root"] / "cache", key, on_canvas)}
+
+
+def test_cases_are_padded_to_the_canvas_before_they_are_encoded(cached, canvas):
+    """The canvas is the smallest multiple of 8 latent cells that fits every case; each case is centre-padded with
+    background on the image grid and THEN encoded (a padded latent decodes 6-7 dB worse), its mask with it."""
+    size, f = canvas["size"], cached["encoder"].factor
+    grids = np.array([cached["encoder"].preprocess(case)["t1"].shape[1:] for case in cached["cases"]])
+    assert all(s % 8 == 0 for s in size) and (grids.max(0) <= f * np.array(size)).all()
+    assert (f * np.array(size) - grids.max(0) < 8 * f).all()  # no larger than needed
+    assert canvas["key"] != cached["key"]  # the canvas is part of the cache key
+
+    case, plain = cached["cases"][1], cached["encoder"].preprocess(cached["cases"][1])
+    data = canvas["encoder"].preprocess(case)
+    offsets = [(f * s - g) // 2 for s, g in zip(size, plain["t2"].shape[1:])]
+    inside = (slice(None), *[slice(o, o + g) for o, g in zip(offsets, plain["t2"].shape[1:])])
+    for key in ("t2", "seg"):
+        assert list(data[key].shape[1:]) == [f * s for s in size]
+        assert torch.equal(data[key][inside], plain[key])
+        border = data[key].clone()
+        border[inside] = 0
+        assert not border.any()  # background (0) around the case
+    arrays = load_latent_file(canvas["items"][1]["latent"])
+    assert arrays["latent"].shape[2:] == tuple(size) and np.array_equal(arrays["seg"], data["seg"][0].numpy())
+    expected = canvas["encoder"].wrapper.encode(data["t2"].as_tensor()[None])[0].numpy()
+    assert np.allclose(arrays["latent"][2], expected, atol=1e-5)  # the padded image's latent, not a padded latent
+
+    with pytest.raises(ValueError, match=r"case BraTS\w+: its preprocessed grid .* is larger than the latent canvas"):
+        CaseLatentEncoder.from_export(cached["export"], SW, latent_size=[2, 2, 2]).preprocess(case)
+
+
+def test_training_latents_are_scaled_and_labelled(canvas):
+    items = latent_items(canvas["items"], ["T1", "FLAIR"])
     assert [i["modality"] for i in items] == [0, 3, 0, 3]
-    size = latent_grid(cached["items"], multiple=8)
-    assert all(s % 8 == 0 for s in size)
-    out = LoadLatentd(scale_factor=2.0, latent_size=size)(items[1])
+    out = LoadLatentd(scale_factor=2.0, latent_size=canvas["size"])(items[1])
     raw = torch.from_numpy(load_latent_file(items[1]["latent"])["latent"][3])
-    assert out["latent"].shape == (4, *size) and int(out["label"]) == 3
-    offsets = [(s - g) // 2 for s, g in zip(size, raw.shape[1:])]
-    inner = out["latent"][:, offsets[0]:offsets[0] + raw.shape[1], offsets[1]:offsets[1] + raw.shape[2],
-                          offsets[2]:offsets[2] + raw.shape[3]]
-    assert torch.equal(inner, raw * 2.0)
-    assert torch.equal(out["latent"][:, 0, 0, 0], inner[:, 0, 0, 0])  # padded by replicating the edge
-    with pytest.raises(ValueError, match="larger than the training latent size"):
+    assert int(out["label"]) == 3 and torch.equal(out["latent"], raw * 2.0)
+    with pytest.raises(ValueError, match=r"cached latent grid .* is not the canvas \[2, 2, 2\]"):
         LoadLatentd(1.0, [2, 2, 2])(items[0])
 
 
-def test_control_items_put_mask_and_source_on_the_latent_cells(cached):
-    """Stage-3 items: the mask and the source are padded by f x the latent's padding (odd padding included), so
-    latent cell i still covers image voxels f*i .. f*i + f - 1; unused images are dropped."""
+def test_control_items_put_mask_and_source_on_the_latent_cells(cached, canvas):
+    """Stage-3 items: the mask and the source on the canvas the latent was encoded from (latent cell i covers image
+    voxels f*i .. f*i + f - 1); unused images are dropped; a grid the latent was not encoded from is refused."""
     from prod9_components.data.control_latents import LoadControlLatentd, control_items
 
-    items = control_items(cached["items"], ["T1", "T2"], "T1")
+    items = control_items(canvas["items"], ["T1", "T2"], "T1")
     assert [(i["modality"], i["source_modality"]) for i in items] == [(2, 0), (2, 0)]  # T1 -> T1 is skipped
-    data = cached["encoder"].preprocess(cached["cases"][0])
+    data = canvas["encoder"].preprocess(cached["cases"][0])
     latent = load_latent_file(items[0]["latent"])["latent"][2]
-    grid = latent.shape[1:]
-    size = [g + 3 for g in grid]  # 1 cell before, 2 after along every axis
-    out = LoadControlLatentd(2.0, size, 2, background=0.0, keep_target_image=True)({**items[0], **data})
+    out = LoadControlLatentd(2.0, canvas["size"], 2, keep_target_image=True)({**items[0], **data})
     assert not {"t1", "t1ce", "t2", "flair", "t1_intensity"} & set(out) and int(out["label"]) == 2
-    assert out["latent"].shape == (4, *size) and torch.equal(out["latent"][:, 1:-2, 1:-2, 1:-2],
-                                                             2.0 * torch.from_numpy(latent))
-    inside = (slice(None), slice(2, -4), slice(2, -4), slice(2, -4))  # f x 1 before, f x 2 after
+    assert torch.equal(out["latent"], 2.0 * torch.from_numpy(latent))
     for key, real in (("seg", data["seg"]), ("source", data["t1"]), ("image", data["t2"])):
-        assert out[key].shape == (1, *[2 * s for s in size])
-        assert torch.equal(out[key][inside], real.as_tensor().to(out[key].dtype))
-        border = out[key].clone()
-        border[inside] = 0
-        assert not border.any()  # the padding is background (0) for images and masks
+        assert list(out[key].shape) == [1, *[2 * s for s in canvas["size"]]]
+        assert torch.equal(out[key], real.as_tensor().to(out[key].dtype))
     assert out["seg"].dtype == torch.int64 and int(out["seg"].max()) > 0
 
     shifted = {**items[0], **data, "t2": data["t2"][:, :-2]}  # a grid the cached latent was not encoded from
     with pytest.raises(ValueError, match=r"case .*: preprocessed grid .* is not 2 x the cached latent grid"):
-        LoadControlLatentd(2.0, size, 2)(shifted)
+        LoadControlLatentd(2.0, canvas["size"], 2)(shifted)
+    with pytest.raises(ValueError, match=r"case .*: cached latent grid .* is not the canvas"):
+        LoadControlLatentd(2.0, [s + 1 for s in canvas["size"]], 2)({**items[0], **data})
     with pytest.raises(ValueError, match="reads a source image: set source_modality"):
-        control_items(cached["items"], ["T2"], None)
+        control_items(canvas["items"], ["T2"], None)
     with pytest.raises(ValueError, match="no target modality is left once the source T2 is removed"):
-        control_items(cached["items"], ["T2"], "T2")
-    assert "source_modality" not in control_items(cached["items"], ["T2"], "T1", uses_source=False)[0]
+        control_items(canvas["items"], ["T2"], "T2")
+    assert "source_modality" not in control_items(canvas["items"], ["T2"], "T1", uses_source=False)[0]
 
 
 def test_the_scale_factor_follows_the_input_volumes(tmp_path):
