@@ -35,9 +35,9 @@ class CaseEncoder:
         device: where the autoencoder runs.
         latent_size: a fixed latent canvas (d, h, w): every case is centre-padded with background to
             ``f * latent_size`` voxels BEFORE encoding (a case that does not fit raises, naming it). MAISI's
-            diffusion model needs one latent size; padding the latent instead (its edge, or the background's latent)
-            decodes 6-7 dB worse than the VAE's own round trip (the decoder reads the volume's edge from the
-            latent). None: each case on its own grid.
+            diffusion model needs one latent size; padding the latent instead decodes 7-8 dB (its edge replicated)
+            or 4-6 dB (the background's latent) worse than the VAE's own round trip on the demo (the decoder reads
+            the volume's edge from the latent). None: each case on its own grid.
     """
 
     def __init__(
