@@ -14,6 +14,7 @@ from torch import nn
 from prod9_components.data.modalities import MODALITIES
 from prod9_components.data.transforms import preprocessing, preprocessing_contract
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
+from prod9_components.limits import check_voxels, voxel_count
 from prod9_components.networks.export import build_network, read_record
 
 __all__ = ["CaseEncoder", "CaseLatentEncoder"]
@@ -57,6 +58,11 @@ class CaseEncoder:
         self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
         self.preprocessing = preprocessing_contract(self.spacing, self.intensity_range)
         self.latent_size = None if latent_size is None else [int(n) for n in latent_size]
+        if self.latent_size is not None:  # it comes from a checkpoint (data): refuse a canvas that cannot be allocated
+            if len(self.latent_size) != 3 or min(self.latent_size) < 1:
+                raise ValueError(f"latent_size {list(latent_size)}: expected three positive sizes (d, h, w)")
+            check_voxels(voxel_count(self.image_size), f"latent canvas {self.image_size} (latent_size "
+                         f"{self.latent_size} x {self.factor})", "is this the diffusion checkpoint you trained?")
         self.autoencoder_path: str | None = None
         self.autoencoder_sha256: str | None = None
         self._pipelines: dict[bool, Compose] = {}

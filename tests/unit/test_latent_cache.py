@@ -118,6 +118,10 @@ def test_cases_are_padded_to_the_canvas_before_they_are_encoded(cached, canvas):
 
     with pytest.raises(ValueError, match=r"case BraTS\w+: its preprocessed grid .* is larger than the latent canvas"):
         CaseLatentEncoder.from_export(cached["export"], SW, latent_size=[2, 2, 2]).preprocess(case)
+    with pytest.raises(ValueError, match=r"latent canvas \[8000, 8000, 8000\] .* voxels; the limit is"):
+        CaseLatentEncoder.from_export(cached["export"], SW, latent_size=[4000] * 3)  # a hostile checkpoint's size
+    with pytest.raises(ValueError, match=r"latent_size \[4, 0, 4\]: expected three positive sizes"):
+        CaseLatentEncoder.from_export(cached["export"], SW, latent_size=[4, 0, 4])
 
 
 def test_training_latents_are_scaled_and_labelled(canvas):
