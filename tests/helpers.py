@@ -18,9 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def script_module(name: str):
     """``scripts/<name>.py`` as a module (scripts/ is not a package), loaded once and registered first, as
-    dataclasses need."""
+    dataclasses need; scripts/ joins the end of ``sys.path``, since a script imports its siblings (as
+    ``python scripts/<name>.py`` lets it)."""
     import importlib.util
 
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.append(str(ROOT / "scripts"))
     key = f"prod9_script_{name}"
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, ROOT / "scripts" / f"{name}.py")

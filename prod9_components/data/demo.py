@@ -164,8 +164,13 @@ def _rotation(rng, max_degrees: float) -> np.ndarray:
 CONTROL_SPACING_MM = 6.0  # deformation, bias field and tumour-border noise live on this coarse grid
 
 
-def synthesize_case(seed: int, case_index: int, shape: tuple[int, int, int] = BRATS_SHAPE) -> DemoCase:
+def synthesize_case(seed: int, case_index: int, shape: tuple[int, int, int] = BRATS_SHAPE,
+                    bias_seed: int | None = None) -> DemoCase:
     """Build one synthetic case in memory (deterministic for ``(seed, case_index, shape)``).
+
+    ``bias_seed`` rebuilds the same case (anatomy, tumour, contrasts, noise) under other bias fields, drawn from
+    ``(seed, case_index, bias_seed)``: what no translation from another modality can predict, so the distance
+    between a case and its rebuild bounds how close a sampled translation can get (``scripts/translation_check.py``).
 
     Speed (why it is built this way): everything smooth is computed on a 6 mm control grid and
     trilinearly upsampled; tissue maps are sampled and contrasts computed only at voxels near the brain.
@@ -200,6 +205,9 @@ def synthesize_case(seed: int, case_index: int, shape: tuple[int, int, int] = BR
     source_mm = np.einsum("ij,j...->i...", inverse_linear.astype(np.float32), world - centre) + centre
     source_mm += displacement
     log_bias = 0.12 * _smooth_noise(rng, len(MODALITIES), control_shape, 40.0 / CONTROL_SPACING_MM)
+    if bias_seed is not None:  # drawn after the case's own fields, so every later draw stays the case's
+        bias_rng = np.random.default_rng([seed, case_index, int(bias_seed)])
+        log_bias = 0.12 * _smooth_noise(bias_rng, len(MODALITIES), control_shape, 40.0 / CONTROL_SPACING_MM)
     border_noise = 0.12 * _smooth_noise(rng, 1, control_shape, 1.0)
 
     # Voxels that can hold brain: control points whose source lies in the brain, dilated by 2 points.
