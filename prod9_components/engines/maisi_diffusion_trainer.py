@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
 from prod9_components.engines.base_trainer import BaseTrainer
-from prod9_components.losses.rectified_flow import noisy_latent
+from prod9_components.losses.rectified_flow import noisy_latent, velocity_loss
 from prod9_components.losses.region_contrastive import region_contrastive_loss, tumour_region
 from prod9_components.networks.ema import ExponentialMovingAverage
 from prod9_components.networks.export import unwrap
@@ -27,7 +26,9 @@ class RectifiedFlowTrainer(BaseTrainer):
 
     A ControlNet (:class:`~prod9_components.networks.maisi_controlnet.MaisiControlNet`) gets its conditions from
     the batch through ``control_keys`` (e.g. ``{"seg": "control_mask", "source": "control_image"}``); only its
-    trainable parameters should be in ``optimizer``. With ``contrastive_weight > 0`` the same noisy latents also go
+    trainable parameters should be in ``optimizer``. With ``tumour_weight > 1`` the squared velocity error of the latent
+cells that hold tumour counts that many times (MAISI's ControlNet recipe weights its tumour labels so: a tumour is a few
+percent of the volume). With ``contrastive_weight > 0`` the same noisy latents also go
     through the network with the tumour removed from the mask (one batched forward) and
     :func:`~prod9_components.losses.region_contrastive.region_contrastive_loss` is added.
 
@@ -45,6 +46,8 @@ class RectifiedFlowTrainer(BaseTrainer):
         amp: bfloat16 autocast (CUDA only: on CPU bfloat16 matmul is hundreds of times slower).
         grad_clip: max gradient norm, None to disable.
         control_keys: batch key -> network keyword argument of each spatial condition.
+        tumour_weight: weight of the tumour's latent cells in the velocity loss (a weighted mean; needs
+            ``control_mask``); 1 for the plain mean.
         contrastive_weight / contrastive_margin: the region-specific contrastive loss (needs ``control_mask``).
     """
 
@@ -54,7 +57,7 @@ class RectifiedFlowTrainer(BaseTrainer):
                  epoch_length: int | None = None, non_blocking: bool = False,
                  train_handlers: Sequence | None = None, amp: bool = False, grad_clip: float | None = 1.0,
                  control_keys: Mapping[str, str] | None = None, contrastive_weight: float = 0.0,
-                 contrastive_margin: float = 0.05) -> None:
+                 contrastive_margin: float = 0.05, tumour_weight: float = 1.0) -> None:
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
                          train_handlers, amp, torch.bfloat16, grad_clip)
         if not 0.0 <= label_dropout <= 1.0:
@@ -65,6 +68,11 @@ class RectifiedFlowTrainer(BaseTrainer):
         if self.contrastive_weight and "control_mask" not in self.control_keys.values():
             raise ValueError("the region-specific contrastive loss needs a mask condition (control_keys naming "
                              "control_mask)")
+        self.tumour_weight = float(tumour_weight)
+        if not self.tumour_weight >= 1.0:
+            raise ValueError(f"tumour_weight must be >= 1, got {tumour_weight}")
+        if self.tumour_weight != 1.0 and "control_mask" not in self.control_keys.values():
+            raise ValueError("tumour_weight needs a mask condition (control_keys naming control_mask)")
 
     def _iteration(self, engine: RectifiedFlowTrainer, batchdata: dict) -> dict:
         latent = batchdata["latent"].to(engine.state.device, non_blocking=engine.non_blocking)
@@ -87,13 +95,15 @@ class RectifiedFlowTrainer(BaseTrainer):
                                                       self.contrastive_margin)
             else:
                 velocity = self.network(noisy, timesteps, class_labels=labels, **controls)
-            velocity_loss = F.mse_loss(velocity.float(), target.float())
-            loss = velocity_loss + self.contrastive_weight * contrastive if self.contrastive_weight else velocity_loss
+            weight = None if self.tumour_weight == 1.0 else (
+                1.0 + (self.tumour_weight - 1.0) * tumour_region(controls["control_mask"], tuple(latent.shape[2:])))
+            flow_loss = velocity_loss(velocity, target, weight)
+            loss = flow_loss + self.contrastive_weight * contrastive if self.contrastive_weight else flow_loss
         self.optimizer_step(loss)
         if self.ema is not None:
             self.ema.update(self.network)
 
-        engine.state.output = {"loss": loss.detach(), "velocity_loss": velocity_loss.detach()}
+        engine.state.output = {"loss": loss.detach(), "velocity_loss": flow_loss.detach()}
         if self.contrastive_weight:
             engine.state.output["contrastive_loss"] = contrastive.detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

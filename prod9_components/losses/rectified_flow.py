@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
@@ -20,6 +19,15 @@ def noisy_latent(scheduler: RFlowScheduler, latent: torch.Tensor, noise: torch.T
     noise = torch.randn_like(latent) if noise is None else noise
     timesteps = scheduler.sample_timesteps(latent) if timesteps is None else timesteps
     return scheduler.add_noise(latent, noise, timesteps), timesteps, velocity_target(latent, noise)
+
+
+def velocity_loss(velocity: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of velocities (B, C, d, h, w), float32; with ``weight`` (B, 1, d, h, w) >= 0 the
+    weighted mean ``sum(weight * error^2) / (C * sum(weight))``."""
+    squared_error = (velocity.float() - target.float()).square()
+    if weight is None:
+        return squared_error.mean()
+    return (squared_error * weight).mean() / weight.mean()
 
 
 def rectified_flow_loss(network: nn.Module, scheduler: RFlowScheduler, latent: torch.Tensor,
@@ -39,4 +47,4 @@ def rectified_flow_loss(network: nn.Module, scheduler: RFlowScheduler, latent: t
     """
     noisy, timesteps, target = noisy_latent(scheduler, latent, noise, timesteps)
     velocity = network(noisy, timesteps, class_labels=labels, **model_kwargs)
-    return F.mse_loss(velocity.float(), target.float())
+    return velocity_loss(velocity, target)

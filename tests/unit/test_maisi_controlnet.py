@@ -72,7 +72,8 @@ def test_training_moves_the_controlnet_only_and_generation_uses_the_condition(co
     control_keys = {**({"seg": "control_mask"} if net.uses_mask else {}),
                     **({"source": "control_image"} if net.uses_image else {})}
     trainer = RectifiedFlowTrainer("cpu", 3, [batch], net, optimizer, scheduler, label_dropout=0.0,
-                                   control_keys=control_keys, contrastive_weight=1.0 if net.uses_mask else 0.0)
+                                   control_keys=control_keys, contrastive_weight=1.0 if net.uses_mask else 0.0,
+                                   tumour_weight=100.0 if net.uses_mask else 1.0)
     trainer.run()
     assert torch.isfinite(trainer.state.output["loss"])
     if net.uses_mask:  # a 0.05 margin the untrained residuals cannot meet: the hinge is active
@@ -87,6 +88,18 @@ def test_training_moves_the_controlnet_only_and_generation_uses_the_condition(co
         controlled = sample_rectified_flow(net, scheduler, noise, data["class_labels"], 3, **kwargs)
         plain = sample_rectified_flow(net.base, scheduler, noise, data["class_labels"], 3)
     assert controlled.shape == noise.shape and (controlled - plain).abs().max() > 1e-4
+
+
+def test_tumour_weight_needs_a_mask_condition_and_is_at_least_one():
+    net = MaisiControlNet.from_base(trained_like_base(), condition_type="image+label")
+    optimizer = torch.optim.AdamW(net.trainable_parameters())
+    scheduler = RFlowScheduler(1000, use_discrete_timesteps=False)
+    with pytest.raises(ValueError, match="tumour_weight needs a mask condition"):
+        RectifiedFlowTrainer("cpu", 1, [], net, optimizer, scheduler, control_keys={"source": "control_image"},
+                             tumour_weight=10.0)
+    with pytest.raises(ValueError, match="tumour_weight must be >= 1, got 0.5"):
+        RectifiedFlowTrainer("cpu", 1, [], net, optimizer, scheduler, control_keys={"seg": "control_mask"},
+                             tumour_weight=0.5)
 
 
 def test_each_condition_type_reads_exactly_its_inputs():
