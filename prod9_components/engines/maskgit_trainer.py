@@ -10,6 +10,7 @@ from torch import nn
 
 from prod9_components.engines.base_trainer import BaseTrainer
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
+from prod9_components.losses.region_contrastive import tumour_region
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
 
@@ -38,18 +39,25 @@ class MaskGiTTrainer(BaseTrainer):
         grad_clip: max gradient norm, None to disable.
         control_mask_key: batch key of the tumour mask (B, 1, D, H, W) a ControlNet is steered by (``"seg"``);
             None for the stage-2 transformer.
+        tumour_weight: weight of the masked tokens that cover tumour in the mean cross-entropy (needs
+            ``control_mask_key``; the tumour is a few percent of the tokens); 1 for the plain mean.
     """
 
     def __init__(self, device: torch.device | str, max_epochs: int, train_data_loader: Iterable, network: nn.Module,
                  optimizer: torch.optim.Optimizer, context_builder: TokenContextBuilder, schedule: str = "cosine",
                  epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool = False,
                  grad_clip: float | None = 1.0, non_blocking: bool = False,
-                 control_mask_key: str | None = None) -> None:
+                 control_mask_key: str | None = None, tumour_weight: float = 1.0) -> None:
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
                          train_handlers, amp, torch.bfloat16, grad_clip)
         self.context_builder = context_builder
         self.schedule = schedule
         self.control_mask_key = control_mask_key
+        self.tumour_weight = float(tumour_weight)
+        if not self.tumour_weight >= 1.0:
+            raise ValueError(f"tumour_weight must be >= 1, got {tumour_weight}")
+        if self.tumour_weight != 1.0 and control_mask_key is None:
+            raise ValueError("tumour_weight needs a mask condition (control_mask_key)")
 
     def _iteration(self, engine: MaskGiTTrainer, batchdata: dict) -> dict:
         tokens = batchdata["tokens"].to(engine.state.device, non_blocking=engine.non_blocking)
@@ -59,6 +67,9 @@ class MaskGiTTrainer(BaseTrainer):
         target = inputs["target_tokens"]
         mask = sample_training_mask(target.shape, self.schedule).to(target.device)
         masked_input = target.masked_fill(mask, unwrap(self.network).mask_token_id)
+        controls = control_inputs(batchdata, inputs["rows"], self.control_mask_key)
+        weights = None if self.tumour_weight == 1.0 else (
+            1.0 + (self.tumour_weight - 1.0) * tumour_region(controls["control_mask"], tuple(target.shape[1:])))[:, 0][mask]
 
         self.network.train()
         with self.autocast():
@@ -66,7 +77,7 @@ class MaskGiTTrainer(BaseTrainer):
             # Through forward (not another method), so a DDP wrapper syncs the gradients.
             losses = self.network(masked_input, inputs["target_label"], inputs["source_tokens"],
                                   inputs["source_labels"], origin, positions=mask, targets=target[mask],
-                                  **control_inputs(batchdata, inputs["rows"], self.control_mask_key))
+                                  target_weights=weights, **controls)
         self.optimizer_step(losses["loss"])
 
         engine.state.output = {"loss": losses["loss"].detach(), "token_accuracy": losses["token_accuracy"].detach(),

@@ -66,6 +66,7 @@ class MaskGiTControlNet(nn.Module):
         control_label: (B,) modality label for label control (default: ``target_label``).
         positions: (B, d, h, w) bool or None: score only these target positions (training).
         targets: (M,) int64 or None: with ``positions``, their true tokens; the output is then the loss dict.
+        target_weights: (M,) float or None: with ``targets``, each position's weight in the mean loss.
         output: logits (B, K, d, h, w); with ``positions``, (M, K) of its True positions (row-major order).
     """
 
@@ -138,7 +139,8 @@ class MaskGiTControlNet(nn.Module):
                 source_tokens: torch.Tensor | None = None, source_labels: torch.Tensor | None = None,
                 grid_origin: torch.Tensor | None = None, control_mask: torch.Tensor | None = None,
                 control_label: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                targets: torch.Tensor | None = None,
+                target_weights: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         batch, d, h, w = target_tokens.shape
         x, attn_mask, context_length = self.base.embed_sequence(target_tokens, target_label, source_tokens,
                                                                source_labels, grid_origin)
@@ -150,4 +152,4 @@ class MaskGiTControlNet(nn.Module):
             if i < len(self.control_blocks):
                 c = self.control_blocks[i](c, attn_mask)
                 x = x + self.zero_projections[i](c)
-        return self.base.logits(x, context_length, (d, h, w), positions, targets)
+        return self.base.logits(x, context_length, (d, h, w), positions, targets, target_weights)

@@ -120,6 +120,7 @@ class TransformerDecoderSingleStream(nn.Module):
         targets: (M,) int64 or None: with ``positions``, the true tokens ``target_tokens[positions]`` would have;
             the output is then their loss dict (:func:`linear_token_loss`: ``loss``, ``token_accuracy``), computed
             without holding the (M, K) logits.
+        target_weights: (M,) float or None: with ``targets``, each position's weight in the mean loss (None: equal).
     """
 
     def __init__(
@@ -316,11 +317,12 @@ class TransformerDecoderSingleStream(nn.Module):
         return x, attn_mask, context.shape[1]
 
     def logits(self, x: torch.Tensor, context_length: int, grid: Sequence[int],
-               positions: torch.Tensor | None = None,
-               targets: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+               positions: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+               target_weights: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits (B, K, d, h, w) of the target positions of the last block's output ``x`` (B, L, hidden); with
         ``positions`` (B, d, h, w) bool, logits (M, K) of its M True positions only (row-major order); with
-        ``targets`` (M,) too, their loss instead (:func:`linear_token_loss`: the logits are never held)."""
+        ``targets`` (M,) too, their loss instead (:func:`linear_token_loss`, weighted by ``target_weights``: the
+        logits are never held)."""
         target = x[:, context_length:]  # (B, N, hidden)
         if positions is None:
             logits = F.linear(self.ln_f(target), self.head_weight(), self.head.bias)  # (B, N, K)
@@ -333,7 +335,7 @@ class TransformerDecoderSingleStream(nn.Module):
         rows = self.ln_f(target[positions.flatten(1)])  # (M, hidden)
         if targets is None:
             return F.linear(rows, self.head_weight(), self.head.bias)  # (M, K)
-        return linear_token_loss(rows, self.head_weight(), self.head.bias, targets)
+        return linear_token_loss(rows, self.head_weight(), self.head.bias, targets, target_weights)
 
     def forward(
         self,
@@ -344,9 +346,10 @@ class TransformerDecoderSingleStream(nn.Module):
         grid_origin: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        target_weights: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         x, attn_mask, context_length = self.embed_sequence(target_tokens, target_label, source_tokens,
                                                            source_labels, grid_origin)
         for block in self.blocks:
             x = block(x, attn_mask)
-        return self.logits(x, context_length, target_tokens.shape[1:], positions, targets)
+        return self.logits(x, context_length, target_tokens.shape[1:], positions, targets, target_weights)

@@ -42,6 +42,26 @@ def test_fused_loss_matches_cross_entropy_of_the_logits(monkeypatch, chunk_rows)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 5, 100])
+def test_row_weights_give_the_weighted_mean_cross_entropy(monkeypatch, chunk_rows):
+    """With row weights (a tumour's tokens 50x), loss and gradients equal sum(w * CE) / sum(w) on the logits; the
+    accuracy stays the plain fraction of rows right."""
+    hidden, head, targets = head_and_rows()
+    monkeypatch.setitem(token_head.CHUNK_LOGITS, "cpu", chunk_rows * head.out_features)
+    weights = torch.where(torch.arange(len(targets)) < 4, 50.0, 1.0)
+    logits = head(hidden)
+    expected = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
+    out = linear_token_loss(hidden, head.weight, head.bias, targets, weights)
+    torch.testing.assert_close(out["loss"], expected, atol=1e-6, rtol=1e-6)
+    assert abs(float(out["loss"]) - float(F.cross_entropy(logits, targets))) > 0.01  # the weights matter
+    assert out["token_accuracy"] == (logits.argmax(1) == targets).float().mean()
+    tensors = (hidden, head.weight, head.bias)
+    for got, want in zip(grads(2 * out["loss"], tensors), grads(2 * expected, tensors)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="expected row_weights"):
+        linear_token_loss(hidden, head.weight, head.bias, targets, weights[:3])
+
+
 def test_frozen_head_gets_no_gradient_and_the_rows_still_learn():
     """A ControlNet's base head is frozen: only ``hidden`` gets a gradient, the same one as through the logits."""
     hidden, head, targets = head_and_rows()

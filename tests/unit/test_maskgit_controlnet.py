@@ -150,9 +150,17 @@ def test_masked_rows_give_the_full_grid_loss_and_gradients(monkeypatch):
     g = torch.Generator().manual_seed(4)
     batch = {"tokens": torch.randint(0, K, (2, 4, *GRID), generator=g), "grid_origin": torch.zeros(2, 3).long(),
              "seg": torch.randint(0, 4, (2, 1, *(s * F for s in GRID)), generator=g)}
-    output, grads, loss, accuracy, expected = trainer_step_against_full_grid(net, batch, monkeypatch, "seg", GRID)
-    torch.testing.assert_close(output["loss"], loss, atol=1e-6, rtol=0)
-    assert output["token_accuracy"] == accuracy
-    assert grads.keys() == expected.keys() and "mask_encoder.net.0.weight" in grads
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    batch["seg"][:, :, 4:] = 0  # tumour in some token cells only, so the weights vary
+    losses = []
+    for tumour_weight in (1.0, 20.0):  # and with the tumour's tokens weighted 20x in the mean
+        output, grads, loss, accuracy, expected = trainer_step_against_full_grid(net, batch, monkeypatch, "seg", GRID,
+                                                                                 tumour_weight)
+        torch.testing.assert_close(output["loss"], loss, atol=1e-6, rtol=0)
+        assert output["token_accuracy"] == accuracy
+        assert grads.keys() == expected.keys() and "mask_encoder.net.0.weight" in grads
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+        losses.append(float(loss))
+    assert abs(losses[0] - losses[1]) > 1e-3
+    with pytest.raises(ValueError, match="tumour_weight needs a mask condition"):
+        trainer_step_against_full_grid(net, batch, monkeypatch, None, GRID, 5.0)

@@ -333,9 +333,10 @@ def test_positions_must_be_a_bool_grid():
                    target[torch.zeros(2, *GRID, dtype=torch.bool)])
 
 
-def trainer_step_against_full_grid(net, batch, monkeypatch, control_mask_key=None, grid=GRID):
+def trainer_step_against_full_grid(net, batch, monkeypatch, control_mask_key=None, grid=GRID, tumour_weight=1.0):
     """One MaskGiTTrainer iteration (masked rows only) beside the full-grid loss of the same mask: (output, grads of
-    the trainer's step, loss, accuracy and grads of the full-grid reference)."""
+    the trainer's step, loss, accuracy and grads of the full-grid reference). With ``tumour_weight``, the reference
+    weights the masked cells that hold any tumour voxel (max-pooled by the downsampling factor) that many times."""
     import copy
 
     from prod9_components.engines import maskgit_trainer
@@ -350,7 +351,7 @@ def trainer_step_against_full_grid(net, batch, monkeypatch, control_mask_key=Non
     trainer = maskgit_trainer.MaskGiTTrainer(
         device="cpu", max_epochs=1, train_data_loader=[batch], network=net,
         optimizer=torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0), context_builder=builder,
-        grad_clip=None, control_mask_key=control_mask_key)
+        grad_clip=None, control_mask_key=control_mask_key, tumour_weight=tumour_weight)
     torch.manual_seed(0)
     output = trainer._iteration(trainer, batch)
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
@@ -360,10 +361,18 @@ def trainer_step_against_full_grid(net, batch, monkeypatch, control_mask_key=Non
     target = inputs["target_tokens"]
 
     def full():
+        controls = control_inputs(batch, inputs["rows"], control_mask_key)
         logits = reference.train()(target.masked_fill(mask, reference.mask_token_id),
                                    inputs["target_label"], inputs["source_tokens"], inputs["source_labels"],
-                                   batch["grid_origin"], **control_inputs(batch, inputs["rows"], control_mask_key))
-        return full_grid_loss(logits, target, mask)
+                                   batch["grid_origin"], **controls)
+        loss, accuracy = full_grid_loss(logits, target, mask)
+        if tumour_weight == 1.0:
+            return loss, accuracy
+        seg = controls["control_mask"][:, None]  # (B, 1, D, H, W)
+        tumour = F.max_pool3d((seg > 0).float(), seg.shape[-1] // grid[-1])[:, 0]  # (B, d, h, w)
+        weights = (1.0 + (tumour_weight - 1.0) * tumour)[mask]
+        ce = F.cross_entropy(logits.float(), target, reduction="none")[mask]
+        return (ce * weights).sum() / weights.sum(), accuracy
 
     return (output, grads, *loss_and_grads(reference, full, seed=None))
 
