@@ -12,7 +12,7 @@ from torch import nn
 
 from prod9_components.engines.base_trainer import BaseTrainer
 from prod9_components.losses.rectified_flow import noisy_latent, velocity_loss
-from prod9_components.losses.region_contrastive import region_contrastive_loss, tumour_region
+from prod9_components.losses.region_contrastive import region_contrastive_loss, tumour_region, tumour_weights
 from prod9_components.networks.ema import ExponentialMovingAverage
 from prod9_components.networks.export import unwrap
 
@@ -95,8 +95,8 @@ percent of the volume). With ``contrastive_weight > 0`` the same noisy latents a
                                                       self.contrastive_margin)
             else:
                 velocity = self.network(noisy, timesteps, class_labels=labels, **controls)
-            weight = None if self.tumour_weight == 1.0 else (
-                1.0 + (self.tumour_weight - 1.0) * tumour_region(controls["control_mask"], tuple(latent.shape[2:])))
+            weight = None if self.tumour_weight == 1.0 else tumour_weights(controls["control_mask"],
+                                                                           tuple(latent.shape[2:]), self.tumour_weight)
             flow_loss = velocity_loss(velocity, target, weight)
             loss = flow_loss + self.contrastive_weight * contrastive if self.contrastive_weight else flow_loss
         self.optimizer_step(loss)

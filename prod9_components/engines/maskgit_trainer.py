@@ -10,7 +10,7 @@ from torch import nn
 
 from prod9_components.engines.base_trainer import BaseTrainer
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
-from prod9_components.losses.region_contrastive import tumour_region
+from prod9_components.losses.region_contrastive import tumour_weights
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
 
@@ -68,8 +68,8 @@ class MaskGiTTrainer(BaseTrainer):
         mask = sample_training_mask(target.shape, self.schedule).to(target.device)
         masked_input = target.masked_fill(mask, unwrap(self.network).mask_token_id)
         controls = control_inputs(batchdata, inputs["rows"], self.control_mask_key)
-        weights = None if self.tumour_weight == 1.0 else (
-            1.0 + (self.tumour_weight - 1.0) * tumour_region(controls["control_mask"], tuple(target.shape[1:])))[:, 0][mask]
+        weights = None if self.tumour_weight == 1.0 else tumour_weights(
+            controls["control_mask"], tuple(target.shape[1:]), self.tumour_weight)[:, 0][mask]
 
         self.network.train()
         with self.autocast():

@@ -2,7 +2,8 @@
 predicted with the case's mask must differ from the one predicted with the tumour removed by at least a margin.
 
 The velocity loss alone lets a ControlNet ignore a small region (a tumour is a few percent of the brain); this hinge
-pushes the prediction in that region to depend on the mask. Cases without a tumour contribute nothing.
+pushes the prediction in that region to depend on the mask. Cases without a tumour contribute nothing. The same
+tumour cells, weighted, are what both families' ``tumour_weight`` up-weights in their training losses.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ def tumour_region(seg: torch.Tensor, latent_grid: tuple[int, ...]) -> torch.Tens
     (B, 1, D, H, W), D = f * d."""
     tumour = (seg.reshape(seg.shape[0], 1, *seg.shape[-3:]) > 0).float()
     return F.adaptive_max_pool3d(tumour, latent_grid)
+
+
+def tumour_weights(seg: torch.Tensor, latent_grid: tuple[int, ...], weight: float) -> torch.Tensor:
+    """(B, 1, d, h, w): ``weight`` in the cells of :func:`tumour_region`, 1 elsewhere (a loss's per-cell weights)."""
+    return 1.0 + (float(weight) - 1.0) * tumour_region(seg, latent_grid)
 
 
 def region_contrastive_loss(velocity: torch.Tensor, velocity_without: torch.Tensor, region: torch.Tensor,

@@ -209,7 +209,7 @@ def test_region_contrastive_loss_is_zero_without_tumour_and_a_hinge_inside_it():
 
 def test_velocity_loss_weights_the_tumour_cells():
     from prod9_components.losses.rectified_flow import velocity_loss
-    from prod9_components.losses.region_contrastive import tumour_region
+    from prod9_components.losses.region_contrastive import tumour_weights
 
     target = torch.zeros(1, 2, 2, 2, 2)
     velocity = torch.zeros(1, 2, 2, 2, 2)
@@ -217,7 +217,8 @@ def test_velocity_loss_weights_the_tumour_cells():
     assert math.isclose(float(velocity_loss(velocity, target)), 9 * 2 / 16)
     seg = torch.zeros(1, 1, 8, 8, 8)
     seg[0, 0, 1, 1, 1] = 2  # a tumour voxel in the erroneous cell (4x downsampling)
-    weight = 1.0 + 99.0 * tumour_region(seg, (2, 2, 2))
+    weight = tumour_weights(seg, (2, 2, 2), 100.0)
+    assert weight.shape == (1, 1, 2, 2, 2) and float(weight[0, 0, 0, 0, 0]) == 100.0 and float(weight.sum()) == 107.0
     # weighted mean: (100 * 9 * 2) / (2 * (100 + 7)) -- the tumour cell dominates
     assert math.isclose(float(velocity_loss(velocity, target, weight)), 900 / 107, rel_tol=1e-6)
     assert math.isclose(float(velocity_loss(velocity, target, torch.ones(1, 1, 2, 2, 2))), 9 * 2 / 16)
