@@ -26,9 +26,9 @@ class RectifiedFlowTrainer(BaseTrainer):
 
     A ControlNet (:class:`~prod9_components.networks.maisi_controlnet.MaisiControlNet`) gets its conditions from
     the batch through ``control_keys`` (e.g. ``{"seg": "control_mask", "source": "control_image"}``); only its
-    trainable parameters should be in ``optimizer``. With ``tumour_weight > 1`` the squared velocity error of the latent
-cells that hold tumour counts that many times (MAISI's ControlNet recipe weights its tumour labels so: a tumour is a few
-percent of the volume). With ``contrastive_weight > 0`` the same noisy latents also go
+    trainable parameters should be in ``optimizer``. With ``tumour_weight > 1`` the squared velocity error of the
+    latent cells that hold tumour counts that many times (MAISI's ControlNet recipe weights its tumour labels so: a
+    tumour is a few percent of the volume). With ``contrastive_weight > 0`` the same noisy latents also go
     through the network with the tumour removed from the mask (one batched forward) and
     :func:`~prod9_components.losses.region_contrastive.region_contrastive_loss` is added.
 
@@ -69,8 +69,8 @@ percent of the volume). With ``contrastive_weight > 0`` the same noisy latents a
             raise ValueError("the region-specific contrastive loss needs a mask condition (control_keys naming "
                              "control_mask)")
         self.tumour_weight = float(tumour_weight)
-        if not self.tumour_weight >= 1.0:
-            raise ValueError(f"tumour_weight must be >= 1, got {tumour_weight}")
+        if not 1.0 <= self.tumour_weight < float("inf"):
+            raise ValueError(f"tumour_weight must be a finite number >= 1, got {tumour_weight}")
         if self.tumour_weight != 1.0 and "control_mask" not in self.control_keys.values():
             raise ValueError("tumour_weight needs a mask condition (control_keys naming control_mask)")
 

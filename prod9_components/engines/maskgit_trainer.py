@@ -54,8 +54,8 @@ class MaskGiTTrainer(BaseTrainer):
         self.schedule = schedule
         self.control_mask_key = control_mask_key
         self.tumour_weight = float(tumour_weight)
-        if not self.tumour_weight >= 1.0:
-            raise ValueError(f"tumour_weight must be >= 1, got {tumour_weight}")
+        if not 1.0 <= self.tumour_weight < float("inf"):
+            raise ValueError(f"tumour_weight must be a finite number >= 1, got {tumour_weight}")
         if self.tumour_weight != 1.0 and control_mask_key is None:
             raise ValueError("tumour_weight needs a mask condition (control_mask_key)")
 

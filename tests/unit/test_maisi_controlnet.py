@@ -97,9 +97,10 @@ def test_tumour_weight_needs_a_mask_condition_and_is_at_least_one():
     with pytest.raises(ValueError, match="tumour_weight needs a mask condition"):
         RectifiedFlowTrainer("cpu", 1, [], net, optimizer, scheduler, control_keys={"source": "control_image"},
                              tumour_weight=10.0)
-    with pytest.raises(ValueError, match="tumour_weight must be >= 1, got 0.5"):
-        RectifiedFlowTrainer("cpu", 1, [], net, optimizer, scheduler, control_keys={"seg": "control_mask"},
-                             tumour_weight=0.5)
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"tumour_weight must be a finite number >= 1, got {bad}"):
+            RectifiedFlowTrainer("cpu", 1, [], net, optimizer, scheduler, control_keys={"seg": "control_mask"},
+                                 tumour_weight=bad)
 
 
 def test_each_condition_type_reads_exactly_its_inputs():
