@@ -19,7 +19,7 @@ contrast has a smooth bias field of its own, which no source predicts, so a samp
 cannot come closer than that, however well it is trained; a regression predicts the field's mean instead.
 
     python scripts/translation_check.py maskgit --scale 3    # 18 min on 2 cores
-    python scripts/translation_check.py maisi                # about 6.5 min
+    python scripts/translation_check.py maisi                # about 8 min
 
 Each stage's folder is replaced by a fresh run (as in the demo).
 """
