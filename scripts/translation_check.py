@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
 from dataclasses import replace
@@ -40,6 +42,7 @@ from monai.transforms import Compose
 
 from prod9_components.data.demo import DEMO_VERSION, MARKER_NAME, synthesize_case, write_case
 from prod9_components.data.transforms import preprocessing
+from prod9_components.limits import MAX_VOXELS
 from prod9_components.metrics.image_quality import brain_psnr, brain_ssim
 
 ALL = {stage.name: stage for stage in demo.STAGES}
@@ -66,30 +69,46 @@ REPORTED = ("psnr", "best_baseline_psnr", "ssim", "best_baseline_ssim", "psnr_tu
 INTENSITY_RANGE = (0.0, 1.0)  # every stage-1 bundle's default, which the demo keeps
 
 
+def demo_settings(dataset: str) -> dict | None:
+    """The demo marker's ``seed``, ``shape`` and ``cases`` when ``dataset`` is a demo dataset of this version whose
+    marker holds sane values (an int seed, a shape of three sizes under MAX_VOXELS, a list of case names); else None."""
+    marker = Path(dataset) / MARKER_NAME
+    try:
+        settings = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(settings, dict) or settings.get("version") != DEMO_VERSION:
+        return None
+    seed, shape, cases = settings.get("seed"), settings.get("shape"), settings.get("cases")
+    if not (isinstance(seed, int) and isinstance(shape, list) and len(shape) == 3 and isinstance(cases, list)
+            and all(isinstance(n, int) and n >= 8 for n in shape) and math.prod(shape) <= MAX_VOXELS):
+        return None
+    return {"seed": seed, "shape": shape, "cases": [c for c in cases if isinstance(c, str)]}
+
+
 def sample_bound(dataset: str, test_cases: list[dict], spacing: float, folder: Path, draws: int = 4) -> dict:
     """On the demo dataset: mean PSNR / SSIM (brain, the evaluators' preprocessing) of each test case's T2 against
     the case rebuilt under ``draws`` other draws of its bias fields (one draw's PSNR varies by a few dB), written
-    under ``folder``; ``{}`` for other data (no demo marker, or a case the generator does not rebuild: its
-    segmentation differs from the file's)."""
-    marker = Path(dataset) / MARKER_NAME
-    settings = json.loads(marker.read_text()) if marker.is_file() else {}
-    if not isinstance(settings, dict) or settings.get("version") != DEMO_VERSION:
+    under ``folder``; ``{}`` for other data (no sane demo marker, a case it does not list under the generator's name
+    and shape, or one whose segmentation the generator does not rebuild)."""
+    settings = demo_settings(dataset)
+    if settings is None:
         return {}
     transform = Compose(preprocessing(image_keys=["t2"], spacing=(spacing,) * 3, intensity_range=INTENSITY_RANGE,
                                       k_divisible=1))
     psnr, ssim = [], []
-    folder.mkdir(parents=True, exist_ok=True)
     for case in test_cases:
-        seg, index = nib.load(case["seg"]), case["case"].rsplit("_", 1)[-1]
-        if case["case"] not in settings.get("cases", []) or list(seg.shape) != settings.get("shape") \
-                or not index.isdigit():
+        name = re.fullmatch(r"BraTS2021_(\d{5})", str(case.get("case")))  # the generator's names: no path parts
+        seg = nib.load(case["seg"]) if name and name.group(0) in settings["cases"] else None
+        if seg is None or list(seg.shape) != settings["shape"]:
             return {}
         real = transform({"t2": case["t2"]})["t2"].as_tensor()[None]
         for draw in range(1, draws + 1):
-            rebuilt = synthesize_case(int(settings["seed"]), int(index), seg.shape, bias_seed=draw)
+            rebuilt = synthesize_case(settings["seed"], int(name.group(1)), seg.shape, bias_seed=draw)
             if not np.array_equal(rebuilt.seg, np.asarray(seg.dataobj)):
                 return {}
-            written = Path(write_case(rebuilt, folder / f"{case['case']}_bias{draw}"))
+            folder.mkdir(parents=True, exist_ok=True)
+            written = Path(write_case(rebuilt, folder / f"{name.group(0)}_bias{draw}"))
             other = transform({"t2": str(written / f"{written.name}_t2.nii.gz")})["t2"].as_tensor()[None]
             psnr.append(float(brain_psnr(other, real)))
             ssim.append(float(brain_ssim(other, real)))

@@ -31,10 +31,25 @@ def test_sample_bound_is_reported_for_demo_cases_only(demo_dataset_dir, tmp_path
     assert check.sample_bound(str(other), [moved], 5.0, tmp_path / "none") == {}
     (other / MARKER_NAME).write_text((Path(demo_dataset_dir) / MARKER_NAME).read_text())
     seg = nib.load(moved["seg"])
-    changed = np.asarray(seg.dataobj).copy()
+    original = np.asarray(seg.dataobj).copy()
+    changed = original.copy()
     changed[0, 0, 0] = 2
     nib.save(nib.Nifti1Image(changed, seg.affine), moved["seg"])
     assert check.sample_bound(str(other), [moved], 5.0, tmp_path / "none") == {}
     marker = json.loads((other / MARKER_NAME).read_text())
-    (other / MARKER_NAME).write_text(json.dumps({**marker, "shape": [100000, 100000, 100000]}))
+    nib.save(nib.Nifti1Image(original, seg.affine), moved["seg"])  # its own segmentation again: it has a bound ...
+    assert check.sample_bound(str(other), [moved], 5.0, tmp_path / "ok", draws=1)["sample_bound_psnr"] > 15.0
+    # ... which a hostile marker or case name takes away
+    hostile = {"a shape that would fill the memory": {**marker, "shape": [100000, 100000, 100000]},
+               "a seed that is not a number": {**marker, "seed": "$import os"},
+               "a case list that is a string": {**marker, "cases": str(marker["cases"])}}
+    for why, bad in hostile.items():
+        (other / MARKER_NAME).write_text(json.dumps(bad))
+        assert check.sample_bound(str(other), [moved], 5.0, tmp_path / "none") == {}, why
+    (other / MARKER_NAME).write_text("{not json")
     assert check.sample_bound(str(other), [moved], 5.0, tmp_path / "none") == {}
+    # A listed case name with path parts never becomes a folder outside the bound's own.
+    escape = "../../BraTS2021_00000"
+    (other / MARKER_NAME).write_text(json.dumps({**marker, "cases": [escape]}))
+    assert check.sample_bound(str(other), [{**moved, "case": escape}], 5.0, tmp_path / "none") == {}
+    assert not (tmp_path / "none").exists()
