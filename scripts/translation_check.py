@@ -60,7 +60,7 @@ MAISI_TRANSLATION = replace(
     title="MAISI stage 3, ControlNet on the T1 image: real T1 source (top), real T2 (middle), T2 translated (bottom)",
     scores=demo.TRANSLATION_SCORES,
     test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *demo.FLOW_STEPS),
-    epochs=50)  # 1000 steps per unit of scale (the mask stage's demo trains 500, tumour-weighted)
+    epochs=50)  # 1000 steps per unit of scale (the mask stage's demo trains 300, tumour-weighted)
 FAMILIES = {"maskgit": (ALL["maskgit_stage1"], ALL["maskgit_stage2_incontext"]),
             "maisi": (ALL["maisi_stage1_vae"], ALL["maisi_stage2_diffusion"], MAISI_TRANSLATION)}
 REPORTED = ("psnr", "best_baseline_psnr", "ssim", "best_baseline_ssim", "psnr_tumour", "best_baseline_psnr_tumour",
