@@ -216,7 +216,7 @@ STAGES = (
           # 0.015 inside the mask and 0.002 outside it, and so do 500 with the tumour's latent cells weighted 100x
           # (0.013 / 0.002); 1000 weighted: 0.052 / 0.006; 5000 weighted: 0.080 / 0.024. With the conditioning
           # encoder He-initialised 500 weighted steps give 0.045 / 0.004, so 300 keep the demo under 15 minutes.
-          # Segmenter Dice stays at 0.004-0.022 in all of them (bar 0.10).
+          # Segmenter Dice stays at 0.004-0.027 in all of them (bar 0.10).
           epochs=15, batches=20, needs="maisi_stage2_diffusion",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
                *FLOW_STEPS, "--output", "{stage}/generated"),
