@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from prod9_components.data.demo import DemoCase, write_case
-from tests.helpers import ROOT, cli
+from tests.helpers import DIFFUSION, INCONTEXT, MAISI_CONTROLNET, STAGE1, VAE, cli
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,8 @@ def blocks(tmp_path_factory) -> tuple[str, str]:
     return write_blocks_dataset(tmp_path_factory.mktemp("blocks"))
 
 
-def tiny(bundle: str) -> str:
-    return str(ROOT / "bundles" / bundle / "configs" / "tiny.json")
+def tiny(configs: Path) -> str:
+    return str(configs / "tiny.json")
 
 
 def budget(epochs: int, steps: int = 100) -> list[str]:
@@ -78,7 +78,7 @@ def budget(epochs: int, steps: int = 100) -> list[str]:
 ROI = ["--roi-size", "24", "24", "24"]
 # Stage 1 of both families: the demo's recipe (scripts/demo.py STAGE1_TRAIN, the VAE's learning rate) on 24^3 crops
 # of the 32^3 volumes, 800 steps.
-STAGE1 = ["--spacing", str(MM), str(MM), str(MM), "--batch-size", "3", *ROI, "--learning-rate", "0.006",
+STAGE1_RECIPE = ["--spacing", str(MM), str(MM), str(MM), "--batch-size", "3", *ROI, "--learning-rate", "0.006",
           "--lr-schedule", "cosine", "--warmup-steps", "20", "--optimizer#betas", "[0.9, 0.99]",
           "--loss#disc_start", "100000", "--loss#perceptual_weight", "0", "--loss#recon_weight", "0",
           "--loss#mse_weight", "1"]
@@ -101,13 +101,13 @@ def test_maskgit_incontext_translation_beats_the_regression(blocks, tmp_path):
     data, datalist = blocks
     common = ["--dataset-dir", data, "--datalist", datalist]
     stage1, stage2 = str(tmp_path / "stage1"), str(tmp_path / "incontext")
-    cli("prod9-train-autoencoder", "train", "--config", tiny("maskgit_stage1"), "--output-dir", stage1, *common,
-        *budget(8), *STAGE1, "--network_def#num_channels", "[16, 16, 32]")
+    cli("prod9-train-autoencoder", "train", "--config", tiny(STAGE1), "--output-dir", stage1, *common,
+        *budget(8), *STAGE1_RECIPE, "--network_def#num_channels", "[16, 16, 32]")
     tokens = ["--token-cache-dir", str(tmp_path / "tokens"), *ROI, "--num-inference-steps", "8"]
-    cli("prod9-train-transformer", "train", "--config", tiny("maskgit_stage2_incontext"), "--output-dir", stage2,
+    cli("prod9-train-transformer", "train", "--config", tiny(INCONTEXT), "--output-dir", stage2,
         *common, "--autoencoder-path", f"{stage1}/autoencoder_tiny.pt", "--source-modality", "T1",
         "--target-modality", "T2", "--learning-rate", "0.002", *budget(4), *tokens)
-    cli("prod9-train-transformer", "test", "--config", tiny("maskgit_stage2_incontext"), "--output-dir", stage2,
+    cli("prod9-train-transformer", "test", "--config", tiny(INCONTEXT), "--output-dir", stage2,
         *common, "--limit-val-batches", "1000", *tokens)
     check_beats_the_regression(json.loads((Path(stage2) / "metrics_test.json").read_text()))
 
@@ -117,15 +117,15 @@ def test_maisi_image_controlnet_beats_the_regression(blocks, tmp_path):
     common = ["--dataset-dir", data, "--datalist", datalist]
     vae, diffusion, controlnet = (str(tmp_path / name) for name in ("vae", "diffusion", "controlnet"))
     latents = ["--latent-cache-dir", str(tmp_path / "latents")]
-    cli("prod9-train-maisi-vae", "train", "--config", tiny("maisi_stage1_vae"), "--output-dir", vae, *common,
-        *budget(8), *STAGE1)
-    cli("prod9-train-maisi-diffusion", "train", "--config", tiny("maisi_stage2_diffusion"), "--output-dir", diffusion,
+    cli("prod9-train-maisi-vae", "train", "--config", tiny(VAE), "--output-dir", vae, *common,
+        *budget(8), *STAGE1_RECIPE)
+    cli("prod9-train-maisi-diffusion", "train", "--config", tiny(DIFFUSION), "--output-dir", diffusion,
         *common, "--vae-path", f"{vae}/vae_tiny.pt", *budget(5), *latents,
         "--modalities", "['T1', 'T2']")  # the ControlNet's one target is T2 (here T1ce is T1: copying would win)
     steps = ["--num-inference-steps", "10"]
-    cli("prod9-train-maisi-controlnet", "train", "--config", tiny("maisi_stage3_controlnet"), "--output-dir",
+    cli("prod9-train-maisi-controlnet", "train", "--config", tiny(MAISI_CONTROLNET), "--output-dir",
         controlnet, *common, "--diffusion-path", f"{diffusion}/best.ckpt", "--condition-type", "image+label",
         "--source-modality", "T1", "--learning-rate", "0.003", *budget(15), *latents, *steps)
-    cli("prod9-train-maisi-controlnet", "test", "--config", tiny("maisi_stage3_controlnet"), "--output-dir",
+    cli("prod9-train-maisi-controlnet", "test", "--config", tiny(MAISI_CONTROLNET), "--output-dir",
         controlnet, *common, "--limit-val-batches", "1000", *latents, *steps)
     check_beats_the_regression(json.loads((Path(controlnet) / "metrics_test.json").read_text()))
