@@ -53,7 +53,7 @@ class MaisiControlNetCommands:
             checkpoint: best.ckpt of a stage-3 run (default <output_dir>/best.ckpt); everything is rebuilt from it.
             output_dir: run directory (default outputs/maisi_stage3).
             overwrite: replace an existing metrics_validation.json.
-            overrides: any bundle id, e.g. --num-inference-steps 30.
+            overrides: any bundle id, e.g. --num-inference-steps 30, --conditioning-scale 4.
         """
         evaluate_bundle(STAGE, "validation", config, checkpoint, output_dir, {**overrides, "overwrite": overwrite})
 
@@ -75,7 +75,7 @@ class MaisiControlNetCommands:
     def generate(self, config: str | None = None, checkpoint: str | None = None, mask=None, source=None,
                  source_modality: str | None = None, modality: str | None = None, output: str | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 seed: int | None = None, output_dir: str | None = None, overwrite: bool = False, **overrides):
+                 conditioning_scale: float | None = None, seed: int | None = None, output_dir: str | None = None, overwrite: bool = False, **overrides):
         """Sample volumes steered by tumour masks and/or source images: <case>_<MOD>.nii.gz and the mask used,
         <case>_mask.nii.gz, on the model's grid (RAS, the VAE's spacing).
 
@@ -90,6 +90,9 @@ class MaisiControlNetCommands:
             output: output directory (default <output_dir>/generated).
             num_inference_steps: Euler steps (default 10; 1..1000).
             guidance_scale: classifier-free guidance of the modality label (default 1 = off).
+            conditioning_scale: multiplies the ControlNet's effect on the base (default 1 = as trained; 0 = the base
+                model alone; > 1 amplifies a control that training left weak: pick it on the validation split,
+                e.g. `validate --conditioning-scale 4`).
             seed: sample i starts from the noise of seed + i (default 0).
             output_dir: run directory (default outputs/maisi_stage3).
             overwrite: replace volumes that already exist (a --mask or --source is never replaced).
@@ -100,7 +103,7 @@ class MaisiControlNetCommands:
         workflow = run_bundle(STAGE, "generate", config, {
             "checkpoint": checkpoint, "generate_dir": output, "mask": path_list(mask), "source": path_list(source),
             "source_modality": source_modality, "modality": modality, "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "seed": seed, "output_dir": output_dir, "overwrite": overwrite,
+            "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "seed": seed, "output_dir": output_dir, "overwrite": overwrite,
             **flag_overrides(overrides)})
         report(summary("controlled samples", resolved(workflow, "generate_dir"), start))
 

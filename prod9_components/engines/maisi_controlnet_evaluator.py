@@ -36,6 +36,8 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
     Args:
         vae: the stage-1 VAE (None: ``val_loss`` only); scale_factor: the latents' scale.
         num_steps: Euler steps of each sample; sw_config / intensity_range: as the VAE decode's.
+        conditioning_scale: the ControlNet residuals' multiplier in the samples (1: as trained); ``val_loss`` is the
+            training objective's, always at 1.
         translation_baselines: target modality index -> fitted
             :class:`~prod9_components.metrics.baselines.TranslationBaselines`
             (:func:`~prod9_components.engines.translation_baselines.fit_translation_baselines` on the training
@@ -48,8 +50,10 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
 
     def __init__(self, *args, vae: nn.Module | None = None, scale_factor: float = 1.0, num_steps: int = 10,
                  sw_config: SlidingWindowConfig | None = None, intensity_range: Sequence[float] = (0.0, 1.0),
-                 translation_baselines: Mapping | None = None, segmenter: object | None = None, **kwargs) -> None:
+                 translation_baselines: Mapping | None = None, segmenter: object | None = None,
+                 conditioning_scale: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.conditioning_scale = float(conditioning_scale)
         self.vae, self.scale_factor = vae, float(scale_factor)
         self.num_steps = check_num_steps(num_steps, self.scheduler.num_train_timesteps)
         self.sw_config, self.intensity_range = sw_config, tuple(intensity_range)
@@ -77,7 +81,7 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
         def sample(conditions: dict) -> torch.Tensor:
             with engine.mode(network), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 sampled = sample_rectified_flow(network, self.scheduler, noise.to(latent), labels, self.num_steps,
-                                                **conditions)
+                                                conditioning_scale=self.conditioning_scale, **conditions)
             return self.decode(sampled.float())
 
         pred, real = sample(controls), batchdata["image"].to(device).float()

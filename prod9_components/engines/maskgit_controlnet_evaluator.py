@@ -26,12 +26,14 @@ class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
         segmenter: segment-the-synthetic (DESIGN §9): an object with ``predict(images (B, 1, D, H, W), modalities
             (B,)) -> (B, 1, D, H, W) bool``, e.g. a
             :class:`~prod9_components.engines.tumour_segmenter.CachedTumourSegmenter`; None: no ``seg_dice_*``.
+        conditioning_scale: the control branch's multiplier in the samples (1: as trained); ``val_loss`` and
+            ``token_accuracy`` are the training objective's, always at 1.
         the rest: as :class:`~prod9_components.engines.maskgit_evaluator.MaskGiTEvaluator`.
     """
 
-    def __init__(self, *args, segmenter: object | None = None, **kwargs) -> None:
+    def __init__(self, *args, segmenter: object | None = None, conditioning_scale: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.segmenter = segmenter
+        self.segmenter, self.conditioning_scale = segmenter, float(conditioning_scale)
 
     def _generate(self, batchdata: dict, inputs: dict, generator: torch.Generator) -> dict:
         if self.sampler is None or self.autoencoder is None:
@@ -46,7 +48,8 @@ class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
                 tokens = self.sampler.sample(network, inputs["target_tokens"].shape, inputs["target_label"],
                                              inputs["source_tokens"], inputs["source_labels"],
                                              generator=torch.Generator().manual_seed(seed),
-                                             model_kwargs={"control_mask": mask})
+                                             model_kwargs={"control_mask": mask,
+                                                           "conditioning_scale": self.conditioning_scale})
             return self.decode(tokens)
 
         pred, without = sample(seg), sample(torch.zeros_like(seg))

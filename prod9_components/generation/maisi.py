@@ -112,7 +112,8 @@ def generate_with_conditions(network: nn.Module, vae: nn.Module, scheduler, moda
                              items: Sequence[dict], latent_size: Sequence[int], scale_factor: float, num_steps: int,
                              spacing: Sequence[float], output_dir: str, guidance_scale: float = 1.0, seed: int = 0,
                              sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu",
-                             intensity_range: Sequence[float] = (0.0, 1.0), overwrite: bool = False) -> list[str]:
+                             intensity_range: Sequence[float] = (0.0, 1.0), overwrite: bool = False,
+                             conditioning_scale: float = 1.0) -> list[str]:
     """Sample ``<case>_<MOD>.nii.gz`` per item (seed ``seed + i``) on the conditions' grid, with the mask it was
     steered by as ``<case>_mask.nii.gz``; every file written atomically. Returns the paths.
 
@@ -122,6 +123,7 @@ def generate_with_conditions(network: nn.Module, vae: nn.Module, scheduler, moda
             diffusion model's.
         overwrite: replace existing outputs (checked before sampling); an output that is a condition file is
             refused regardless.
+        conditioning_scale: the ControlNet residuals' multiplier (1: as trained; above 1 amplifies the control).
     """
     sample = _latent_sample(network, scheduler, modality, latent_size, num_steps, guidance_scale, device)
     factor = int(unwrap(network).init_args["downsample_factor"])
@@ -135,7 +137,7 @@ def generate_with_conditions(network: nn.Module, vae: nn.Module, scheduler, moda
 
     def volume(item: dict, generator: torch.Generator) -> GeneratedVolume:
         data = transform({k: item[k] for k in ("seg", "source") if k in item})
-        conditions = {}
+        conditions = {"conditioning_scale": conditioning_scale}
         if with_mask:
             conditions["control_mask"] = data["seg"].as_tensor()[None].long().to(device)
         if with_source:

@@ -148,7 +148,7 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
                         items: Sequence[dict], volume_grid: Sequence[int], spacing: Sequence[float], output_dir: str,
                         output_path: str | None = None, seed: int = 0, sw_config: SlidingWindowConfig | None = None,
                         device: str | torch.device = "cpu", source_modalities: Sequence[str] = (),
-                        overwrite: bool = False) -> list[str]:
+                        overwrite: bool = False, conditioning_scale: float = 1.0) -> list[str]:
     """Mask-controlled samples: ``<case>_<MOD>.nii.gz`` and the mask used, ``<case>_mask.nii.gz``, on one grid.
 
     Each mask (any BraTS label convention, any grid) is put on the model's whole-volume grid by
@@ -162,6 +162,7 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
         output_path: exact image file (one mask only; the mask goes beside it); else ``output_dir``.
         source_modalities: those of the base transformer; generation needs a label-conditional base (none).
         overwrite: replace existing outputs; an output that is one of the masks is refused regardless.
+        conditioning_scale: the control branch's multiplier (1: as trained; above 1 amplifies the mask's effect).
     """
     if source_modalities:
         raise ValueError(f"this ControlNet steers an in-context transformer (sources {', '.join(source_modalities)}): "
@@ -178,7 +179,8 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
     def sample(item: dict, generator: torch.Generator) -> GeneratedVolume:
         seg = transform({"seg": item["seg"]})["seg"]  # (1, D, H, W) MetaTensor on the output grid
         tokens = sampler.sample(network, (1, *volume_grid), label, generator=generator,
-                                model_kwargs={"control_mask": seg.as_tensor().long().to(device)})
+                                model_kwargs={"control_mask": seg.as_tensor().long().to(device),
+                                              "conditioning_scale": conditioning_scale})
         return GeneratedVolume(decode_tokens(autoencoder, tokens, sw_config)[0].cpu(), seg.affine, seg)
 
     written = generate(sample, items, saver, seed, desc=f"sampling {name} with masks")

@@ -45,6 +45,8 @@ class MaisiControlNet(nn.Module):
         x (B, C, d, h, w), timesteps (B,), class_labels (B,): as the base UNet.
         control_mask: (B, D, H, W) or (B, 1, D, H, W) int labels, D = f * d (mask types); control_image: (B, 1, D, H, W) in the VAE's
         intensity range (image types); control_label: (B,) label the ControlNet sees (default ``class_labels``).
+        conditioning_scale: multiplies the residuals (MONAI's ``conditioning_scale``): 1 is the trained model, 0 the
+            base alone; above 1 amplifies a control that training left weak (a sampling setting, not a weight).
         output: velocity (B, C, d, h, w).
     """
 
@@ -144,9 +146,9 @@ class MaisiControlNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor,
                 control_mask: torch.Tensor | None = None, control_image: torch.Tensor | None = None,
-                control_label: torch.Tensor | None = None) -> torch.Tensor:
+                control_label: torch.Tensor | None = None, conditioning_scale: float = 1.0) -> torch.Tensor:
         condition = self.condition(x, control_mask, control_image)
-        down, mid = self.controlnet(x, timesteps, condition,
+        down, mid = self.controlnet(x, timesteps, condition, conditioning_scale=float(conditioning_scale),
                                     class_labels=class_labels if control_label is None else control_label)
         return self.base(x, timesteps, class_labels=class_labels, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid)

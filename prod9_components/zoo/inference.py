@@ -19,7 +19,7 @@ from prod9_components.config_literals import config_data
 __all__ = ["BUILDERS", "Sources", "bundle_settings", "inference_config"]
 
 # Sampling defaults a stage's exported config takes from its train.json (literal values there).
-SETTINGS = ("num_inference_steps", "schedule", "guidance_scale", "sw_batch_size")
+SETTINGS = ("num_inference_steps", "schedule", "guidance_scale", "conditioning_scale", "sw_batch_size")
 # The background's token, computed as training computes it (train.json's pad_token) from the stage-1 weights loaded
 # beside it: what a config without a trained record (the repository's template) pads translation contexts with.
 BACKGROUND_TOKEN = ("$int(@autoencoder.quantize_stage_2_inputs(torch.zeros(1, 1, 16, 16, 16, device=@device))"
@@ -131,6 +131,11 @@ def _maisi_sampler(s: Sources) -> dict:
             "scale_factor": float(s.record["scale_factor"])}
 
 
+def _conditioning_scale(s: Sources) -> dict:
+    """A ControlNet's multiplier of its control (1: as trained)."""
+    return {"conditioning_scale": float(s.settings.get("conditioning_scale", 1.0))}
+
+
 def _first_case(key: str) -> str:
     """An expression: the ``key`` file of the first case of ``dataset_dir`` (BRATS_DATA_DIR, else the demo), as a
     one-file list."""
@@ -239,9 +244,11 @@ def maskgit_controlnet(s: Sources) -> dict:
         "source_modalities": s.data(list(r["source_modalities"]), "source_modalities"),
         "volume_grid": [int(v) for v in r["volume_grid"]],
         "mask": _first_case("'seg'"),
+        **_conditioning_scale(s),
         **_end("$generation.generate_with_masks(@network, @autoencoder, @sampler, @modality, "
                "generation_inputs.condition_items(@mask), @volume_grid, @spacing, @output_dir, seed=@seed, "
-               "sw_config=@sw_config, device=@device, source_modalities=@source_modalities, overwrite=@overwrite)",
+               "sw_config=@sw_config, device=@device, source_modalities=@source_modalities, overwrite=@overwrite, "
+               "conditioning_scale=@conditioning_scale)",
                ("model", "autoencoder", "transformer")),
     }
 
@@ -276,10 +283,11 @@ def maisi_controlnet(s: Sources) -> dict:
         "mask": _first_case("'seg'") if uses_mask else None,
         "source": _first_case("data.MODALITIES[data.modality_index(@source_modality)]") if uses_image else None,
         "items": f"$generation_inputs.condition_items(@mask, @source, {uses_mask}, {uses_image}, @source_modality)",
+        **_conditioning_scale(s),
         **_end("$generation.generate_with_conditions(@network, @vae, @scheduler, @target, @items, @latent_size, "
                "@scale_factor, @num_inference_steps, @spacing, @output_dir, guidance_scale=@guidance_scale, "
                "seed=@seed, sw_config=@sw_config, device=@device, intensity_range=@intensity_range, "
-               "overwrite=@overwrite)", ("model", "vae", "diffusion")),
+               "overwrite=@overwrite, conditioning_scale=@conditioning_scale)", ("model", "vae", "diffusion")),
     }
 
 

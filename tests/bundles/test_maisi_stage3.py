@@ -138,6 +138,27 @@ def test_cli_generates_from_a_mask_on_another_grid_and_a_source(maisi_controlnet
         assert "Traceback" not in result.stderr and not bad.exists()
 
 
+def test_generate_conditioning_scale_zero_is_the_diffusion_model_alone(maisi_controlnet_run, tmp_path):
+    """``generate --conditioning-scale 0``: the ControlNet adds nothing, so the case's mask and an empty mask (with
+    the same source and seed) give the same volume; at the default scale (1, as trained) they differ."""
+    run = maisi_controlnet_run
+    case = _test_case(run)
+    seg = nib.load(case["seg"])
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(seg.shape, np.uint8), seg.affine), str(empty))
+    volumes = {}
+    for scale in ("0", "1"):
+        for name, mask in (("case", case["seg"]), ("empty", str(empty))):
+            out = tmp_path / f"{name}_{scale}"
+            cli("prod9-train-maisi-controlnet", "generate", "--config", TINY, "--checkpoint",
+                str(Path(run["output_dir"]) / "best.ckpt"), "--mask", mask, "--source", case["t1"],
+                "--source-modality", "T1", "--modality", "T2", "--num-inference-steps", "4",
+                "--conditioning-scale", scale, "--output", str(out))
+            volumes[name, scale] = nib.load(next(out.glob("*_T2.nii.gz"))).get_fdata()
+    assert np.array_equal(volumes["case", "0"], volumes["empty", "0"])
+    assert np.abs(volumes["case", "1"] - volumes["empty", "1"]).max() > 1e-3
+
+
 def test_a_diffusion_checkpoint_of_another_latent_size_is_refused(maisi_controlnet_run, tmp_path):
     run = maisi_controlnet_run
     record = load_record(run["diffusion_path"])

@@ -368,3 +368,9 @@ def test_maisi_controlnet_moves_latent_inside_mask(latent, flow_base):
     assert abs(results["untrained"][0]) < 0.3
     assert results["trained"][0] > 1.5
     assert abs(results["trained"][1]) < 0.3
+    # conditioning_scale 0 leaves the base (no shift), and the shift grows with the scale up to the trained one
+    scaled = [shift(sample_latent(trained, 0, control_mask=image_mask[None, None], conditioning_scale=scale))
+              for scale in (0.0, 0.5)]
+    print(f"shift at conditioning scale 0 / 0.5 / 1: {scaled[0]:.3f} / {scaled[1]:.3f} / {results['trained'][0]:.3f}")
+    assert abs(scaled[0] - results["untrained"][0]) < 1e-4
+    assert scaled[0] < scaled[1] - 0.3 and scaled[1] < results["trained"][0] - 0.3

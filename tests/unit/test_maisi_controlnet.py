@@ -208,3 +208,49 @@ def test_the_conditioning_encoder_keeps_the_scale_of_its_condition(condition_typ
         change = (hidden(condition) - hidden(torch.zeros_like(condition))).std()
     assert 0.05 < float(change / condition.std()) < 3.0
     assert not encoder.conv_out.conv.weight.any() and not encoder.conv_out.conv.bias.any()  # the base's velocity
+
+
+def _trained_like(net: MaisiControlNet) -> MaisiControlNet:
+    """The ControlNet's zero-initialised layers given weights, as training would: its residuals reach the base."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in net.controlnet.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.1)
+    return net.eval()
+
+
+def test_conditioning_scale_multiplies_the_residuals_zero_is_the_base():
+    """``conditioning_scale`` scales what the ControlNet adds: 0 gives the base's velocity, 1 (the default) the
+    trained model's, and the velocity's departure from the base grows with the scale."""
+    base = trained_like_base()
+    net = _trained_like(MaisiControlNet.from_base(base, condition_type="mask+label"))
+    data = inputs()
+    with torch.no_grad():
+        plain = base(data["x"], data["timesteps"], class_labels=data["class_labels"])
+        departure = {s: float((net(**data, conditioning_scale=s) - plain).abs().mean()) for s in (0.0, 1.0, 3.0)}
+        assert torch.equal(net(**data), net(**data, conditioning_scale=1.0))
+    assert departure[0.0] < 1e-5 < departure[1.0] < departure[3.0]
+
+
+def test_evaluator_samples_at_the_conditioning_scale(one_thread):
+    """At conditioning_scale 0 the evaluator's mask-steered sample is the empty-mask one (both are the base's, from
+    the same noise); at 1 they differ. ``val_loss`` (the training objective) does not depend on the scale."""
+    from ignite.metrics import Average
+
+    from prod9_components.engines.maisi_controlnet_evaluator import MaisiControlNetEvaluator
+
+    net, vae, batch, baselines = _evaluator_parts()
+    net = _trained_like(net)
+    outputs = {}
+    for scale in (0.0, 1.0):
+        evaluator = MaisiControlNetEvaluator(
+            "cpu", [batch], net, RFlowScheduler(1000, use_discrete_timesteps=False),
+            control_keys={"seg": "control_mask", "source": "control_image"}, vae=vae, num_steps=2,
+            translation_baselines=baselines, conditioning_scale=scale,
+            key_val_metric={"val_loss": Average(output_transform=lambda o: o["val_loss"])})
+        evaluator.run()
+        outputs[scale] = evaluator.state.output
+    assert torch.equal(outputs[0.0]["pred"], outputs[0.0]["pred_without_mask"])
+    assert (outputs[1.0]["pred"] - outputs[1.0]["pred_without_mask"]).abs().max() > 1e-3
+    assert outputs[0.0]["val_loss"] == outputs[1.0]["val_loss"]

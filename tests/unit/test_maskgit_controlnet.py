@@ -48,6 +48,18 @@ def test_output_equals_base_at_initialisation(control_type):
         assert torch.equal(value, net.base.blocks[0].state_dict()[name])
 
 
+def test_conditioning_scale_multiplies_the_branch_zero_is_the_base():
+    """``conditioning_scale`` scales what the branch adds to the base: 0 gives the base's logits, 1 (the default) the
+    trained model's, and the logits' departure from the base grows with the scale."""
+    net, x = make_control("mask+label", randomise_projections=True), inputs()
+    with torch.no_grad():
+        base = net.base(x["target_tokens"], x["target_label"])
+        logits = {s: net(**x, conditioning_scale=s) for s in (0.0, 1.0, 3.0)}
+        assert torch.equal(net(**x), logits[1.0])
+    departure = {s: float((v - base).abs().mean()) for s, v in logits.items()}
+    assert departure[0.0] == 0.0 and 1e-3 < departure[1.0] < departure[3.0]
+
+
 def test_base_is_frozen_and_the_mask_encoder_learns(one_thread):
     net = make_control("mask+label").train()
     assert not net.base.training  # no dropout in the frozen base
