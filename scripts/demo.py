@@ -244,6 +244,20 @@ class DemoError(RuntimeError):
     """A failed step, reported in one line."""
 
 
+# glibc hands freed blocks above its mmap threshold back to the OS and faults them in again at the next step; the
+# demo's activations are megabytes each, freed and reallocated every step. Keeping them in the heap made a stage-1
+# (VAE) step 14-17% faster on 2 cores, measured in alternating runs (200 steps: 34.2 / 34.9 s against 41.3 / 41.5 s
+# from a fresh process). The cost: the process keeps its peak memory until it ends.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
+def keep_freed_memory() -> None:
+    """Restart this process with :data:`KEEP_FREED_MEMORY` set (glibc reads it only at start), on Linux, unless the
+    caller set either variable."""
+    if sys.platform.startswith("linux") and not any(k in os.environ for k in KEEP_FREED_MEMORY):
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **KEEP_FREED_MEMORY})
+
+
 def main() -> None:
     args = parse_args()
     started, results = time.time(), []
@@ -506,4 +520,5 @@ def score_line(score: dict) -> str:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     main()

@@ -150,4 +150,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    demo.keep_freed_memory()
     sys.exit(main())
