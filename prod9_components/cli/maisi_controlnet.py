@@ -75,7 +75,8 @@ class MaisiControlNetCommands:
     def generate(self, config: str | None = None, checkpoint: str | None = None, mask=None, source=None,
                  source_modality: str | None = None, modality: str | None = None, output: str | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 conditioning_scale: float | None = None, seed: int | None = None, output_dir: str | None = None, overwrite: bool = False, **overrides):
+                 conditioning_scale: float | None = None, seed: int | None = None, output_dir: str | None = None,
+                 overwrite: bool = False, **overrides):
         """Sample volumes steered by tumour masks and/or source images: <case>_<MOD>.nii.gz and the mask used,
         <case>_mask.nii.gz, on the model's grid (RAS, the VAE's spacing).
 
@@ -103,7 +104,8 @@ class MaisiControlNetCommands:
         workflow = run_bundle(STAGE, "generate", config, {
             "checkpoint": checkpoint, "generate_dir": output, "mask": path_list(mask), "source": path_list(source),
             "source_modality": source_modality, "modality": modality, "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "seed": seed, "output_dir": output_dir, "overwrite": overwrite,
+            "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "seed": seed,
+            "output_dir": output_dir, "overwrite": overwrite,
             **flag_overrides(overrides)})
         report(summary("controlled samples", resolved(workflow, "generate_dir"), start))
 

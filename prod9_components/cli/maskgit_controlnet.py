@@ -97,7 +97,8 @@ class ControlNetCommands:
         """
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
         ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_inference_steps": num_inference_steps,
-               "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "modality": modality, "mask": path_list(mask),
+               "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "modality": modality,
+               "mask": path_list(mask),
                "output" if single_file else "generate_dir": output, "overwrite": overwrite,
                "sw_roi_size": roi_size, **flag_overrides(overrides)}
         start = start_clock()

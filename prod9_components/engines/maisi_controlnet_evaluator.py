@@ -14,7 +14,7 @@ from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.tumour import control_scores, segmentation_scores
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.rectified_flow import sample_rectified_flow
-from prod9_components.sampling.steps import check_num_steps
+from prod9_components.sampling.steps import check_num_steps, check_scale
 
 
 class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
@@ -53,7 +53,7 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
                  translation_baselines: Mapping | None = None, segmenter: object | None = None,
                  conditioning_scale: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.conditioning_scale = float(conditioning_scale)
+        self.conditioning_scale = check_scale("conditioning_scale", conditioning_scale)
         self.vae, self.scale_factor = vae, float(scale_factor)
         self.num_steps = check_num_steps(num_steps, self.scheduler.num_train_timesteps)
         self.sw_config, self.intensity_range = sw_config, tuple(intensity_range)

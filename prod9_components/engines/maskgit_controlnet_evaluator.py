@@ -7,6 +7,7 @@ import torch
 from prod9_components.engines.maskgit_evaluator import MaskGiTEvaluator
 from prod9_components.metrics.tumour import control_scores, segmentation_scores
 from prod9_components.networks.export import unwrap
+from prod9_components.sampling.steps import check_scale
 
 
 class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
@@ -33,7 +34,8 @@ class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
 
     def __init__(self, *args, segmenter: object | None = None, conditioning_scale: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.segmenter, self.conditioning_scale = segmenter, float(conditioning_scale)
+        self.segmenter = segmenter
+        self.conditioning_scale = check_scale("conditioning_scale", conditioning_scale)
 
     def _generate(self, batchdata: dict, inputs: dict, generator: torch.Generator) -> dict:
         if self.sampler is None or self.autoencoder is None:

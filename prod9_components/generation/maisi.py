@@ -24,7 +24,7 @@ from prod9_components.generation.saver import GeneratedVolume, VolumeSaver, case
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.rectified_flow import sample_rectified_flow
-from prod9_components.sampling.steps import check_num_steps
+from prod9_components.sampling.steps import check_num_steps, check_scale
 
 __all__ = ["generate_samples", "generate_with_conditions", "sample_latents", "sample_volumes", "target_modality"]
 
@@ -36,6 +36,7 @@ def _latent_sample(network: nn.Module, scheduler: RFlowScheduler, modality: str 
     """``sample(conditions, generator) -> scaled latent (1, C, *latent_size)`` from the generator's noise; the
     conditions are the network's keyword arguments (none for the stage-2 model). ``modality`` None: the null label."""
     check_num_steps(num_steps, scheduler.num_train_timesteps)
+    guidance_scale = check_scale("guidance_scale", guidance_scale)
     model = unwrap(network).eval()
     labels = torch.tensor([model.null_label if modality is None else modality_index(modality)], device=device)
     shape = (1, model.latent_channels, *[int(s) for s in latent_size])
@@ -125,6 +126,7 @@ def generate_with_conditions(network: nn.Module, vae: nn.Module, scheduler, moda
             refused regardless.
         conditioning_scale: the ControlNet residuals' multiplier (1: as trained; above 1 amplifies the control).
     """
+    conditioning_scale = check_scale("conditioning_scale", conditioning_scale)
     sample = _latent_sample(network, scheduler, modality, latent_size, num_steps, guidance_scale, device)
     factor = int(unwrap(network).init_args["downsample_factor"])
     with_mask, with_source = "seg" in items[0], "source" in items[0]

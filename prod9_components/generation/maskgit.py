@@ -24,6 +24,7 @@ from prod9_components.generation.inputs import condition_preprocessing
 from prod9_components.generation.loop import generate, sample_items, seeded
 from prod9_components.generation.saver import GeneratedVolume, VolumeSaver, case_names, sample_names, spacing_affine
 from prod9_components.inference.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
+from prod9_components.sampling.steps import check_scale
 
 __all__ = ["generate_samples", "generate_with_masks", "sample_volumes", "translate_volumes"]
 
@@ -164,6 +165,7 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
         overwrite: replace existing outputs; an output that is one of the masks is refused regardless.
         conditioning_scale: the control branch's multiplier (1: as trained; above 1 amplifies the mask's effect).
     """
+    conditioning_scale = check_scale("conditioning_scale", conditioning_scale)
     if source_modalities:
         raise ValueError(f"this ControlNet steers an in-context transformer (sources {', '.join(source_modalities)}): "
                          "generating from a mask alone needs one trained on a label-conditional transformer")

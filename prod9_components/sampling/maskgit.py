@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from prod9_components.sampling.schedules import mask_ratio
-from prod9_components.sampling.steps import check_num_steps
+from prod9_components.sampling.steps import check_num_steps, check_scale
 
 __all__ = ["MaskGiTSampler", "categorical_noise", "guided_logits", "sample_categorical"]
 
@@ -113,13 +113,12 @@ class MaskGiTSampler:
         sampling_temperature: float = 1.0,
     ) -> None:
         self.num_steps = check_num_steps(num_steps)
+        guidance_scale = check_scale("guidance_scale", guidance_scale)
         mask_ratio(0.0, schedule)  # unknown schedule -> ValueError listing the valid ones
         if temperature < 0 or sampling_temperature < 0:
             raise ValueError(
                 f"temperature and sampling_temperature must be >= 0, got {temperature}, {sampling_temperature}."
             )
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}.")
         self.schedule = schedule
         self.temperature = float(temperature)
         self.guidance_scale = float(guidance_scale)

@@ -157,6 +157,13 @@ def test_generate_conditioning_scale_zero_is_the_diffusion_model_alone(maisi_con
             volumes[name, scale] = nib.load(next(out.glob("*_T2.nii.gz"))).get_fdata()
     assert np.array_equal(volumes["case", "0"], volumes["empty", "0"])
     assert np.abs(volumes["case", "1"] - volumes["empty", "1"]).max() > 1e-3
+    for bad in ("nan", "-1", "strong"):  # refused in one line naming the flag; nothing written
+        result = cli("prod9-train-maisi-controlnet", "generate", "--config", TINY, "--checkpoint",
+                     str(Path(run["output_dir"]) / "best.ckpt"), "--mask", case["seg"], "--source", case["t1"],
+                     "--conditioning-scale", bad, "--output", str(tmp_path / "bad"), check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "conditioning_scale must be a finite number >= 0 (1 = the ControlNet as trained)" in result.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 def test_a_diffusion_checkpoint_of_another_latent_size_is_refused(maisi_controlnet_run, tmp_path):

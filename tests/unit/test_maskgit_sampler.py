@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -183,8 +184,10 @@ def test_guidance_scale_one_is_exactly_the_conditional_model():
     MaskGiTSampler(num_steps=2, guidance_scale=2.0).sample(model, SHAPE, label, sources, source_labels,
                                                            generator=seeded(0), grid_origin=origin)
     assert len(model.calls) == 4 and all(c["origin"] is origin for c in model.calls)
-    with pytest.raises(ValueError, match=r"guidance_scale must be >= 0 \(1 = no guidance\), got -1"):
-        MaskGiTSampler(guidance_scale=-1)
+    message = r"guidance_scale must be a finite number >= 0 \(1 = no guidance\), got "
+    for bad in (-1, float("nan"), "2"):
+        with pytest.raises(ValueError, match=message + re.escape(repr(bad))):
+            MaskGiTSampler(guidance_scale=bad)
 
 
 def test_inpainting_keeps_fixed_tokens_and_restores_training_mode():
