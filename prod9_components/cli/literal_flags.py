@@ -10,7 +10,9 @@ passed literally:
   a path that really starts with ``$`` keeps working;
 - where the bundle's default for the id is not a string (``seed``, ``roi_size``, ``epochs``...) such a string is
   refused in one line naming the flag and the expected type;
-- a dict holding a MONAI component key (``_target_``...) is refused: components belong in a ``--config`` file.
+- a dict holding a MONAI component key (``_target_``...) is refused: components belong in a ``--config`` file;
+- where the default is a boolean, ``true`` / ``false`` in any case become booleans and any other word is refused
+  (the command line hands ``--amp false`` over as the word ``'false'``, which Python reads as true).
 
 The CLI's own overrides that are meant as expressions are marked :class:`Expression` and pass unchanged.
 """
@@ -43,6 +45,10 @@ def literal_value(value: Any, flag: str, default: Any = None) -> Any:
     if isinstance(value, Expression):
         return value
     if isinstance(value, str):
+        if isinstance(default, bool):
+            if value.strip().lower() in ("true", "false"):
+                return value.strip().lower() == "true"
+            raise FlagValueError(f"{flag}: expected true or false like the bundle's default {default!r}, got {value!r}")
         if not is_config_syntax(value):
             return value
         if default is not None and not isinstance(default, str):

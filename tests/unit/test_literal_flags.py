@@ -49,6 +49,18 @@ def test_config_syntax_in_a_typed_flag_is_refused(flag, value, expected, tmp_pat
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_true_and_false_in_words_are_booleans_where_the_default_is_one():
+    """fire hands ``--amp false`` over as the word 'false', which Python reads as true."""
+    config = {"amp": False, "network_def": {"attention_levels": [False, False]}}
+    parser = parsed({"amp": "false", "network_def#attention_levels": ["FALSE", " True"]}, config)
+    assert parser.get_parsed_content("amp") is False
+    assert parser.get_parsed_content("network_def#attention_levels") == [False, True]
+    assert parsed({"amp": "True"}, config).get_parsed_content("amp") is True
+    with pytest.raises(FlagValueError) as error:
+        parsed({"amp": "no"}, config)
+    assert str(error.value) == "--amp: expected true or false like the bundle's default False, got 'no'"
+
+
 def test_plain_values_and_the_clis_own_expressions_pass_unchanged():
     parser = parsed({"seed": 3, "roi_size": [32, 32, 32], "grid": Expression("$[r // 4 for r in @roi_size]")})
     assert parser.get_parsed_content("seed") == 3
