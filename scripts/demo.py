@@ -220,7 +220,7 @@ STAGES = (
     Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
           train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask+label",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", "--tumour-weight", "100",
-                 "--generate-during-validation", "False", *SEGMENTER),  # `test` samples and scores
+                 "--sample-during-validation", "False", *SEGMENTER),  # `test` samples and scores
           # 0.11 s a step: 100 steps left the control at zero (change inside the mask 0.000); 1000 move the sample
           # 0.015 inside the mask and 0.002 outside it, and so do 500 with the tumour's latent cells weighted 100x
           # (0.013 / 0.002); 1000 weighted: 0.052 / 0.006; 5000 weighted: 0.080 / 0.024. With the conditioning

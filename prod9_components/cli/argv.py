@@ -49,7 +49,10 @@ def normalise_multi_value_flags(argv: list[str], name_list_flags: tuple[str, ...
 
 
 # Flags renamed to the one vocabulary shared by both families (diffusers / MONAI names): old spelling -> new.
-RENAMED_FLAGS = {"--num-steps": "--num-inference-steps"}
+RENAMED_FLAGS = {"--num-steps": "--num-inference-steps",
+                 # sample (and score the samples) at every validation: one name for every sampling stage
+                 "--generate-during-validation": "--sample-during-validation",
+                 "--translate-during-validation": "--sample-during-validation"}
 
 
 def rename_deprecated_flags(argv: list[str] | None, renames: dict[str, str] = RENAMED_FLAGS) -> list[str]:

@@ -7,6 +7,7 @@ to the bundle as an override (e.g. ``--epochs 5``, ``--contrastive-weight 0.1``)
 
 from __future__ import annotations
 
+from prod9_components.cli.argv import rename_deprecated_flags
 from prod9_components.cli.bundle_runner import (evaluate_bundle, flag_overrides, main_for, path_list, report,
                                                  report_training, resolved, run_bundle)
 from prod9_components.cli.written import start_clock, summary
@@ -124,7 +125,7 @@ class MaisiControlNetCommands:
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(MaisiControlNetCommands, argv, name_list_flags=("--mask", "--source"))
+    main_for(MaisiControlNetCommands, rename_deprecated_flags(argv), name_list_flags=("--mask", "--source"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One vocabulary across the families: a control-type value names the same ControlNet inputs in MaskGiT and MAISI,
-unsupported and retired values fail in one line naming the family's values, and --num-steps is a deprecated alias
-of --num-inference-steps. (Guidance s = 1 = the conditional model: test_maskgit_sampler / test_rectified_flow.)"""
+unsupported and retired values fail in one line naming the family's values, --num-steps is a deprecated alias
+of --num-inference-steps and --generate- / --translate-during-validation of --sample-during-validation. (Guidance s = 1 = the conditional model: test_maskgit_sampler / test_rectified_flow.)"""
 
 from __future__ import annotations
 
@@ -95,6 +95,15 @@ def test_num_steps_alias_warns_and_maps_to_num_inference_steps(caplog, monkeypat
     assert [r.getMessage() for r in caplog.records] == [
         "--num-steps is deprecated: use --num-inference-steps (same meaning)",
         "--num_steps is deprecated: use --num-inference-steps (same meaning)"]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prod9"):
+        assert rename_deprecated_flags(["train", "--generate-during-validation", "False",
+                                        "--translate_during_validation=True"]) == \
+            ["train", "--sample-during-validation", "False", "--sample-during-validation=True"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "--generate-during-validation is deprecated: use --sample-during-validation (same meaning)",
+        "--translate_during_validation is deprecated: use --sample-during-validation (same meaning)"]
 
     # Through the real console script: the old flag reaches the bundle id num_inference_steps.
     from prod9_components.cli import maskgit_controlnet
