@@ -73,7 +73,8 @@ class ControlNetCommands:
     def generate(self, config: str | None = None, checkpoint: str | None = None, mask=None,
                  modality: str | None = None, output: str | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, conditioning_scale: float | None = None,
-                 output_dir: str | None = None, overwrite: bool = False, roi_size=None, **overrides):
+                 seed: int | None = None, output_dir: str | None = None, overwrite: bool = False, roi_size=None,
+                 **overrides):
         """Sample volumes steered by tumour masks: <case>_<MOD>.nii.gz and the mask used, <case>_mask.nii.gz.
 
         Args:
@@ -89,6 +90,7 @@ class ControlNetCommands:
             conditioning_scale: multiplies the ControlNet's effect on the base (default 1 = as trained; 0 = the base
                 model alone; > 1 amplifies a control that training left weak: pick it on the validation split,
                 e.g. `validate --conditioning-scale 4`).
+            seed: mask i is sampled with seed + i (default 0).
             output_dir: run directory (default outputs/maskgit_stage3).
             overwrite: replace volumes that already exist (a --mask is never replaced).
             roi_size: sliding-window size for decoding tokens to the image, e.g. --roi-size 64 64 64 (default: the
@@ -98,7 +100,7 @@ class ControlNetCommands:
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
         ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_inference_steps": num_inference_steps,
                "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "modality": modality,
-               "mask": path_list(mask),
+               "seed": seed, "mask": path_list(mask),
                "output" if single_file else "generate_dir": output, "overwrite": overwrite,
                "sw_roi_size": roi_size, **flag_overrides(overrides)}
         start = start_clock()

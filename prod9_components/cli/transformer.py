@@ -113,8 +113,8 @@ class TransformerCommands:
     def generate(self, config: str | None = None, checkpoint: str | None = None, output: str | None = None,
                  num_samples: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, modality: str | None = None, source_modality=None,
-                 target_modality: str | None = None, input=None, roi_size=None, sample_size=None, output_dir: str | None = None, overwrite: bool = False,
-                 **overrides):
+                 target_modality: str | None = None, input=None, roi_size=None, sample_size=None,
+                 seed: int | None = None, output_dir: str | None = None, overwrite: bool = False, **overrides):
         """Sample volumes: label mode writes sample_0001_<MOD>.nii.gz ...; in-context mode translates source
         volumes (--input, default the test split) into <case>_<TARGET>.nii.gz on each source's own grid
         (<case>_sample_0001_<TARGET>.nii.gz, ... for --num-samples N of one --input).
@@ -136,13 +136,14 @@ class TransformerCommands:
                 the window recorded in the stage-1 export, 64 64 64; a multiple of its downsampling).
             sample_size: label mode: image size of each sample (default: the whole volume grid recorded in the
                 checkpoint), e.g. 64 64 64, the centre of the training volume, a multiple of the stage-1 downsampling.
+            seed: sample (or translation) i is drawn with seed + i (default 0).
             output_dir: run directory (default checkpoint location).
             overwrite: replace volumes that already exist (an --input is never replaced).
             overrides: any bundle id.
         """
         stage = _stage(config, checkpoint, source_modality)
         ids = {"checkpoint": checkpoint, "output_dir": output_dir, "num_inference_steps": num_inference_steps,
-               "guidance_scale": guidance_scale, "overwrite": overwrite, "num_samples": num_samples,
+               "guidance_scale": guidance_scale, "overwrite": overwrite, "num_samples": num_samples, "seed": seed,
                "sw_roi_size": None if roi_size is None else _ints(roi_size), **flag_overrides(overrides)}
         single_file = output is not None and str(output).endswith((".nii", ".nii.gz"))
         ids["output" if single_file else "generate_dir"] = output

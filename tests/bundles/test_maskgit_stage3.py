@@ -118,7 +118,7 @@ def test_generate_from_a_user_mask_on_another_grid(stage3_run, tmp_path):
 def test_generate_conditioning_scale_zero_is_the_transformer_alone(stage3_run, tmp_path):
     """``generate --conditioning-scale 0``: the branch adds nothing, so a tumour mask and an empty mask give the same
     sample from the same seed; amplified 50x, the suite's briefly trained branch changes the sample (at 1 it is too
-    weak to flip a sampled token here)."""
+    weak to flip a sampled token here). `--seed 1` draws another sample."""
     seg = np.zeros((32, 32, 32), np.uint8)
     seg[8:24, 8:24, 8:24] = 2
     seg[12:20, 12:20, 12:20] = 3
@@ -134,6 +134,11 @@ def test_generate_conditioning_scale_zero_is_the_transformer_alone(stage3_run, t
             volumes[name, scale] = nib.load(out).get_fdata()
     assert np.array_equal(volumes["tumour", "0"], volumes["empty", "0"])
     assert np.abs(volumes["tumour", "50"] - volumes["empty", "50"]).max() > 1e-3
+    out = tmp_path / "tumour_0_seed1.nii.gz"  # --seed: another draw (the default is seed 0)
+    cli(CMD, "generate", "--checkpoint", str(stage3_run["stage3"] / "best.ckpt"), "--mask",
+        str(tmp_path / "tumour.nii.gz"), "--modality", "T1", "--num-inference-steps", "2", "--conditioning-scale", "0",
+        "--seed", "1", "--output", str(out))
+    assert np.abs(nib.load(out).get_fdata() - volumes["tumour", "0"]).max() > 1e-3
 
 
 def test_generate_never_replaces_its_mask_or_earlier_samples(stage3_run, tmp_path):
