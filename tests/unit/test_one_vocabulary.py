@@ -1,6 +1,7 @@
 """One vocabulary across the families: a control-type value names the same ControlNet inputs in MaskGiT and MAISI,
 unsupported and retired values fail in one line naming the family's values, --num-steps is a deprecated alias
-of --num-inference-steps and --generate- / --translate-during-validation of --sample-during-validation. (Guidance s = 1 = the conditional model: test_maskgit_sampler / test_rectified_flow.)"""
+of --num-inference-steps and --generate- / --translate-during-validation of --sample-during-validation. (Guidance
+s = 1 = the conditional model: test_maskgit_sampler / test_rectified_flow.)"""
 
 from __future__ import annotations
 
