@@ -11,8 +11,9 @@ passed literally:
 - where the bundle's default for the id is not a string (``seed``, ``roi_size``, ``epochs``...) such a string is
   refused in one line naming the flag and the expected type;
 - a dict holding a MONAI component key (``_target_``...) is refused: components belong in a ``--config`` file;
-- where the default is a boolean, ``true`` / ``false`` in any case become booleans and any other word is refused
-  (the command line hands ``--amp false`` over as the word ``'false'``, which Python reads as true).
+- where the default is a boolean, ``true`` / ``false`` in any case become booleans (the command line hands
+  ``--amp false`` over as the word ``'false'``, which Python reads as true); any other word where the default is a
+  boolean or a number is refused in one line.
 
 The CLI's own overrides that are meant as expressions are marked :class:`Expression` and pass unchanged.
 """
@@ -45,16 +46,14 @@ def literal_value(value: Any, flag: str, default: Any = None) -> Any:
     if isinstance(value, Expression):
         return value
     if isinstance(value, str):
-        if isinstance(default, bool):
-            if value.strip().lower() in ("true", "false"):
-                return value.strip().lower() == "true"
-            raise FlagValueError(f"{flag}: expected true or false like the bundle's default {default!r}, got {value!r}")
-        if not is_config_syntax(value):
-            return value
-        if default is not None and not isinstance(default, str):
+        if isinstance(default, bool) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        syntax = is_config_syntax(value)
+        # a word where a boolean or number is expected (`--seed abc`) would fail later, deep in the run
+        if isinstance(default, (bool, int, float)) or (syntax and default is not None and not isinstance(default, str)):
             raise FlagValueError(f"{flag}: expected {_kind(default)} like the bundle's default {default!r}, got "
-                                 f"{value!r} (flag values are data, never bundle expressions)")
-        return literal(value)
+                                 f"{value!r}" + (" (flag values are data, never bundle expressions)" if syntax else ""))
+        return literal(value) if syntax else value
     if isinstance(value, dict):
         special = sorted(set(value) & ConfigComponent.non_arg_keys)
         if special:

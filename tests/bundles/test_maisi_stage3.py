@@ -157,12 +157,15 @@ def test_generate_conditioning_scale_zero_is_the_diffusion_model_alone(maisi_con
             volumes[name, scale] = nib.load(next(out.glob("*_T2.nii.gz"))).get_fdata()
     assert np.array_equal(volumes["case", "0"], volumes["empty", "0"])
     assert np.abs(volumes["case", "1"] - volumes["empty", "1"]).max() > 1e-3
-    for bad in ("nan", "-1", "strong"):  # refused in one line naming the flag; nothing written
+    for bad, message in (  # refused in one line naming the flag; nothing written
+            ("-1", "conditioning_scale must be a finite number >= 0 (1 = the ControlNet as trained), got -1"),
+            ("nan", "--conditioning-scale: expected a number like the bundle's default 1.0, got 'nan'"),  # a word
+            ("strong", "--conditioning-scale: expected a number like the bundle's default 1.0, got 'strong'")):
         result = cli("prod9-train-maisi-controlnet", "generate", "--config", TINY, "--checkpoint",
                      str(Path(run["output_dir"]) / "best.ckpt"), "--mask", case["seg"], "--source", case["t1"],
                      "--conditioning-scale", bad, "--output", str(tmp_path / "bad"), check=False)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert "conditioning_scale must be a finite number >= 0 (1 = the ControlNet as trained)" in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
         assert not (tmp_path / "bad").exists()
 
 

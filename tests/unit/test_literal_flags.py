@@ -49,16 +49,21 @@ def test_config_syntax_in_a_typed_flag_is_refused(flag, value, expected, tmp_pat
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_true_and_false_in_words_are_booleans_where_the_default_is_one():
+def test_true_and_false_in_words_are_booleans_and_other_words_are_refused_where_the_default_is_typed():
     """fire hands ``--amp false`` over as the word 'false', which Python reads as true."""
     config = {"amp": False, "network_def": {"attention_levels": [False, False]}}
     parser = parsed({"amp": "false", "network_def#attention_levels": ["FALSE", " True"]}, config)
     assert parser.get_parsed_content("amp") is False
     assert parser.get_parsed_content("network_def#attention_levels") == [False, True]
     assert parsed({"amp": "True"}, config).get_parsed_content("amp") is True
-    with pytest.raises(FlagValueError) as error:
-        parsed({"amp": "no"}, config)
-    assert str(error.value) == "--amp: expected true or false like the bundle's default False, got 'no'"
+    for flag, value, expected in (("amp", "no",
+                                   "--amp: expected true or false like the bundle's default False, got 'no'"),
+                                  ("seed", "abc", "--seed: expected a number like the bundle's default 0, got 'abc'"),
+                                  ("roi_size", [64, "big", 64],
+                                   "--roi-size: expected a number like the bundle's default 64, got 'big'")):
+        with pytest.raises(FlagValueError) as error:
+            parsed({flag: value}, config)
+        assert str(error.value) == expected
 
 
 def test_plain_values_and_the_clis_own_expressions_pass_unchanged():
