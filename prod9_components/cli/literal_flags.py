@@ -46,11 +46,12 @@ def literal_value(value: Any, flag: str, default: Any = None) -> Any:
     if isinstance(value, Expression):
         return value
     if isinstance(value, str):
-        if isinstance(default, bool) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
+        word = value.strip().lower()
+        if isinstance(default, bool) and word in ("true", "false"):
+            return word == "true"
         syntax = is_config_syntax(value)
-        # a word where a boolean or number is expected (`--seed abc`) would fail later, deep in the run
-        if isinstance(default, (bool, int, float)) or (syntax and default is not None and not isinstance(default, str)):
+        # a word where a boolean or number (bool is an int) is expected (`--seed abc`) would fail later, deep in the run
+        if isinstance(default, (int, float)) or (syntax and default is not None and not isinstance(default, str)):
             raise FlagValueError(f"{flag}: expected {_kind(default)} like the bundle's default {default!r}, got "
                                  f"{value!r}" + (" (flag values are data, never bundle expressions)" if syntax else ""))
         return literal(value) if syntax else value

@@ -6,6 +6,7 @@ depend on how many are made (the third of ten is the third of three).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -27,7 +28,13 @@ def sample_items(num_samples: int) -> range:
 
 
 def seeded(sample: Callable[[object, torch.Generator], T], items: Sequence, seed: int = 0) -> Iterator[T]:
-    """Yield ``sample(item, generator)`` for each of ``items``, item ``i`` with a CPU generator seeded ``seed + i``."""
+    """Yield ``sample(item, generator)`` for each of ``items``, item ``i`` with a CPU generator seeded ``seed + i``.
+    ``seed`` must be an integer with ``seed + len(items) - 1`` in torch's seed range ``[0, 2**64)``; else a one-line
+    ValueError before anything is sampled (torch would say "Overflow when unpacking long long")."""
+    integer = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+    if not (integer and 0 <= seed and seed + len(items) - 1 < 2**64):
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - {len(items)} for {len(items)} sample(s), "
+                         f"got {seed!r}")
     for index, item in enumerate(items):
         yield sample(item, torch.Generator().manual_seed(int(seed) + index))
 

@@ -50,6 +50,15 @@ def test_sample_i_is_seed_plus_i_whatever_the_count(tmp_path):
     assert sample_names(2) == ["sample_0001.nii.gz", "sample_0002.nii.gz"]
     with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
         sample_items(0)
+    # The largest seed torch takes for the last sample still works; past it, or not an integer: one line, nothing
+    # sampled or written (torch's own error was "Overflow when unpacking long long").
+    assert len(list(seeded(Counting(), sample_items(2), seed=2**64 - 2))) == 2
+    for bad in (2**64 - 1, -1, 1.5, True, "3"):
+        counting = Counting()
+        with pytest.raises(ValueError) as error:
+            generate(counting, sample_items(2), VolumeSaver(tmp_path / "bad", sample_names(2)), seed=bad)
+        assert str(error.value) == f"seed must be an integer from 0 to 2**64 - 2 for 2 sample(s), got {bad!r}"
+        assert counting.calls == 0 and not (tmp_path / "bad").exists()
 
 
 def test_masks_are_written_beside_their_samples(tmp_path):
