@@ -27,8 +27,9 @@ EXPECTED_LAYOUT = (
     "<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz (BraTS 2018-2021) or "
     "<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz (BraTS 2023+), .nii or .nii.gz"
 )
-DEFAULT_DEMO_DIR = os.path.join("~", ".cache", "prod9", "demo-v1-seed0-n8")
 DEMO_NUM_CASES = 8
+DEMO_DIR_PATTERN = os.path.join("~", ".cache", "prod9", "demo-v1-seed0-n{}")  # one folder per size
+DEFAULT_DEMO_DIR = DEMO_DIR_PATTERN.format(DEMO_NUM_CASES)
 
 
 def _strip_nifti_suffix(filename: str) -> str | None:
@@ -267,11 +268,14 @@ def per_modality_items(
     return items
 
 
-def resolve_dataset_dir(dataset_dir: str | os.PathLike | None = None) -> str:
-    """Dataset directory to use: the argument, else ``$BRATS_DATA_DIR``, else the demo dataset.
+def resolve_dataset_dir(dataset_dir: str | os.PathLike | None = None, demo_cases: int = DEMO_NUM_CASES) -> str:
+    """Dataset directory to use: the argument, else ``$BRATS_DATA_DIR``, else the demo dataset of ``demo_cases``
+    cases.
 
-    The demo dataset is built on first use into ``$PROD9_DEMO_DIR`` (default
-    ``~/.cache/prod9/demo-v1-seed0-n8``). Logs one line saying which source is used.
+    The demo dataset is built on first use into ``$PROD9_DEMO_DIR`` (default ``~/.cache/prod9/demo-v1-seed0-n8``);
+    one of another size into ``~/.cache/prod9/demo-v1-seed0-n<demo_cases>`` (``$PROD9_DEMO_DIR-n<demo_cases>`` when
+    that is set): a folder holds one size, as every case in it is used.
+    Logs one line saying which source is used.
     """
     if dataset_dir is not None and str(dataset_dir).strip():
         resolved = str(Path(dataset_dir).expanduser())
@@ -284,11 +288,11 @@ def resolve_dataset_dir(dataset_dir: str | os.PathLike | None = None) -> str:
         return resolved
     from prod9_components.data.demo import make_demo_dataset  # heavy import (nilearn) only when needed
 
-    demo_dir = str(Path(os.environ.get("PROD9_DEMO_DIR", "").strip() or DEFAULT_DEMO_DIR).expanduser())
-    make_demo_dataset(demo_dir, num_cases=DEMO_NUM_CASES, seed=0)
-    logger.info(
-        "dataset: %s (demo dataset, %d synthetic cases; set BRATS_DATA_DIR to use real BraTS data)",
-        demo_dir,
-        DEMO_NUM_CASES,
-    )
+    chosen = os.environ.get("PROD9_DEMO_DIR", "").strip()
+    if demo_cases != DEMO_NUM_CASES:
+        chosen = f"{chosen}-n{demo_cases}" if chosen else DEMO_DIR_PATTERN.format(demo_cases)
+    demo_dir = str(Path(chosen or DEFAULT_DEMO_DIR).expanduser())
+    make_demo_dataset(demo_dir, num_cases=demo_cases, seed=0)
+    logger.info("dataset: %s (demo dataset, %d synthetic cases; set BRATS_DATA_DIR to use real BraTS data)",
+                demo_dir, demo_cases)
     return demo_dir

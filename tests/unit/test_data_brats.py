@@ -291,3 +291,12 @@ def test_resolve_dataset_dir_builds_demo_once(tmp_path, monkeypatch, caplog):
     source_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dataset:")]
     assert source_lines == [f"dataset: {tmp_path / 'demo'} (demo dataset, 8 synthetic cases; set BRATS_DATA_DIR "
                             "to use real BraTS data)"]
+
+    # Another size has a folder of its own beside it (every case in a folder is used); the default one is untouched.
+    caplog.clear()
+    other = resolve_dataset_dir(None, demo_cases=3)
+    assert other == str(tmp_path / "demo-n3") and len(discover_cases(other)) == 3
+    assert len(discover_cases(resolved)) == 8
+    monkeypatch.delenv("PROD9_DEMO_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_dataset_dir(None, demo_cases=3) == str(tmp_path / "home" / ".cache" / "prod9" / "demo-v1-seed0-n3")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from prod9_components.data import discover_cases
 from prod9_components.data.demo import MARKER_NAME
@@ -53,3 +55,18 @@ def test_sample_bound_is_reported_for_demo_cases_only(demo_dataset_dir, tmp_path
     (other / MARKER_NAME).write_text(json.dumps({**marker, "cases": [escape]}))
     assert check.sample_bound(str(other), [{**moved, "case": escape}], 5.0, tmp_path / "none") == {}
     assert not (tmp_path / "none").exists()
+
+
+def test_num_cases_is_checked_before_anything_is_built(monkeypatch, tmp_path, capsys):
+    check = script_module("translation_check")
+    monkeypatch.setenv("PROD9_DEMO_DIR", str(tmp_path / "demo"))
+    refused = {("--num-cases", "2"): "--num-cases 2: must be at least 3",
+               ("--num-cases", "40", "BRATS"): "but BRATS_DATA_DIR is set"}
+    for argv, message in refused.items():
+        if "BRATS" in argv:
+            monkeypatch.setenv("BRATS_DATA_DIR", str(tmp_path / "brats"))
+        monkeypatch.setattr(sys, "argv", ["translation_check.py", "maisi", *argv[:2], "--output-dir", str(tmp_path)])
+        with pytest.raises(SystemExit) as stopped:
+            check.main()
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no demo data, no run
