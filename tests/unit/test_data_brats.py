@@ -293,7 +293,6 @@ def test_resolve_dataset_dir_builds_demo_once(tmp_path, monkeypatch, caplog):
                             "to use real BraTS data)"]
 
     # Another size has a folder of its own beside it (every case in a folder is used); the default one is untouched.
-    caplog.clear()
     other = resolve_dataset_dir(None, demo_cases=3)
     assert other == str(tmp_path / "demo-n3") and len(discover_cases(other)) == 3
     assert len(discover_cases(resolved)) == 8

@@ -60,13 +60,16 @@ def test_sample_bound_is_reported_for_demo_cases_only(demo_dataset_dir, tmp_path
 def test_num_cases_is_checked_before_anything_is_built(monkeypatch, tmp_path, capsys):
     check = script_module("translation_check")
     monkeypatch.setenv("PROD9_DEMO_DIR", str(tmp_path / "demo"))
-    refused = {("--num-cases", "2"): "--num-cases 2: must be at least 3",
-               ("--num-cases", "40", "BRATS"): "but BRATS_DATA_DIR is set"}
-    for argv, message in refused.items():
-        if "BRATS" in argv:
-            monkeypatch.setenv("BRATS_DATA_DIR", str(tmp_path / "brats"))
-        monkeypatch.setattr(sys, "argv", ["translation_check.py", "maisi", *argv[:2], "--output-dir", str(tmp_path)])
+
+    def refused(num_cases: str) -> str:
+        monkeypatch.setattr(sys, "argv", ["translation_check.py", "maisi", "--num-cases", num_cases,
+                                          "--output-dir", str(tmp_path / "out")])
         with pytest.raises(SystemExit) as stopped:
             check.main()
-        assert stopped.value.code == 2 and message in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no demo data, no run
+        assert stopped.value.code == 2
+        return capsys.readouterr().err
+
+    assert "--num-cases 2: must be at least 3" in refused("2")
+    monkeypatch.setenv("BRATS_DATA_DIR", str(tmp_path / "brats"))  # a demo size makes no sense for real data
+    assert "but BRATS_DATA_DIR is set" in refused("40")
+    assert list(tmp_path.iterdir()) == []  # no demo data, no run
