@@ -75,6 +75,7 @@ FAMILIES = {"maskgit": (ALL["maskgit_stage1"], replace(ALL["maskgit_stage2_incon
 REPORTED = ("psnr", "best_baseline_psnr", "ssim", "best_baseline_ssim", "psnr_tumour", "best_baseline_psnr_tumour",
             "ssim_tumour", "best_baseline_ssim_tumour", "roundtrip_psnr", "regression_source_psnr", "copy_source_psnr",
             "sample_bound_psnr", "sample_bound_ssim", "num_cases")
+MAX_CASES = 200  # a demo case is ~12 MB and 2.5 s to build: a slip of the keyboard must not fill the disk
 INTENSITY_RANGE = (0.0, 1.0)  # every stage-1 bundle's default, which the demo keeps
 
 
@@ -131,15 +132,16 @@ def main() -> int:
     parser.add_argument("family", choices=sorted(FAMILIES))
     parser.add_argument("--scale", type=int, default=1, help="every stage's demo epochs times this (default 1)")
     parser.add_argument("--num-cases", type=int, default=None,
-                        help=f"train and test on a demo dataset of this many cases, built on first use (default "
+                        help=f"train and test on a demo dataset of this many cases (3 to {MAX_CASES}), built on first use (default "
                              f"{DEMO_NUM_CASES}, the demo's; not with BRATS_DATA_DIR)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the runs go (default outputs/translation_check/<family>_x<scale>[_n<cases>])")
     args = parser.parse_args()
     if args.scale < 1:
         parser.error(f"--scale {args.scale}: must be at least 1")
-    if args.num_cases is not None and args.num_cases < 3:
-        parser.error(f"--num-cases {args.num_cases}: must be at least 3 (a training, a validation and a test case)")
+    if args.num_cases is not None and not 3 <= args.num_cases <= MAX_CASES:
+        parser.error(f"--num-cases {args.num_cases}: must be from 3 (a training, a validation and a test case) to "
+                     f"{MAX_CASES} (~12 MB each, written beside the demo dataset)")
     if args.num_cases is not None and os.environ.get("BRATS_DATA_DIR", "").strip():
         parser.error("--num-cases sizes the demo dataset, but BRATS_DATA_DIR is set: unset one of them")
     cases = args.num_cases or DEMO_NUM_CASES

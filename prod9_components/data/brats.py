@@ -288,10 +288,13 @@ def resolve_dataset_dir(dataset_dir: str | os.PathLike | None = None, demo_cases
         return resolved
     from prod9_components.data.demo import make_demo_dataset  # heavy import (nilearn) only when needed
 
-    chosen = os.environ.get("PROD9_DEMO_DIR", "").strip()
-    if demo_cases != DEMO_NUM_CASES:
-        chosen = f"{chosen}-n{demo_cases}" if chosen else DEMO_DIR_PATTERN.format(demo_cases)
-    demo_dir = str(Path(chosen or DEFAULT_DEMO_DIR).expanduser())
+    given = os.environ.get("PROD9_DEMO_DIR", "").strip()
+    folder = Path(given or DEFAULT_DEMO_DIR).expanduser()
+    if demo_cases != DEMO_NUM_CASES and given:  # a sibling ("demo/" -> "demo-n40"), never a folder inside it
+        folder = folder.resolve().with_name(f"{folder.resolve().name}-n{demo_cases}")
+    elif demo_cases != DEMO_NUM_CASES:
+        folder = Path(DEMO_DIR_PATTERN.format(demo_cases)).expanduser()
+    demo_dir = str(folder)
     make_demo_dataset(demo_dir, num_cases=demo_cases, seed=0)
     logger.info("dataset: %s (demo dataset, %d synthetic cases; set BRATS_DATA_DIR to use real BraTS data)",
                 demo_dir, demo_cases)

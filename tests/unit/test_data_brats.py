@@ -296,6 +296,8 @@ def test_resolve_dataset_dir_builds_demo_once(tmp_path, monkeypatch, caplog):
     other = resolve_dataset_dir(None, demo_cases=3)
     assert other == str(tmp_path / "demo-n3") and len(discover_cases(other)) == 3
     assert len(discover_cases(resolved)) == 8
+    monkeypatch.setenv("PROD9_DEMO_DIR", f"{tmp_path / 'demo'}/")  # a trailing slash: still beside it, not inside
+    assert resolve_dataset_dir(None, demo_cases=3) == other and "-n3" not in os.listdir(resolved)
     monkeypatch.delenv("PROD9_DEMO_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert resolve_dataset_dir(None, demo_cases=3) == str(tmp_path / "home" / ".cache" / "prod9" / "demo-v1-seed0-n3")

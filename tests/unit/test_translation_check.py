@@ -69,7 +69,8 @@ def test_num_cases_is_checked_before_anything_is_built(monkeypatch, tmp_path, ca
         assert stopped.value.code == 2
         return capsys.readouterr().err
 
-    assert "--num-cases 2: must be at least 3" in refused("2")
+    assert "--num-cases 2: must be from 3" in refused("2")
+    assert "--num-cases 100000: must be from 3 (a training, a validation and a test case) to 200 (~12 MB each" in refused("100000")
     monkeypatch.setenv("BRATS_DATA_DIR", str(tmp_path / "brats"))  # a demo size makes no sense for real data
     assert "but BRATS_DATA_DIR is set" in refused("40")
     assert list(tmp_path.iterdir()) == []  # no demo data, no run
