@@ -18,6 +18,7 @@ Flag and preset values are data: :mod:`prod9_components.cli.literal_flags` keeps
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 import warnings
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prod9_components.cli.argv import normalise_multi_value_flags
-from prod9_components.cli.literal_flags import literal_overrides
+from prod9_components.cli.literal_flags import flag_name, literal_overrides
 from prod9_components.cli.seed_configs import seed_config
 
 VERB_CONFIGS = {
@@ -112,6 +113,31 @@ def bundle_ids(bundle: Path) -> Any:
     return parser
 
 
+def reads_id(ids: Any, key: str) -> bool:
+    """A flat id the parser ``ids`` holds; ``a#b`` needs ``a`` to be a mapping of it (a new constructor argument
+    ``network_def#use_convtranspose`` is fine, as in the bundles' tiny.json)."""
+    if key in ids:
+        return True
+    parent = key.rpartition("#")[0]
+    return bool(parent) and parent in ids and isinstance(ids.get(parent), dict)
+
+
+def check_flag_ids(overrides: dict[str, Any], ids: Any, where: str, extra: tuple[str, ...] = ()) -> None:
+    """Refuse a flag that names no id of the verb's configs: MONAI would add it as a new id nobody reads, so a typo
+    (``--learnig-rate``) or a setting another stage has (``--disc-learning-rate`` on a ControlNet) would change nothing.
+
+    Raises:
+        UsageError: naming the flag and the closest id.
+    """
+    for key in overrides:
+        if key not in extra and not reads_id(ids, key):
+            names = [k for k in ids.get("") or {} if isinstance(k, str) and k != "imports"]
+            match = difflib.get_close_matches(key.partition("#")[0], names, n=1, cutoff=0.5)
+            closest = f" (closest: {flag_name(match[0])})" if match else ""
+            raise UsageError(f"{flag_name(key)}: {where} reads no such setting{closest}; `--help` lists the flags, "
+                             "configs/train.json the bundle ids")
+
+
 def path_list(value) -> list[str] | None:
     """A flag that takes one path or several (fire gives a str or a tuple) as a list of str; None stays None."""
     if value is None:
@@ -139,6 +165,9 @@ def run_bundle(stage: str, verb: str, config: str | None, overrides: dict[str, A
     defaults = ConfigParser()
     defaults.read_config(files)  # the raw values tell which ids are typed (numbers, lists)
     tracking = tracking_settings(overrides.pop("tracking", None), evaluation=verb in ("validate", "test"))
+    if not isinstance(tracking, str):  # a settings file may define ids of its own
+        tracking_ids = tuple(tracking["configs"]) if tracking else ()
+        check_flag_ids(overrides, defaults, f"{bundle.name} {verb}", extra=tracking_ids)
     overrides = literal_overrides(overrides, defaults)
     with warnings.catch_warnings():
         if all(Path(f).resolve().is_relative_to(bundles_root().resolve()) for f in files):

@@ -70,10 +70,10 @@ def literal_value(value: Any, flag: str, default: Any = None) -> Any:
 
 def literal_overrides(overrides: dict[str, Any], defaults: Any) -> dict[str, Any]:
     """Every override made literal; ``defaults.get(id)`` gives the bundle's raw value (a MONAI ``ConfigParser``)."""
-    return {key: literal_value(value, _flag(key), defaults.get(key)) for key, value in overrides.items()}
+    return {key: literal_value(value, flag_name(key), defaults.get(key)) for key, value in overrides.items()}
 
 
-def _flag(key: str) -> str:
+def flag_name(key: str) -> str:
     """``--seed`` for ``seed``; ids with ``#`` are spelled as given."""
     return f"--{key if '#' in key else key.replace('_', '-')}"
 

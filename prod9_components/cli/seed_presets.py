@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from monai.bundle.config_item import ConfigComponent
 
+from prod9_components.cli.bundle_runner import reads_id
 from prod9_components.cli.literal_flags import Expression, literal_value
 
 MODALITIES = ("T1", "T1ce", "T2", "FLAIR")  # the seed's label numbers: T1=0, T1ce=1, T2=2, FLAIR=3
@@ -203,7 +204,7 @@ def _targets(path, key: str, value: Any, bundle_ids: Any, bundle: str) -> dict[s
         logging.getLogger(__name__).warning("%s: %s changes nothing: %s", path, key, rule.why)
         return {}
     if rule is None:
-        if "." not in key and _reads(bundle_ids, key):
+        if "." not in key and reads_id(bundle_ids, key):
             return {key: _literal(path, key, value, bundle_ids.get(key))}
         raise PresetError(f"{path}: {key} maps to no bundle id of {bundle}{_closest(key, bundle_ids)}")
     target = next((c for c in rule.candidates if c in bundle_ids), None)
@@ -219,15 +220,6 @@ def _targets(path, key: str, value: Any, bundle_ids: Any, bundle: str) -> dict[s
     if rule.also and rule.also in bundle_ids:
         targets[rule.also] = [targets[target]]
     return targets
-
-
-def _reads(bundle_ids: Any, key: str) -> bool:
-    """A flat id the bundle reads; ``a#b`` needs ``a`` to be a mapping of the bundle (a new constructor argument
-    ``network_def#use_convtranspose`` is fine, as in the bundles' tiny.json)."""
-    if key in bundle_ids:
-        return True
-    parent = key.rpartition("#")[0]
-    return bool(parent) and parent in bundle_ids and isinstance(bundle_ids.get(parent), dict)
 
 
 def _literal(path, key: str, value: Any, default: Any) -> Any:

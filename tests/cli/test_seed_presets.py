@@ -1,5 +1,6 @@
 """The seed's config names and nested presets: names resolve to our installed bundles, the seed's YAML examples map
-onto bundle ids through ``SEED_KEYS``, and a key that maps to nothing is a one-line error naming the closest."""
+onto bundle ids through ``SEED_KEYS``, and a key that maps to nothing is a one-line error naming the closest; so is
+a ``--flag`` that names no id of the verb's configs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from prod9_components.cli.bundle_runner import bundles_root, bundle_ids, config_files, user_preset
+from monai.bundle import ConfigParser
+
+from prod9_components.cli.bundle_runner import (UsageError, bundle_ids, bundles_root, check_flag_ids, config_files,
+                                                user_preset)
 from prod9_components.cli.literal_flags import FlagValueError
 from prod9_components.cli.seed_configs import SEED_CONFIGS
 from prod9_components.cli.seed_presets import PresetError, preset_overrides
@@ -136,3 +140,27 @@ def test_a_bad_preset_key_stops_the_command_in_one_line(tmp_path, monkeypatch):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("error: p.yaml: trainer.max_epoch maps to no bundle id of "
                                                       "maskgit_stage1 (closest: 'trainer.max_epochs')")
+
+
+@pytest.mark.parametrize("flag, message", [
+    # a typo, and a setting another stage has (the ControlNet has no discriminator)
+    (("--learnig-rate", "0.1"), "error: --learnig-rate: maisi_stage3_controlnet train reads no such setting "
+                                "(closest: --learning-rate)"),
+    (("--disc-learning-rate", "0.1"), "error: --disc-learning-rate: maisi_stage3_controlnet train reads no such "
+                                      "setting"),
+])
+def test_a_flag_no_bundle_id_reads_stops_the_command_in_one_line(tmp_path, monkeypatch, flag, message):
+    monkeypatch.chdir(tmp_path)
+    result = cli("prod9-train-maisi-controlnet", "train", *flag, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is read or written
+
+
+def test_flags_may_add_a_constructor_argument_or_a_tracking_setting():
+    ids = ConfigParser({"epochs": 1, "network_def": {"_target_": "Net", "width": 8}, "splits": "$[]"})
+    check_flag_ids({"epochs": 2, "network_def#depth": 3}, ids, "b train")  # a new argument of a mapping
+    check_flag_ids({"run_name": "x"}, ids, "b train", extra=("run_name",))  # the tracking settings' ids
+    for key in ("epoch", "splits#x"):  # no such id; a new key under an expression
+        with pytest.raises(UsageError, match=f"--{key}: b train reads no such setting"):
+            check_flag_ids({key: 1}, ids, "b train")
