@@ -38,6 +38,24 @@ def test_training_keeps_the_diffusion_unet_frozen_and_records_what_generation_ne
     assert last["epoch"] == 2 and last["trainer"]["iteration"] == 8  # 2 epochs x 4 steps
 
 
+def test_the_learning_rate_follows_the_schedule_it_is_given(maisi_controlnet_run, tmp_path):
+    """``--lr-schedule cosine --warmup-steps 1`` (what the demo's translation check trains with): warm-up, then half a
+    cosine to 0 at the last step, the schedule saved in last.ckpt for a resume."""
+    run, out, probe = maisi_controlnet_run, tmp_path / "run", tmp_path / "probe.json"
+    probe.write_text(json.dumps({
+        "lr_probe": {"_target_": "tests.dist_probe.LearningRates", "output_dir": "@output_dir",
+                     "optimizer": "@optimizer"},
+        "run": ["$@lr_probe.attach(@train#trainer)", "$@train#trainer.run()"]}))
+    bundle_run(MAISI_CONTROLNET, ["train.json", "tiny.json", str(probe)], {
+        "dataset_dir": run["dataset_dir"], "latent_cache_dir": run["latent_cache_dir"], "output_dir": out,
+        "diffusion_path": run["diffusion_path"], "epochs": 1, "val_interval": 100, "lr_schedule": "cosine",
+        "warmup_steps": 1})
+    lrs = {int(k): v for k, v in json.loads((out / "learning_rates.json").read_text()).items()}
+    # tiny.json: 4 steps at 1e-3; after step i the factor is 0.5 (1 + cos(pi (i - 1) / 3))
+    assert lrs == pytest.approx({1: 1e-3, 2: 7.5e-4, 3: 2.5e-4, 4: 0.0}, abs=1e-12)
+    assert torch.load(out / "last.ckpt", weights_only=True)["lr_scheduler"]["last_epoch"] == 4
+
+
 def test_evaluate_reports_translation_and_tumour_scores_on_one_table(maisi_controlnet_run, tmp_path):
     """BraSyn-style PSNR/SSIM beside the VAE round trip and the three translation baselines, MaskGiT stage 3's
     tumour keys, and segment-the-synthetic."""
