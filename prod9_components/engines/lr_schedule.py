@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["SCHEDULES", "lr_schedule"]
+__all__ = ["SCHEDULES", "check_schedule", "lr_schedule"]
 
 SCHEDULES = ("constant", "cosine")
 
@@ -23,6 +23,19 @@ def _factor(step: int, name: str, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_schedule(name: str, warmup_steps: int) -> None:
+    """Refuse an unknown schedule ``name`` or a negative (or non-integer) ``warmup_steps``, naming the value. The
+    bundles call it first in ``initialize``: before the run writes anything (its ``datalist.json``).
+
+    Raises:
+        ValueError: as above.
+    """
+    if not isinstance(name, str) or name not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}")
+
+
 def lr_schedule(optimizer: torch.optim.Optimizer, name: str = "constant", total_steps: int = 1,
                 warmup_steps: int = 0) -> LambdaLR:
     """A linear warm-up over ``warmup_steps`` iterations, then ``"constant"`` or ``"cosine"`` (half a cosine from
@@ -34,10 +47,9 @@ def lr_schedule(optimizer: torch.optim.Optimizer, name: str = "constant", total_
     Raises:
         ValueError: an unknown ``name`` or a negative step count, naming the value.
     """
-    if name not in SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
-    if int(total_steps) < 1 or int(warmup_steps) < 0:
-        raise ValueError(f"lr_schedule needs total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
+    check_schedule(name, warmup_steps)
+    if int(total_steps) < 1:
+        raise ValueError(f"lr_schedule needs total_steps >= 1, got {total_steps}")
     # A partial keeps its arguments out of LambdaLR.state_dict: a resumed run keeps its step count (last_epoch) but
     # follows the schedule of its own config (e.g. more epochs), and the checkpoint holds no callable.
     factor = partial(_factor, name=name, total_steps=int(total_steps), warmup_steps=int(warmup_steps))

@@ -1,4 +1,5 @@
-"""Learning-rate schedules: warm-up, cosine decay, and a state that resumes without holding code."""
+"""Learning-rate schedules: warm-up, cosine decay, a state that resumes without holding code, and a bad schedule
+refused before a run writes anything."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from prod9_components.engines.lr_schedule import lr_schedule
+from tests.helpers import cli
 
 
 def rates(scheduler, steps: int) -> list[float]:
@@ -55,3 +57,19 @@ def test_resume_keeps_the_step_and_follows_the_new_run_length():
 def test_unknown_schedule_is_refused_by_name():
     with pytest.raises(ValueError, match="'linear'"):
         lr_schedule(optimizer(), "linear", total_steps=10)
+
+
+@pytest.mark.parametrize("command, flag, value, message", [
+    ("prod9-train-autoencoder", "--lr-schedule", "linear", "lr_schedule must be one of constant, cosine, got 'linear'"),
+    ("prod9-train-maisi-vae", "--lr-schedule", "$print(1)",
+     "lr_schedule must be one of constant, cosine, got '$print(1)'"),  # read as data
+    ("prod9-train-maisi-controlnet", "--warmup-steps", "-5", "warmup_steps must be a whole number >= 0, got -5"),
+])
+def test_a_bad_schedule_stops_the_run_before_it_writes_its_split(tmp_path, demo_dataset_dir, command, flag, value,
+                                                                 message):
+    out = tmp_path / "run"
+    result = cli(command, "train", "--dataset-dir", demo_dataset_dir, "--output-dir", str(out), flag, value,
+                 check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert not out.exists()  # not even the split record (datalist.json)
