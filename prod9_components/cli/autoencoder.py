@@ -66,9 +66,7 @@ class StageOneCommands:
                 directory (add --tracking-log-paths to log them absolute).
         """
         workflow = run_bundle(self._stage, "train", config, {"output_dir": output_dir, **flag_overrides(overrides)})
-        out = resolved(workflow, "output_dir")
-        report_training(workflow, f"trained: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
-                                  f"{out}/logs, export {resolved(workflow, 'export_path')}")
+        report_training(workflow, f", export {resolved(workflow, 'export_path')}")
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  overwrite: bool = False, **overrides):

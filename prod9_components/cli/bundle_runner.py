@@ -254,10 +254,18 @@ def report(message: str) -> None:
     print(message, flush=True)
 
 
-def report_training(workflow: Any, trained: str) -> None:
-    """The closing line of a ``train`` verb: ``trained``, or, when a resumed run had already reached its last epoch,
-    the checkpoint handler's sentence that says nothing was trained."""
+def report_training(workflow: Any, extra: str = "") -> None:
+    """The closing line of every ``train`` verb: the stage, the checkpoints it wrote (best.ckpt only exists once a
+    validation has run), its logs, then ``extra``; or, when a resumed run had already reached its last epoch, the
+    checkpoint handler's sentence that says nothing was trained."""
     handlers = resolved(workflow, "train#handlers", []) or []
     said = [h.nothing_trained for h in handlers if getattr(h, "nothing_trained", None)]
-    report(said[0] if said else trained)
+    if said:
+        report(said[0])
+        return
+    out = resolved(workflow, "output_dir")
+    written = "best.ckpt, last.ckpt" if (Path(out) / "best.ckpt").is_file() else \
+        "last.ckpt; no best.ckpt: no validation ran, it runs every --val-interval epochs"
+    report(f"trained {resolved(workflow, 'stage')}: checkpoints in {out}/ ({written}), TensorBoard logs in {out}/logs"
+           + extra)
 

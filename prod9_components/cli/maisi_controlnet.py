@@ -41,9 +41,7 @@ class MaisiControlNetCommands:
         workflow = run_bundle(STAGE, "train", config, {
             "output_dir": output_dir, "diffusion_path": diffusion_path, "condition_type": condition_type,
             "source_modality": source_modality, **flag_overrides(overrides)})
-        out = resolved(workflow, "output_dir")
-        report_training(workflow, f"trained {STAGE}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
-                                  f"{out}/logs")
+        report_training(workflow)
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  overwrite: bool = False, **overrides):

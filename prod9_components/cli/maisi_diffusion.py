@@ -31,9 +31,7 @@ class MaisiDiffusionCommands:
         """
         workflow = run_bundle(STAGE, "train", config, {"output_dir": output_dir, "vae_path": vae_path,
                                                        **flag_overrides(overrides)})
-        out = resolved(workflow, "output_dir")
-        report_training(workflow, f"trained: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
-                                  f"{out}/logs")
+        report_training(workflow)
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  overwrite: bool = False, **overrides):

@@ -38,9 +38,7 @@ class ControlNetCommands:
         """
         workflow = run_bundle(STAGE, "train", config, {"output_dir": output_dir, "transformer_path": transformer_path,
                                                        "control_type": control_type, **flag_overrides(overrides)})
-        out = resolved(workflow, "output_dir")
-        report_training(workflow, f"trained {STAGE}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
-                                  f"{out}/logs")
+        report_training(workflow)
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  overwrite: bool = False, **overrides):

@@ -77,9 +77,7 @@ class TransformerCommands:
         workflow = run_bundle(stage, "train", config, {"output_dir": output_dir,
                                                        **_modalities(source_modality, target_modality),
                                                        **flag_overrides(overrides)})
-        out = resolved(workflow, "output_dir")
-        report_training(workflow, f"trained {stage}: checkpoints in {out}/ (best.ckpt, last.ckpt), TensorBoard logs in "
-                                  f"{out}/logs")
+        report_training(workflow)
 
     def validate(self, config: str | None = None, checkpoint: str | None = None, output_dir: str | None = None,
                  overwrite: bool = False, **overrides):

@@ -93,8 +93,24 @@ def test_resuming_a_finished_run_says_nothing_was_trained(finished_run):
     assert result.stdout.strip().splitlines()[-1] == (
         f"already at epoch 1 in {out / 'last.ckpt'}, nothing trained (--epochs 1; raise it to train on, or "
         "--resume false to start over)")
-    assert "trained:" not in result.stdout
+    assert "trained maskgit_stage1" not in result.stdout
     assert snapshot(out) == before  # nothing rewritten, not even the identical split
+
+
+def test_the_closing_line_names_the_checkpoints_the_run_wrote(finished_run, tmp_path):
+    """best.ckpt is written by a validation: a run that validated nothing says so instead of naming a missing file."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run["output_dir"], out)
+    lines = {}
+    for epochs, val_interval in ((2, 100), (3, 1)):
+        result = train_cli(out, "--dataset-dir", finished_run["dataset_dir"], "--epochs", str(epochs),
+                           "--val-interval", str(val_interval))
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines[epochs] = result.stdout.strip().splitlines()[-1]
+    start, logs = f"trained maskgit_stage1: checkpoints in {out}/ (", f"), TensorBoard logs in {out}/logs, export "
+    assert lines[2].startswith(start + "last.ckpt; no best.ckpt: no validation ran, it runs every --val-interval "
+                                       "epochs" + logs)
+    assert lines[3].startswith(start + "best.ckpt, last.ckpt" + logs) and (out / "best.ckpt").is_file()
 
 
 def test_resuming_on_other_data_is_refused_before_anything_is_overwritten(finished_run, tmp_path):
