@@ -56,6 +56,30 @@ def test_the_learning_rate_follows_the_schedule_it_is_given(maisi_controlnet_run
     assert torch.load(out / "last.ckpt", weights_only=True)["lr_scheduler"]["last_epoch"] == 4
 
 
+def test_scheduler_overrides_replace_the_base_schedulers_arguments_in_training_and_the_record(maisi_controlnet_run,
+                                                                                             tmp_path):
+    """``--scheduler-overrides#use_timestep_transform False`` (the translation check's): the ControlNet trains and
+    records the base's scheduler with that one argument replaced, so its test and generation sample on uniform steps
+    instead of the base's resolution-shifted ones."""
+    from monai.networks.schedulers import RFlowScheduler
+
+    from prod9_components.sampling.rectified_flow import sampling_timesteps
+
+    run, out = maisi_controlnet_run, tmp_path / "run"
+    bundle_run(MAISI_CONTROLNET, ["train.json", "tiny.json"], {
+        "dataset_dir": run["dataset_dir"], "latent_cache_dir": run["latent_cache_dir"], "output_dir": out,
+        "diffusion_path": run["diffusion_path"], "epochs": 1, "val_interval": 1, "sample_during_validation": False,
+        "scheduler_overrides": {"use_timestep_transform": False}})
+    base = load_record(run["diffusion_path"])
+    record = load_record(out / "best.ckpt", stages=["maisi_stage3_controlnet"])
+    assert base["scheduler_args"]["use_timestep_transform"] is True
+    assert record["scheduler_args"] == {**base["scheduler_args"], "use_timestep_transform": False}
+    steps = {name: sampling_timesteps(RFlowScheduler(**args), 10, record["latent_size"])
+             for name, args in (("base", base["scheduler_args"]), ("overridden", record["scheduler_args"]))}
+    assert steps["overridden"].tolist() == pytest.approx([1000 - 100 * i for i in range(11)])
+    assert steps["base"][1] < 850  # a small latent: the base's steps crowd towards the clean end
+
+
 def test_evaluate_reports_translation_and_tumour_scores_on_one_table(maisi_controlnet_run, tmp_path):
     """BraSyn-style PSNR/SSIM beside the VAE round trip and the three translation baselines, MaskGiT stage 3's
     tumour keys, and segment-the-synthetic."""
