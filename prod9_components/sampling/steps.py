@@ -1,12 +1,15 @@
 """The checks of a sampler's settings, both families alike: its step count (``num_inference_steps``: MaskGiT decoding
-steps, rectified-flow Euler steps) and its scales (``guidance_scale``, a ControlNet's ``conditioning_scale``)."""
+steps, rectified-flow Euler steps), its scales (``guidance_scale``, a ControlNet's ``conditioning_scale``) and the
+rectified-flow scheduler arguments a MAISI ControlNet replaces (``scheduler_overrides``)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+from collections.abc import Mapping
 
-__all__ = ["check_num_steps", "check_scale"]
+__all__ = ["check_num_steps", "check_scale", "check_scheduler_overrides"]
 
 
 def check_num_steps(num_steps: int, maximum: int | None = None) -> int:
@@ -36,3 +39,20 @@ def check_scale(name: str, value: float) -> float:
     if real and math.isfinite(value) and value >= 0:
         return float(value)
     raise ValueError(f"{name} must be a finite number >= 0 ({SCALE_MEANINGS[name]}), got {value!r}")
+
+
+def check_scheduler_overrides(overrides: Mapping) -> None:
+    """Refuse ``scheduler_overrides`` that is not a mapping of MONAI ``RFlowScheduler`` arguments to plain values
+    (bool, number, string), naming the key or value: the bundle checks it in ``initialize``, before the run writes
+    anything, rather than failing in the scheduler's constructor after the split is recorded."""
+    from monai.networks.schedulers import RFlowScheduler
+
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"scheduler_overrides must be a mapping of RFlowScheduler arguments, got {overrides!r}")
+    known = set(inspect.signature(RFlowScheduler).parameters)
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"scheduler_overrides: {key!r} is not an RFlowScheduler argument (one of "
+                             f"{', '.join(sorted(known))})")
+        if not isinstance(value, (bool, numbers.Real, str)):
+            raise ValueError(f"scheduler_overrides: {key} must be a bool, number or string, got {value!r}")

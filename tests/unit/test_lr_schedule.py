@@ -1,5 +1,5 @@
-"""Learning-rate schedules: warm-up, cosine decay, a state that resumes without holding code, and a bad schedule
-refused before a run writes anything."""
+"""Learning-rate schedules: warm-up, cosine decay, a state that resumes without holding code, and a bad schedule (or
+MAISI ControlNet scheduler override) refused before a run writes anything."""
 
 from __future__ import annotations
 
@@ -64,6 +64,16 @@ def test_unknown_schedule_is_refused_by_name():
     ("prod9-train-maisi-vae", "--lr-schedule", "$print(1)",
      "lr_schedule must be one of constant, cosine, got '$print(1)'"),  # read as data
     ("prod9-train-maisi-controlnet", "--warmup-steps", "-5", "warmup_steps must be a whole number >= 0, got -5"),
+    # the ControlNet's scheduler_overrides, checked in the same place
+    ("prod9-train-maisi-controlnet", "--scheduler-overrides#use_timestep_transfrom", "False",
+     "scheduler_overrides: 'use_timestep_transfrom' is not an RFlowScheduler argument (one of base_img_size_numel, "
+     "loc, num_train_timesteps, sample_method, scale, spatial_dim, steps_offset, transform_scale, "
+     "use_discrete_timesteps, use_timestep_transform)"),
+    ("prod9-train-maisi-controlnet", "--scheduler-overrides#use_timestep_transform", "[1]",
+     "scheduler_overrides: use_timestep_transform must be a bool, number or string, got [1]"),
+    ("prod9-train-maisi-controlnet", "--scheduler-overrides", "$print(1)",  # the flag parser refuses it first
+     "--scheduler-overrides: expected a dict like the bundle's default {}, got '$print(1)' (flag values are data, "
+     "never bundle expressions)"),
 ])
 def test_a_bad_schedule_stops_the_run_before_it_writes_its_split(tmp_path, demo_dataset_dir, command, flag, value,
                                                                  message):
@@ -73,3 +83,11 @@ def test_a_bad_schedule_stops_the_run_before_it_writes_its_split(tmp_path, demo_
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
     assert not out.exists()  # not even the split record (datalist.json)
+
+
+def test_scheduler_overrides_from_a_config_file_must_be_a_mapping():
+    from prod9_components.sampling.steps import check_scheduler_overrides
+
+    check_scheduler_overrides({"use_timestep_transform": False, "base_img_size_numel": 268})
+    with pytest.raises(ValueError, match=r"scheduler_overrides must be a mapping of RFlowScheduler arguments, got 5"):
+        check_scheduler_overrides(5)
