@@ -74,3 +74,25 @@ def test_num_cases_is_checked_before_anything_is_built(monkeypatch, tmp_path, ca
     monkeypatch.setenv("BRATS_DATA_DIR", str(tmp_path / "brats"))  # a demo size makes no sense for real data
     assert "but BRATS_DATA_DIR is set" in refused("40")
     assert list(tmp_path.iterdir()) == []  # no demo data, no run
+
+
+def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
+    """The check widens the MAISI latent; each command checks a checkpoint against its own `--latent-channels`, so a
+    stage whose test or use kept the default would stop the check after its training (as it once did)."""
+    check = script_module("translation_check")
+    demo = check.demo
+    vae, diffusion, controlnet = check.FAMILIES["maisi"]
+    context = {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(tmp_path / "s"),
+               "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
+               **{name: str(tmp_path / name) for name in check.ALL}}
+
+    def width(args: list[str]) -> str | None:
+        return args[args.index("--latent-channels") + 1] if "--latent-channels" in args else None
+
+    for stage in (vae, diffusion):
+        commands = (demo.train_command(stage, context), demo.test_command(stage, context),
+                    demo.fill(stage.use, context))
+        assert [width(args) for args in commands] == [check.MAISI_LATENT[1]] * 3, stage.name
+    # the ControlNet reads the width from its diffusion checkpoint; the demo's own stages keep the bundles' default 4
+    assert width(demo.train_command(controlnet, context)) is None
+    assert width(demo.train_command(check.ALL["maisi_stage1_vae"], context)) is None
