@@ -5,8 +5,9 @@ Runs the demo's stages (scripts/demo.py: the same commands, recipe flags and she
 multiplied by ``--scale``:
 
 - ``maskgit``: FSQ autoencoder -> in-context transformer (the demo's maskgit_stage1 and maskgit_stage2_incontext);
-- ``maisi``: KL-VAE -> latent diffusion -> the demo's ControlNet stage conditioned on the source image instead of the
-  tumour mask (``--condition-type image+label --source-modality T1``).
+- ``maisi``: KL-VAE -> latent diffusion (both with 8 latent channels, the demo's 4 kept the VAE's round trip below
+  the regression's SSIM) -> the demo's ControlNet stage conditioned on the source image instead of the tumour mask
+  (``--condition-type image+label --source-modality T1``).
 
 The last stage is tested on the whole test split. Prints one JSON line: the translation's PSNR / SSIM (brain and
 tumour) beside the best of its baselines per score (copy, histogram-matched or intensity regression of the source)
