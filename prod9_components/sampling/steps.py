@@ -54,5 +54,6 @@ def check_scheduler_overrides(overrides: Mapping) -> None:
         if key not in known:
             raise ValueError(f"scheduler_overrides: {key!r} is not an RFlowScheduler argument (one of "
                              f"{', '.join(sorted(known))})")
-        if not isinstance(value, (bool, numbers.Real, str)):
-            raise ValueError(f"scheduler_overrides: {key} must be a bool, number or string, got {value!r}")
+        if not isinstance(value, (bool, numbers.Real, str)) or (isinstance(value, numbers.Real)
+                                                                  and not math.isfinite(value)):
+            raise ValueError(f"scheduler_overrides: {key} must be a bool, finite number or string, got {value!r}")

@@ -70,7 +70,7 @@ def test_unknown_schedule_is_refused_by_name():
      "loc, num_train_timesteps, sample_method, scale, spatial_dim, steps_offset, transform_scale, "
      "use_discrete_timesteps, use_timestep_transform)"),
     ("prod9-train-maisi-controlnet", "--scheduler-overrides#use_timestep_transform", "[1]",
-     "scheduler_overrides: use_timestep_transform must be a bool, number or string, got [1]"),
+     "scheduler_overrides: use_timestep_transform must be a bool, finite number or string, got [1]"),
     ("prod9-train-maisi-controlnet", "--scheduler-overrides", "$print(1)",  # the flag parser refuses it first
      "--scheduler-overrides: expected a dict like the bundle's default {}, got '$print(1)' (flag values are data, "
      "never bundle expressions)"),
@@ -91,3 +91,6 @@ def test_scheduler_overrides_from_a_config_file_must_be_a_mapping():
     check_scheduler_overrides({"use_timestep_transform": False, "base_img_size_numel": 268})
     with pytest.raises(ValueError, match=r"scheduler_overrides must be a mapping of RFlowScheduler arguments, got 5"):
         check_scheduler_overrides(5)
+    # JSON config files can spell NaN and Infinity; a scheduler built from them would sample nothing useful
+    with pytest.raises(ValueError, match=r"num_train_timesteps must be a bool, finite number or string, got nan"):
+        check_scheduler_overrides({"num_train_timesteps": float("nan")})
