@@ -2,10 +2,10 @@
 
 Every held-out case gives ``val_loss`` and ``token_accuracy`` at masks drawn from the training schedule with a fixed
 seed (so epochs compare). With a sampler and the stage-1 autoencoder it also translates whole volumes, the BraSyn
-way: sample the target modality from the source tokens, decode it, and hand ``pred`` (translation), ``label`` (the
-real target image), ``roundtrip`` (stage-1 round trip of the real target: the upper bound), ``source`` (the source
-image itself: the copy baseline), ``histogram_source`` / ``regression_source`` (the translation baselines fitted on the
-training split, when given) and ``tumour`` (mask) to the metric handlers.
+way: sample the target modality from the source tokens (or take its expected codes), decode it, and hand ``pred``
+(translation), ``label`` (the real target image), ``roundtrip`` (stage-1 round trip of the real target: the upper
+bound), ``source`` (the source image itself: the copy baseline), ``histogram_source`` / ``regression_source`` (the
+translation baselines fitted on the training split, when given) and ``tumour`` (mask) to the metric handlers.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from prod9_components.data.sharding import validation_generator
 from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.engines.translation_baselines import baseline_predictions
-from prod9_components.generation.decode import decode_tokens
+from prod9_components.generation.decode import decode_codes, decode_tokens
 from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.losses.masked_token import masked_token_loss
 from prod9_components.networks.export import unwrap
@@ -50,6 +50,8 @@ class MaskGiTEvaluator(Evaluator):
             :class:`~prod9_components.metrics.baselines.TranslationBaselines` (see
             :func:`~prod9_components.engines.translation_baselines.fit_translation_baselines`); translation then also
             outputs ``histogram_source`` and ``regression_source``.
+        expected_codes: translate to the code each token is expected to take (``sampler.expected_codes``) instead
+            of a sample; ``sampled_token_accuracy`` then scores the nearest grid codes.
     """
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, network: nn.Module,
@@ -59,7 +61,7 @@ class MaskGiTEvaluator(Evaluator):
                  key_val_metric: dict | None = None, additional_metrics: dict | None = None,
                  metric_cmp_fn: Callable | None = None, val_handlers: Sequence | None = None,
                  amp: bool = False, control_mask_key: str | None = None,
-                 translation_baselines: dict | None = None) -> None:
+                 translation_baselines: dict | None = None, expected_codes: bool = False) -> None:
         amp = cuda_amp(amp, device)
         kwargs = {"metric_cmp_fn": metric_cmp_fn} if metric_cmp_fn is not None else {}
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
@@ -74,6 +76,7 @@ class MaskGiTEvaluator(Evaluator):
         self.sw_config = sw_config or SlidingWindowConfig()
         self.control_mask_key = control_mask_key
         self.translation_baselines = translation_baselines
+        self.expected_codes = bool(expected_codes)
 
     @property
     def translates(self) -> bool:
@@ -115,10 +118,17 @@ class MaskGiTEvaluator(Evaluator):
     def _translate(self, batchdata: dict, inputs: dict, generator: torch.Generator) -> dict:
         device = inputs["target_tokens"].device
         network = unwrap(self.network)
+        context = (inputs["target_tokens"].shape, inputs["target_label"], inputs["source_tokens"],
+                   inputs["source_labels"])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            sampled = self.sampler.sample(network, inputs["target_tokens"].shape, inputs["target_label"],
-                                          inputs["source_tokens"], inputs["source_labels"], generator=generator)
-        pred, roundtrip = self.decode(sampled), self.decode(inputs["target_tokens"])
+            if self.expected_codes:
+                fsq = self.autoencoder.fsq
+                codes = self.sampler.expected_codes(network, fsq.codebook().to(device), *context)
+                sampled, pred = fsq.quantize(codes), decode_codes(self.autoencoder, codes, self.sw_config)
+            else:
+                sampled = self.sampler.sample(network, *context, generator=generator)
+                pred = self.decode(sampled)
+        roundtrip = self.decode(inputs["target_tokens"])
         images = self.images(batchdata, device)
         rows, first_source = inputs["rows"], inputs["source_labels"][:, 0]
         label = images[rows, inputs["target_label"]].unsqueeze(1)

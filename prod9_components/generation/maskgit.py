@@ -19,7 +19,7 @@ from torch import nn
 
 from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
 from prod9_components.data.token_cache import pad_or_crop, restore
-from prod9_components.generation.decode import decode_tokens
+from prod9_components.generation.decode import decode_codes, decode_tokens
 from prod9_components.generation.inputs import condition_preprocessing
 from prod9_components.generation.loop import generate, sample_items, seeded
 from prod9_components.generation.saver import GeneratedVolume, VolumeSaver, case_names, sample_names, spacing_affine
@@ -83,7 +83,8 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
                       source_modalities: Sequence[str | int], target_modality: str | int, preprocessing: list,
                       output_dir: str, output_path: str | None = None, pad_token: int = 0, seed: int = 0,
                       sw_config: SlidingWindowConfig | None = None, device: str | torch.device = "cpu",
-                      overwrite: bool = False, num_samples: int | None = None) -> list[str]:
+                      overwrite: bool = False, num_samples: int | None = None, expected_codes: bool = False,
+                      ) -> list[str]:
     """Translate source volumes into the target modality; write ``<case>_<TARGET>.nii.gz`` on the source's grid
     (``<case>_sample_0001_<TARGET>.nii.gz``, ... for several samples of one source).
 
@@ -97,6 +98,8 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
         output_path: exact output file (one translation only); else ``output_dir``.
         pad_token: token that fills grid cells cropped away when a volume exceeds the model's grid.
         overwrite: replace existing outputs; an output that is one of the sources is refused regardless.
+        expected_codes: decode the code each token is expected to take (``sampler.expected_codes``: one
+            deterministic pass, the least squared error) instead of a sample.
     """
     sources = [modality_index(m) for m in source_modalities]
     target = modality_index(target_modality)
@@ -132,9 +135,16 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
         size = [min(g, m) for g, m in zip(grids[0].shape, max_grid)]  # a larger volume is centre-cropped on the grid
         cropped = [pad_or_crop(g, size, pad_token) for g in grids]
         origin = torch.tensor([[-o for o in cropped[0][1][0]]], device=device)  # the crop's place in the grid
-        tokens = sampler.sample(network, (1, *size), target_label, torch.stack([c[0] for c in cropped])[None],
-                                source_labels, generator=generator, grid_origin=origin)
-        image = decode_tokens(autoencoder, restore(tokens[0], cropped[0][1], pad_token)[None], sw_config)[0].cpu()
+        context = (target_label, torch.stack([c[0] for c in cropped])[None], source_labels)
+        if expected_codes:
+            fsq = autoencoder.fsq
+            codes = sampler.expected_codes(network, fsq.codebook().to(device), (1, *size), *context, grid_origin=origin)
+            pad = fsq.embed(torch.tensor([pad_token], device=device))[0]  # (C,): cells cropped away decode as pad
+            codes = restore(codes[0] - pad[:, None, None, None], cropped[0][1], 0.0) + pad[:, None, None, None]
+            image = decode_codes(autoencoder, codes[None], sw_config)[0].cpu()
+        else:
+            tokens = sampler.sample(network, (1, *size), *context, generator=generator, grid_origin=origin)
+            image = decode_tokens(autoencoder, restore(tokens[0], cropped[0][1], pad_token)[None], sw_config)[0].cpu()
         inverted = Invertd(keys="pred", transform=transform, orig_keys=keys[0], nearest_interp=False)(
             {**data, "pred": MetaTensor(image)})["pred"]  # Invertd skips plain tensors
         return GeneratedVolume(inverted)

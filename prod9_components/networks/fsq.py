@@ -31,7 +31,8 @@ class FiniteScalarQuantizer(nn.Module):
     Shapes:
         ``forward``: (B, C, *spatial) -> (B, C, *spatial) with ``C = len(levels)``;
         ``quantize``: (B, C, *spatial) codes -> (B, *spatial) int64 indices in ``[0, codebook_size)``;
-        ``embed``: (B, *spatial) indices -> (B, C, *spatial) float32 codes.
+        ``embed``: (B, *spatial) indices -> (B, C, *spatial) float32 codes;
+        ``codebook``: () -> (codebook_size, C) float32, the codes of every index.
     """
 
     def __init__(self, levels: Sequence[int], eps: float = 1e-3) -> None:
@@ -97,6 +98,10 @@ class FiniteScalarQuantizer(nn.Module):
         half_width = self._view(self._half_width, indices.ndim)
         # Same arithmetic as forward (integer-valued float / h) so the codes agree bit for bit.
         return (digits - half_width).to(torch.float32) / half_width.to(torch.float32)
+
+    def codebook(self) -> torch.Tensor:
+        """The codes of every index, (codebook_size, C) float32 on the quantizer's device (row k = ``embed(k)``)."""
+        return self.embed(torch.arange(self.codebook_size, device=self._levels.device)[None])[0].t()
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, codebook_size={self.codebook_size}"

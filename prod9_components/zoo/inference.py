@@ -19,7 +19,8 @@ from prod9_components.config_literals import config_data
 __all__ = ["BUILDERS", "Sources", "bundle_settings", "inference_config"]
 
 # Sampling defaults a stage's exported config takes from its train.json (literal values there).
-SETTINGS = ("num_inference_steps", "schedule", "guidance_scale", "conditioning_scale", "sw_batch_size")
+SETTINGS = ("num_inference_steps", "schedule", "guidance_scale", "conditioning_scale", "sw_batch_size",
+            "expected_codes")
 # The background's token, computed as training computes it (train.json's pad_token) from the stage-1 weights loaded
 # beside it: what a config without a trained record (the repository's template) pads translation contexts with.
 BACKGROUND_TOKEN = ("$int(@autoencoder.quantize_stage_2_inputs(torch.zeros(1, 1, 16, 16, 16, device=@device))"
@@ -222,6 +223,7 @@ def maskgit_incontext(s: Sources) -> dict:
         "target_modality": s.data(r["target_modalities"][0], "target_modalities"),
         "pad_token": int(r["pad_token"]) if "pad_token" in r else BACKGROUND_TOKEN,
         "downsample_factor": int(s.downsample_factor),
+        "expected_codes": bool(s.settings.get("expected_codes", False)),
         "input": "$data.discover_cases(@dataset_dir)[:1]",
         "num_samples": None,
         "preprocessing": "$data.preprocessing(image_keys=[data.MODALITIES[data.modality_index(m)] for m in "
@@ -230,7 +232,8 @@ def maskgit_incontext(s: Sources) -> dict:
         **_end("$generation.translate_volumes(@network, @autoencoder, @sampler, "
                "generation_inputs.input_items(@input, @source_modalities), @source_modalities, @target_modality, "
                "@preprocessing, @output_dir, pad_token=@pad_token, seed=@seed, sw_config=@sw_config, device=@device, "
-               "overwrite=@overwrite, num_samples=@num_samples)", ("model", "autoencoder")),
+               "overwrite=@overwrite, num_samples=@num_samples, expected_codes=@expected_codes)",
+               ("model", "autoencoder")),
     }
 
 

@@ -29,6 +29,7 @@ from prod9_components.metrics.baselines import pool_baseline
 from prod9_components.metrics.image_quality import brain_psnr
 from prod9_components.networks.autoencoder_fsq import AutoencoderFSQ
 from prod9_components.networks.ema import ExponentialMovingAverage
+from prod9_components.networks.fsq import FiniteScalarQuantizer
 from prod9_components.networks.maisi_controlnet import MaisiControlNet
 from prod9_components.networks.maisi_diffusion import MaisiDiffusionUNet
 from prod9_components.networks.maisi_vae import MaisiVAE
@@ -192,6 +193,22 @@ def test_transformer_learns_background_token_and_samples_its_grid(token_grid, ma
     assert scores["untrained"][0] < 0.1 and scores["untrained"][1] < 0.1
     assert scores["trained"][0] == 1.0
     assert scores["trained"][1] >= 0.95
+
+
+def test_transformer_expected_codes_are_the_memorised_grid(token_grid, maskgit_base):
+    """The expected FSQ codes (one pass from an all-[MASK] grid, ``--expected-codes true``) of the model trained on
+    one grid round to that grid's tokens and sit close to its codes; the untrained model's sit near the codebook's
+    mean, far from them."""
+    fsq = FiniteScalarQuantizer([8, 5, 5, 5])  # CODEBOOK's levels
+    truth = fsq.embed(token_grid[None])
+    scores = {}
+    for name, network in maskgit_base.items():
+        codes = MaskGiTSampler().expected_codes(network, fsq.codebook(), (1, *GRID), torch.tensor([T1]))
+        scores[name] = ((codes - truth).abs().mean().item(), (fsq.quantize(codes)[0] == token_grid).float().mean())
+    print("mean error of the expected codes / their nearest tokens' accuracy: " +
+          ", ".join(f"{name} {e:.3f} / {a:.3f}" for name, (e, a) in scores.items()))
+    assert scores["trained"][0] < 0.05 and scores["trained"][1] >= 0.9  # the finest FSQ step is 0.25 (8 levels)
+    assert scores["untrained"][0] > 0.3 and scores["untrained"][1] < 0.1
 
 
 # --- MaskGiT stage 3: a ControlNet writes a chosen token where the mask is -------------------------------------------
