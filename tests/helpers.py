@@ -130,3 +130,19 @@ def _checked(result: subprocess.CompletedProcess, check: bool) -> subprocess.Com
         raise AssertionError(f"{' '.join(map(str, result.args))} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def t1_volumes(folder: Path, n: int) -> list[dict]:
+    """``n`` NIfTI T1 volumes of 16^3 voxels at 4 mm (a 12x10x12 block of seeded noise in air), written to ``folder``
+    as ``case<i>_t1.nii.gz``; returns translation inputs ``{"t1": path, "case": "case<i>"}``."""
+    import nibabel as nib
+    import numpy as np
+
+    items = []
+    for i in range(n):
+        data = np.zeros((16, 16, 16), np.float32)
+        data[2:14, 3:13, 2:14] = np.random.default_rng(i).uniform(100, 900, (12, 10, 12))
+        path = Path(folder) / f"case{i}_t1.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.diag([4.0, 4.0, 4.0, 1.0])), path)
+        items.append({"t1": str(path), "case": f"case{i}"})
+    return items

@@ -17,6 +17,7 @@ from prod9_components.data.transforms import preprocessing
 from prod9_components.generation.maskgit import translate_volumes
 from prod9_components.networks.autoencoder_fsq import AutoencoderFSQ
 from prod9_components.sampling.maskgit import MaskGiTSampler
+from tests.helpers import t1_volumes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,17 +63,6 @@ def test_expected_codes_are_the_softmax_weighted_codebook():
         MaskGiTSampler().expected_codes(model, CODEBOOK[:3], (1, 1, 1, 1), label[:1])
 
 
-def _cases(tmp_path, n: int) -> list[dict]:
-    items = []
-    for i in range(n):
-        data = np.zeros((16, 16, 16), np.float32)
-        data[2:14, 3:13, 2:14] = np.random.default_rng(i).uniform(100, 900, (12, 10, 12))
-        path = tmp_path / f"case{i}_t1.nii.gz"
-        nib.save(nib.Nifti1Image(data, np.diag([4.0, 4.0, 4.0, 1.0])), path)
-        items.append({"t1": str(path), "case": f"case{i}"})
-    return items
-
-
 def _translate(model, items, out, **kwargs) -> np.ndarray:
     torch.manual_seed(0)
     autoencoder = AutoencoderFSQ(num_channels=(8, 16), num_res_blocks=(1, 1), attention_levels=(False, False),
@@ -89,7 +79,7 @@ def test_a_certain_model_translates_to_its_one_code_exactly_as_its_samples_do(tm
     is the sampled one, voxel for voxel (cells cropped away decode as the pad token in both)."""
     logits = torch.full((12,), -1e4)
     logits[7] = 0.0
-    items = _cases(tmp_path, 1)
+    items = t1_volumes(tmp_path, 1)
     sampled = _translate(FixedLogits(logits, max_grid), items, tmp_path / "sampled", pad_token=2)
     expected = _translate(FixedLogits(logits, max_grid), items, tmp_path / "expected", pad_token=2,
                           expected_codes=True)
@@ -101,7 +91,7 @@ def test_an_uncertain_model_translates_to_one_volume_whatever_the_seed(tmp_path)
     """Mass spread over the codes: every sample differs, the expected-code translation is one volume for every seed,
     unlike any sample."""
     logits = torch.linspace(0, 2, 12)
-    items = _cases(tmp_path, 1)
+    items = t1_volumes(tmp_path, 1)
     expected = [_translate(FixedLogits(logits), items, tmp_path / f"expected{seed}", seed=seed, expected_codes=True)
                 for seed in (0, 5)]
     sampled = [_translate(FixedLogits(logits), items, tmp_path / f"sampled{seed}", seed=seed) for seed in (0, 5)]

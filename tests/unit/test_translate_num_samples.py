@@ -14,6 +14,7 @@ from torch import nn
 from prod9_components.data.transforms import preprocessing
 from prod9_components.generation.maskgit import translate_volumes
 from prod9_components.networks.autoencoder_fsq import AutoencoderFSQ
+from tests.helpers import t1_volumes
 
 
 class RandomTokens:
@@ -28,17 +29,6 @@ class RandomTokens:
         return torch.randint(0, self.codebook_size, shape, generator=generator)
 
 
-def _cases(tmp_path, n: int) -> list[dict]:
-    items = []
-    for i in range(n):
-        data = np.zeros((16, 16, 16), np.float32)
-        data[2:14, 3:13, 2:14] = np.random.default_rng(i).uniform(100, 900, (12, 10, 12))
-        path = tmp_path / f"case{i}_t1.nii.gz"
-        nib.save(nib.Nifti1Image(data, np.diag([4.0, 4.0, 4.0, 1.0])), path)
-        items.append({"t1": str(path), "case": f"case{i}"})
-    return items
-
-
 def _translate(items, out, **kwargs) -> list[str]:
     torch.manual_seed(0)
     autoencoder = AutoencoderFSQ(num_channels=(8, 16), num_res_blocks=(1, 1), attention_levels=(False, False),
@@ -51,15 +41,15 @@ def _translate(items, out, **kwargs) -> list[str]:
 
 
 def test_first_n_cases_of_several(tmp_path):
-    written = _translate(_cases(tmp_path, 3), tmp_path / "out", num_samples=2)
+    written = _translate(t1_volumes(tmp_path, 3), tmp_path / "out", num_samples=2)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0_T2.nii.gz", "case1_T2.nii.gz"]
     assert [p.rsplit("/", 1)[1] for p in written] == ["case0_T2.nii.gz", "case1_T2.nii.gz"]
     with pytest.raises(ValueError, match="--num-samples 4: only 3 inputs to translate"):
-        _translate(_cases(tmp_path, 3), tmp_path / "more", num_samples=4)
+        _translate(t1_volumes(tmp_path, 3), tmp_path / "more", num_samples=4)
 
 
 def test_n_samples_of_one_source(tmp_path):
-    (item,) = _cases(tmp_path, 1)
+    (item,) = t1_volumes(tmp_path, 1)
     _translate([item], tmp_path / "out", num_samples=3)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [f"case0_sample_000{i}_T2.nii.gz" for i in (1, 2, 3)]
