@@ -89,7 +89,8 @@ MAISI_TRANSLATION = replace(
 # checkpoint against it): on 80 cases at `--scale 4` the round trip of the test T2s rises from 23.0 dB / SSIM 0.870,
 # below the map's SSIM, to 24.6 / 0.901, and the translation's SSIM from 0.848 to 0.869 (PSNR 21.36 -> 21.37; map 21.52
 # / 0.877), at about the same step times (only the layers next to the latent widen). On 120 cases (51.9 min end to
-# end): 20.99 dB / 0.854 against the map's 21.38 / 0.854 on its 12 test cases (round trip 23.8 dB).
+# end): 20.99 dB / 0.854 against the map's 21.38 / 0.854 on its 12 test cases (round trip 23.8 dB). A second run on
+# the 80 cases: 20.78 / 0.856 (round trip 24.2 dB; at conditioning scale 1 20.95 / 0.853, with 30 steps 20.90).
 # Conditioning scale 1.5 is again validation's best with 8 channels (80 cases: 20.70 / 21.03 / 21.01 / 20.91 dB at 1 /
 # 1.5 / 2 / 2.5; 20 Euler steps 21.00).
 MAISI_LATENT = ("--latent-channels", "8")
