@@ -264,7 +264,7 @@ class MaskGiTSampler:
 
         Args:
             model, shape, target_label, source_tokens, source_labels, grid_origin: as in :meth:`sample`.
-            codebook: (K, C) the FSQ code of every token id (``fsq.embed``), on the model's device.
+            codebook: (K, C) the FSQ code of every token id (``fsq.codebook()``), on the model's device.
 
         Returns:
             (B, C, d, h, w) float32 codes, between the FSQ grid values (decode them with the stage-1 decoder).
@@ -289,4 +289,5 @@ class MaskGiTSampler:
             weights = torch.softmax(logits / self.sampling_temperature, dim=1)
         else:
             weights = torch.nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).movedim(-1, 1).float()
-        return torch.einsum("bk...,kc->bc...", weights, codebook.float())
+        with torch.autocast(logits.device.type, enabled=False):  # float32 codes under an evaluator's bfloat16 AMP
+            return torch.einsum("bk...,kc->bc...", weights, codebook.float())
