@@ -14,26 +14,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prod9_components.config_literals import bool_setting
+
 __all__ = ["RESUME_WAY_OUT", "check_resumed_splits", "resume_flag", "resume_refusal", "splits_fingerprint"]
 
 RESUME_WAY_OUT = "pass --resume false to start a new run there, or choose a new --output-dir"
 
 
 def resume_flag(value: Any) -> bool:
-    """The ``resume`` setting as a bool. ``--resume false`` reaches a bundle as the string ``"false"`` (fire keeps
-    words it cannot parse as Python literals), which would otherwise count as true.
-
-    Raises:
-        ValueError: anything but a bool, 0/1 or true/false/yes/no (any case).
-    """
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"resume must be true or false, got {value!r}")
+    """The ``resume`` setting as a bool (:func:`~prod9_components.config_literals.bool_setting`: ``"false"`` is
+    false, a word that is neither is refused)."""
+    return bool_setting("resume", value)
 
 
 def resume_refusal(last_ckpt: str | os.PathLike, what: str) -> ValueError:

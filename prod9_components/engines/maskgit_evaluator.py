@@ -19,6 +19,7 @@ from torch import nn
 
 from prod9_components.data.modalities import MODALITIES
 from prod9_components.data.sharding import validation_generator
+from prod9_components.config_literals import bool_setting
 from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.engines.translation_baselines import baseline_predictions
@@ -76,7 +77,7 @@ class MaskGiTEvaluator(Evaluator):
         self.sw_config = sw_config or SlidingWindowConfig()
         self.control_mask_key = control_mask_key
         self.translation_baselines = translation_baselines
-        self.expected_codes = bool(expected_codes)
+        self.expected_codes = bool_setting("expected_codes", expected_codes)
 
     @property
     def translates(self) -> bool:

@@ -17,6 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 from torch import nn
 
+from prod9_components.config_literals import bool_setting
 from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
 from prod9_components.data.token_cache import pad_or_crop, restore
 from prod9_components.generation.decode import decode_codes, decode_tokens
@@ -101,6 +102,7 @@ def translate_volumes(network: nn.Module, autoencoder: nn.Module, sampler, items
         expected_codes: decode the code each token is expected to take (``sampler.expected_codes``: one
             deterministic pass, the least squared error) instead of a sample.
     """
+    expected_codes = bool_setting("expected_codes", expected_codes)
     sources = [modality_index(m) for m in source_modalities]
     target = modality_index(target_modality)
     name = modality_name(target)

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prod9_components.config_literals import config_data
+from prod9_components.config_literals import bool_setting, config_data
 
 __all__ = ["BUILDERS", "Sources", "bundle_settings", "inference_config"]
 
@@ -223,7 +223,7 @@ def maskgit_incontext(s: Sources) -> dict:
         "target_modality": s.data(r["target_modalities"][0], "target_modalities"),
         "pad_token": int(r["pad_token"]) if "pad_token" in r else BACKGROUND_TOKEN,
         "downsample_factor": int(s.downsample_factor),
-        "expected_codes": bool(s.settings.get("expected_codes", False)),
+        "expected_codes": bool_setting("expected_codes", s.settings.get("expected_codes", False)),
         "input": "$data.discover_cases(@dataset_dir)[:1]",
         "num_samples": None,
         "preprocessing": "$data.preprocessing(image_keys=[data.MODALITIES[data.modality_index(m)] for m in "

@@ -98,3 +98,15 @@ def test_an_uncertain_model_translates_to_one_volume_whatever_the_seed(tmp_path)
     np.testing.assert_array_equal(expected[0], expected[1])
     assert np.abs(sampled[0] - sampled[1]).max() > 1e-3
     assert min(np.abs(expected[0] - s).max() for s in sampled) > 1e-3
+
+
+def test_the_setting_is_read_as_true_or_false_and_a_word_is_refused(tmp_path):
+    """``monai.bundle run --expected_codes false`` hands the config the string "false", which bool() calls true."""
+    logits = torch.linspace(0, 2, 12)
+    items = t1_volumes(tmp_path, 1)
+    sampled = _translate(FixedLogits(logits), items, tmp_path / "sampled")
+    as_word = _translate(FixedLogits(logits), items, tmp_path / "word", expected_codes="false")
+    np.testing.assert_array_equal(as_word, sampled)
+    with pytest.raises(ValueError, match="expected_codes must be true or false, got 'maybe'"):
+        _translate(FixedLogits(logits), items, tmp_path / "maybe", expected_codes="maybe")
+    assert not (tmp_path / "maybe").exists() or not any((tmp_path / "maybe").iterdir())  # nothing half-written
