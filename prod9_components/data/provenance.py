@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prod9_components.config_literals import bool_setting
+from prod9_components.data.settings import bool_setting
 
 __all__ = ["RESUME_WAY_OUT", "check_resumed_splits", "resume_flag", "resume_refusal", "splits_fingerprint"]
 

@@ -17,9 +17,9 @@ from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from prod9_components.data.settings import bool_setting
 from prod9_components.data.modalities import MODALITIES
 from prod9_components.data.sharding import validation_generator
-from prod9_components.config_literals import bool_setting
 from prod9_components.engines.base_trainer import cuda_amp
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.engines.translation_baselines import baseline_predictions

@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 from torch import nn
 
-from prod9_components.config_literals import bool_setting
+from prod9_components.data.settings import bool_setting
 from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
 from prod9_components.data.token_cache import pad_or_crop, restore
 from prod9_components.generation.decode import decode_codes, decode_tokens

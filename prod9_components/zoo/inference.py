@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prod9_components.config_literals import bool_setting, config_data
+from prod9_components.config_literals import config_data
+from prod9_components.data.settings import bool_setting
 
 __all__ = ["BUILDERS", "Sources", "bundle_settings", "inference_config"]
 
