@@ -22,6 +22,7 @@ _EXPORTS = {
         "split_cases",
     ),
     "demo": ("make_demo_dataset",),
+    "settings": ("bool_setting",),
     "postprocessing": ("reconstruction_items",),
     "transforms": (
         "LoadVolumed",

@@ -22,7 +22,7 @@ RESUME_WAY_OUT = "pass --resume false to start a new run there, or choose a new 
 
 
 def resume_flag(value: Any) -> bool:
-    """The ``resume`` setting as a bool (:func:`~prod9_components.config_literals.bool_setting`: ``"false"`` is
+    """The ``resume`` setting as a bool (:func:`~prod9_components.data.settings.bool_setting`: ``"false"`` is
     false, a word that is neither is refused)."""
     return bool_setting("resume", value)
 

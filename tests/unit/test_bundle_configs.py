@@ -347,3 +347,23 @@ def test_every_checkpoint_load_refuses_another_stage(bundle, name, id_, call, tm
         else:
             loaded = parser.get_parsed_content(id_)
             assert (loaded[0] if isinstance(loaded, tuple) else loaded)["stage"] == stage
+
+
+SAMPLING_BUNDLES = ["maisi_stage3_controlnet", "maskgit_stage2_incontext", "maskgit_stage3_controlnet"]
+
+
+@pytest.mark.parametrize("bundle", SAMPLING_BUNDLES)
+def test_sample_during_validation_is_read_as_true_or_false(bundle):
+    """``monai.bundle run --sample_during_validation false`` hands the config the string "false", which a bare
+    ``$... if @sample_during_validation`` took as true; every use goes through ``validation_sampling``."""
+    text = (ROOT / "bundles" / bundle / "configs" / "train.json").read_text()
+    assert text.count("@sample_during_validation") == 1  # only inside validation_sampling
+    for given, expected in [("false", False), ("False", False), (False, False), ("true", True), (True, True)]:
+        parser = ConfigParser()
+        parser.read_config(ROOT / "bundles" / bundle / "configs" / "train.json")
+        parser["sample_during_validation"] = given
+        assert parser.get_parsed_content("validation_sampling") is expected, given
+    parser["sample_during_validation"] = "maybe"
+    with pytest.raises(RuntimeError) as error:  # MONAI wraps an expression's error
+        parser.get_parsed_content("validation_sampling", lazy=False)
+    assert str(error.value.__cause__) == "sample_during_validation must be true or false, got 'maybe'"
