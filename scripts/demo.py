@@ -174,7 +174,7 @@ STAGES = (
                  "{maskgit_stage1}/autoencoder_tiny.pt", "--token-cache-dir", "{maskgit_stage1}/token_cache",
                  "--learning-rate", "0.002", *TRANSFORMER),  # the label model's (at 0.001: 6.6 dB, no brain shape)
           # 80 steps (120 gave 17.0 dB against the map's 22.35: it loses either way on these data, see
-          # translation_check.py, which trains it 120 steps per unit of scale)
+          # translation_check.py, which trains it 360 steps per unit of scale)
           epochs=4, batches=20, needs="maskgit_stage1",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t1]}",
                "--output", "{stage}/translated_T2.nii.gz"),
