@@ -356,8 +356,9 @@ SAMPLING_BUNDLES = ["maisi_stage3_controlnet", "maskgit_stage2_incontext", "mask
 def test_sample_during_validation_is_read_as_true_or_false(bundle):
     """``monai.bundle run --sample_during_validation false`` hands the config the string "false", which a bare
     ``$... if @sample_during_validation`` took as true; every use goes through ``validation_sampling``."""
-    text = (ROOT / "bundles" / bundle / "configs" / "train.json").read_text()
-    assert text.count("@sample_during_validation") == 1  # only inside validation_sampling
+    configs = ROOT / "bundles" / bundle / "configs"
+    assert (configs / "train.json").read_text().count("@sample_during_validation") == 1  # inside validation_sampling
+    assert "@sample_during_validation" not in (configs / "evaluate.json").read_text()
     for given, expected in [("false", False), ("False", False), (False, False), ("true", True), (True, True)]:
         parser = ConfigParser()
         parser.read_config(ROOT / "bundles" / bundle / "configs" / "train.json")
