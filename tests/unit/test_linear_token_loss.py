@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from prod9_components.networks import token_head
+from prod9_components.networks.fsq import FiniteScalarQuantizer
 from prod9_components.networks.token_head import linear_token_loss
 
 
@@ -81,3 +82,34 @@ def test_bad_shapes_and_empty_masks_are_named():
         linear_token_loss(hidden, head.weight, head.bias, targets[:3])
     with pytest.raises(ValueError, match="no position"):
         linear_token_loss(hidden[:0], head.weight, head.bias, targets[:0])
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 100])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_code_error_term_matches_autograd_of_the_expected_code(monkeypatch, chunk_rows, weighted):
+    """With a codebook, loss = CE + code_weight x mean |softmax(logits) @ codebook - codebook[target]|^2 / C (row
+    weights as for the CE), its gradients those of autograd through the materialised logits; code_error is reported
+    whether or not it is weighted, and a code weight without a codebook is refused."""
+    hidden, head, targets = head_and_rows(vocabulary=30)
+    monkeypatch.setitem(token_head.CHUNK_LOGITS, "cpu", chunk_rows * head.out_features)
+    codebook = FiniteScalarQuantizer([5, 3, 2]).codebook()  # 30 codes of 3 channels
+    weights = torch.where(torch.arange(len(targets)) < 4, 20.0, 1.0) if weighted else torch.ones(len(targets))
+    logits = head(hidden)
+    squared = ((torch.softmax(logits, 1) @ codebook - codebook[targets]) ** 2).mean(1)
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    error = (squared * weights).sum() / weights.sum()
+    expected = (ce * weights).sum() / weights.sum() + 7.0 * error
+    out = linear_token_loss(hidden, head.weight, head.bias, targets, weights if weighted else None, codebook, 7.0)
+    torch.testing.assert_close(out["loss"], expected, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out["code_error"], error.detach(), atol=1e-6, rtol=1e-6)
+    assert float(error) > 0.05 and not out["code_error"].requires_grad  # the term is not negligible here
+    tensors = (hidden, head.weight, head.bias)
+    for got, want in zip(grads(out["loss"], tensors), grads(expected, tensors)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    unweighted = linear_token_loss(hidden, head.weight, head.bias, targets, codebook=codebook)
+    torch.testing.assert_close(unweighted["loss"], F.cross_entropy(logits, targets), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(unweighted["code_error"], squared.mean().detach(), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="code_weight must be"):
+        linear_token_loss(hidden, head.weight, head.bias, targets, code_weight=1.0)
+    with pytest.raises(ValueError, match="expected codebook"):
+        linear_token_loss(hidden, head.weight, head.bias, targets, codebook=codebook[:5])
