@@ -41,13 +41,17 @@ class MaskGiTTrainer(BaseTrainer):
             None for the stage-2 transformer.
         tumour_weight: weight of the masked tokens that cover tumour in the mean cross-entropy (needs
             ``control_mask_key``; the tumour is a few percent of the tokens); 1 for the plain mean.
+        code_weight: weight of the expected FSQ code's squared error beside the cross-entropy (``softmax(logits) @
+            codes`` against the true code, mean over the masked positions and code channels; needs a network built
+            with ``code_levels``): the cross-entropy scores a neighbouring code on the FSQ grid as wrong as any
+            other, while an expected-code translation (``expected_codes``) decodes the very code it scores. 0: off.
     """
 
     def __init__(self, device: torch.device | str, max_epochs: int, train_data_loader: Iterable, network: nn.Module,
                  optimizer: torch.optim.Optimizer, context_builder: TokenContextBuilder, schedule: str = "cosine",
                  epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool = False,
                  grad_clip: float | None = 1.0, non_blocking: bool = False,
-                 control_mask_key: str | None = None, tumour_weight: float = 1.0) -> None:
+                 control_mask_key: str | None = None, tumour_weight: float = 1.0, code_weight: float = 0.0) -> None:
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, epoch_length, non_blocking,
                          train_handlers, amp, torch.bfloat16, grad_clip)
         self.context_builder = context_builder
@@ -58,6 +62,9 @@ class MaskGiTTrainer(BaseTrainer):
             raise ValueError(f"tumour_weight must be a finite number >= 1, got {tumour_weight}")
         if self.tumour_weight != 1.0 and control_mask_key is None:
             raise ValueError("tumour_weight needs a mask condition (control_mask_key)")
+        self.code_weight = float(code_weight)
+        if not 0.0 <= self.code_weight < float("inf"):
+            raise ValueError(f"code_weight must be a finite number >= 0, got {code_weight}")
 
     def _iteration(self, engine: MaskGiTTrainer, batchdata: dict) -> dict:
         tokens = batchdata["tokens"].to(engine.state.device, non_blocking=engine.non_blocking)
@@ -77,10 +84,12 @@ class MaskGiTTrainer(BaseTrainer):
             # Through forward (not another method), so a DDP wrapper syncs the gradients.
             losses = self.network(masked_input, inputs["target_label"], inputs["source_tokens"],
                                   inputs["source_labels"], origin, positions=mask, targets=target[mask],
-                                  target_weights=weights, **controls)
+                                  target_weights=weights, code_weight=self.code_weight, **controls)
         self.optimizer_step(losses["loss"])
 
         engine.state.output = {"loss": losses["loss"].detach(), "token_accuracy": losses["token_accuracy"].detach(),
                                "mask_ratio": mask.float().mean().detach()}
+        if "code_error" in losses:
+            engine.state.output["code_error"] = losses["code_error"].detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

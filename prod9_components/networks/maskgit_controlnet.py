@@ -67,6 +67,7 @@ class MaskGiTControlNet(nn.Module):
         positions: (B, d, h, w) bool or None: score only these target positions (training).
         targets: (M,) int64 or None: with ``positions``, their true tokens; the output is then the loss dict.
         target_weights: (M,) float or None: with ``targets``, each position's weight in the mean loss.
+        code_weight: with ``targets``, the weight of the expected code's squared error in the loss.
         conditioning_scale: multiplies the branch's projections added to the base: 1 is the trained model, 0 the base
             alone; above 1 amplifies a control that training left weak (a sampling setting, not a weight).
         output: logits (B, K, d, h, w); with ``positions``, (M, K) of its True positions (row-major order).
@@ -142,7 +143,7 @@ class MaskGiTControlNet(nn.Module):
                 grid_origin: torch.Tensor | None = None, control_mask: torch.Tensor | None = None,
                 control_label: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None,
-                target_weights: torch.Tensor | None = None,
+                target_weights: torch.Tensor | None = None, code_weight: float = 0.0,
                 conditioning_scale: float = 1.0) -> torch.Tensor | dict[str, torch.Tensor]:
         batch, d, h, w = target_tokens.shape
         x, attn_mask, context_length = self.base.embed_sequence(target_tokens, target_label, source_tokens,
@@ -155,4 +156,4 @@ class MaskGiTControlNet(nn.Module):
             if i < len(self.control_blocks):
                 c = self.control_blocks[i](c, attn_mask)
                 x = x + float(conditioning_scale) * self.zero_projections[i](c)
-        return self.base.logits(x, context_length, (d, h, w), positions, targets, target_weights)
+        return self.base.logits(x, context_length, (d, h, w), positions, targets, target_weights, code_weight)

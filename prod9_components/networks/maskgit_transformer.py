@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prod9_components.networks.fsq import code_digits
+from prod9_components.networks.fsq import FiniteScalarQuantizer, code_digits
 from prod9_components.networks.modality_processor import ModalityProcessor
 from prod9_components.networks.token_head import linear_token_loss
 
@@ -121,6 +121,8 @@ class TransformerDecoderSingleStream(nn.Module):
             the output is then their loss dict (:func:`linear_token_loss`: ``loss``, ``token_accuracy``), computed
             without holding the (M, K) logits.
         target_weights: (M,) float or None: with ``targets``, each position's weight in the mean loss (None: equal).
+        code_weight: with ``targets``, the weight of the expected code's squared error in the loss (needs
+            ``code_levels``; the loss dict then also has ``code_error``).
     """
 
     def __init__(
@@ -181,6 +183,8 @@ class TransformerDecoderSingleStream(nn.Module):
                                  f"not codebook_size {codebook_size}.")
             digits = code_digits(self.init_args["code_levels"])  # (K, sum(levels)) one-hot digits
             self.register_buffer("code_digits", torch.cat([digits, torch.zeros_like(digits[:1])]), persistent=False)
+            # (K, C) the FSQ code of every id, for the expected-code term of the training loss (code_weight).
+            self.register_buffer("codes", FiniteScalarQuantizer(levels).codebook(), persistent=False)
             self.code_embedding = nn.Linear(digits.shape[1], hidden_dim, bias=False)  # [MASK] row: no digits
             self.code_head = nn.Linear(hidden_dim, digits.shape[1], bias=False)
         self.apply(self._init_weights)
@@ -318,11 +322,12 @@ class TransformerDecoderSingleStream(nn.Module):
 
     def logits(self, x: torch.Tensor, context_length: int, grid: Sequence[int],
                positions: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-               target_weights: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+               target_weights: torch.Tensor | None = None, code_weight: float = 0.0,
+               ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits (B, K, d, h, w) of the target positions of the last block's output ``x`` (B, L, hidden); with
         ``positions`` (B, d, h, w) bool, logits (M, K) of its M True positions only (row-major order); with
-        ``targets`` (M,) too, their loss instead (:func:`linear_token_loss`, weighted by ``target_weights``: the
-        logits are never held)."""
+        ``targets`` (M,) too, their loss instead (:func:`linear_token_loss`, weighted by ``target_weights``, plus
+        ``code_weight`` x the expected code's squared error: the logits are never held)."""
         target = x[:, context_length:]  # (B, N, hidden)
         if positions is None:
             logits = F.linear(self.ln_f(target), self.head_weight(), self.head.bias)  # (B, N, K)
@@ -335,7 +340,10 @@ class TransformerDecoderSingleStream(nn.Module):
         rows = self.ln_f(target[positions.flatten(1)])  # (M, hidden)
         if targets is None:
             return F.linear(rows, self.head_weight(), self.head.bias)  # (M, K)
-        return linear_token_loss(rows, self.head_weight(), self.head.bias, targets, target_weights)
+        if code_weight and self.init_args["code_levels"] is None:
+            raise ValueError("code_weight needs a transformer built with code_levels (the FSQ codes of its ids).")
+        return linear_token_loss(rows, self.head_weight(), self.head.bias, targets, target_weights,
+                                 self.codes if code_weight else None, code_weight)
 
     def forward(
         self,
@@ -347,9 +355,11 @@ class TransformerDecoderSingleStream(nn.Module):
         positions: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         target_weights: torch.Tensor | None = None,
+        code_weight: float = 0.0,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         x, attn_mask, context_length = self.embed_sequence(target_tokens, target_label, source_tokens,
                                                            source_labels, grid_origin)
         for block in self.blocks:
             x = block(x, attn_mask)
-        return self.logits(x, context_length, target_tokens.shape[1:], positions, targets, target_weights)
+        return self.logits(x, context_length, target_tokens.shape[1:], positions, targets, target_weights,
+                           code_weight)

@@ -441,3 +441,50 @@ def test_aligned_sources_reach_the_target_voxel_they_share():
     absent = torch.tensor([[-1]])
     a, b = (block_input(net, target, label, s, absent)[0, -n:] for s in (sources, changed))
     assert torch.equal(a, b)
+
+
+def test_code_weight_adds_the_expected_codes_squared_error_to_the_trainer_loss(monkeypatch):
+    """code_weight w: the trainer's loss is the masked cross-entropy + w x the mean squared error (over the masked
+    positions and code channels) of softmax(logits) @ codes against the true code, computed from the full grid's
+    logits (its gradient: tests/unit/test_linear_token_loss.py); code_error is reported. Without code_levels, or with a
+    negative or non-finite weight, it is refused."""
+    from prod9_components.engines.maskgit_context import TokenContextBuilder
+    from prod9_components.engines.maskgit_trainer import MaskGiTTrainer
+    from prod9_components.networks.fsq import FiniteScalarQuantizer
+
+    codes = FiniteScalarQuantizer([4, 4, 4]).codebook()  # (K, 3)
+    g = torch.Generator().manual_seed(4)
+    batch = {"tokens": torch.randint(0, K, (2, 4, *GRID), generator=g), "grid_origin": torch.tensor([[0, 1, 0],
+                                                                                                      [1, 0, 2]])}
+    plain = trainer_step_against_full_grid(make_net(code_levels=[4, 4, 4]), batch, monkeypatch)[0]
+    net = make_net(code_levels=[4, 4, 4])
+    import prod9_components.engines.maskgit_trainer as mt
+
+    mask = mt.sample_training_mask((2, *GRID), "cosine")  # still the fixed mask patched in above
+    builder = TokenContextBuilder(target_modalities=["t2"], source_modalities=["t1", "flair"],
+                                  random_source_subsets=False)
+    torch.manual_seed(0)
+    inputs = builder(batch["tokens"], train=True)
+    target = inputs["target_tokens"]
+    logits = net.train()(target.masked_fill(mask, net.mask_token_id), inputs["target_label"],
+                         inputs["source_tokens"], inputs["source_labels"], batch["grid_origin"]).detach()
+    rows = logits.movedim(1, -1)[mask].float()  # (M, K)
+    error = ((rows.softmax(-1) @ codes - codes[target[mask]]) ** 2).mean()
+
+    trainer = MaskGiTTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], network=net,
+                             optimizer=torch.optim.SGD(net.parameters(), lr=0.0), context_builder=builder,
+                             grad_clip=None, code_weight=30.0)
+    torch.manual_seed(0)
+    output = trainer._iteration(trainer, batch)
+    torch.testing.assert_close(output["code_error"], error, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(output["loss"], plain["loss"] + 30.0 * error, atol=1e-5, rtol=1e-5)
+    assert float(error) > 0.01  # a real term, not a rounding
+
+    with pytest.raises(ValueError, match="code_weight needs a transformer built with code_levels"):
+        make_net()(target.masked_fill(mask, K), inputs["target_label"], positions=mask, targets=target[mask],
+                   code_weight=1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="code_weight must be a finite number >= 0"):
+            MaskGiTTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], network=net,
+                           optimizer=torch.optim.SGD(net.parameters(), lr=0.0), context_builder=builder,
+                           code_weight=bad)
