@@ -449,6 +449,7 @@ def test_code_weight_adds_the_expected_codes_squared_error_to_the_trainer_loss(m
     logits (its gradient: tests/unit/test_linear_token_loss.py); code_error is reported. Without code_levels, or with a
     negative or non-finite weight, it is refused."""
     from prod9_components.engines.maskgit_context import TokenContextBuilder
+    from prod9_components.engines import maskgit_trainer
     from prod9_components.engines.maskgit_trainer import MaskGiTTrainer
     from prod9_components.networks.fsq import FiniteScalarQuantizer
 
@@ -458,9 +459,7 @@ def test_code_weight_adds_the_expected_codes_squared_error_to_the_trainer_loss(m
                                                                                                       [1, 0, 2]])}
     plain = trainer_step_against_full_grid(make_net(code_levels=[4, 4, 4]), batch, monkeypatch)[0]
     net = make_net(code_levels=[4, 4, 4])
-    import prod9_components.engines.maskgit_trainer as mt
-
-    mask = mt.sample_training_mask((2, *GRID), "cosine")  # still the fixed mask patched in above
+    mask = maskgit_trainer.sample_training_mask((2, *GRID), "cosine")  # the fixed mask the helper patched in
     builder = TokenContextBuilder(target_modalities=["t2"], source_modalities=["t1", "flair"],
                                   random_source_subsets=False)
     torch.manual_seed(0)
