@@ -15,6 +15,18 @@ from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
 
 
+def _weight(name: str, value, least: float) -> float:
+    """``value`` as a finite float >= ``least``, else a one-line error naming the setting (a config or flag hands
+    over strings such as "abc" or "nan" too)."""
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not least <= weight < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= {least:g}, got {value!r}")
+    return weight
+
+
 class MaskGiTTrainer(BaseTrainer):
     """One optimizer step per batch of token crops.
 
@@ -57,14 +69,10 @@ class MaskGiTTrainer(BaseTrainer):
         self.context_builder = context_builder
         self.schedule = schedule
         self.control_mask_key = control_mask_key
-        self.tumour_weight = float(tumour_weight)
-        if not 1.0 <= self.tumour_weight < float("inf"):
-            raise ValueError(f"tumour_weight must be a finite number >= 1, got {tumour_weight}")
+        self.tumour_weight = _weight("tumour_weight", tumour_weight, 1.0)
         if self.tumour_weight != 1.0 and control_mask_key is None:
             raise ValueError("tumour_weight needs a mask condition (control_mask_key)")
-        self.code_weight = float(code_weight)
-        if not 0.0 <= self.code_weight < float("inf"):
-            raise ValueError(f"code_weight must be a finite number >= 0, got {code_weight}")
+        self.code_weight = _weight("code_weight", code_weight, 0.0)
 
     def _iteration(self, engine: MaskGiTTrainer, batchdata: dict) -> dict:
         tokens = batchdata["tokens"].to(engine.state.device, non_blocking=engine.non_blocking)

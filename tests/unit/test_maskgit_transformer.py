@@ -482,8 +482,12 @@ def test_code_weight_adds_the_expected_codes_squared_error_to_the_trainer_loss(m
     with pytest.raises(ValueError, match="code_weight needs a transformer built with code_levels"):
         make_net()(target.masked_fill(mask, K), inputs["target_label"], positions=mask, targets=target[mask],
                    code_weight=1.0)
-    for bad in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="code_weight must be a finite number >= 0"):
+    for name, bad in [("code_weight", b) for b in (-1.0, float("nan"), float("inf"), "abc", None)] + [
+            ("tumour_weight", b) for b in (0.5, "abc")]:
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= [01], got {bad!r}"):
             MaskGiTTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], network=net,
                            optimizer=torch.optim.SGD(net.parameters(), lr=0.0), context_builder=builder,
-                           code_weight=bad)
+                           **{name: bad})
+    assert MaskGiTTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], network=net,
+                          optimizer=torch.optim.SGD(net.parameters(), lr=0.0), context_builder=builder,
+                          code_weight="20").code_weight == 20.0  # `monai.bundle run --code_weight 20` hands a string
