@@ -145,6 +145,9 @@ class Stage:
     scores: tuple[Score, ...]  # headline numbers of the test split beside their baselines
     test: tuple[str, ...] = ()  # flags of `test` beyond the ones every stage gets (see test_command)
     needs: str | None = None  # the stage whose outputs this one reads
+    # settings of ``{placeholders}`` in ``test`` and ``use``, one chosen after training by its PSNR on the whole
+    # validation split (see choose_setting); () when the flags are fixed
+    choices: tuple[dict[str, str], ...] = ()
 
 
 STAGES = (
@@ -328,6 +331,8 @@ def run_stage(stage: Stage, context: dict) -> dict:
     run_command(stage, train_command(stage, context))
     train_seconds = time.time() - started
     context = {**context, "stage": str(folder), "test": first_test_case(folder)}
+    chosen = choose_setting(stage, context) if stage.choices else {}
+    context.update(chosen)
     run_command(stage, test_command(stage, context))
     metrics = json.loads((folder / "metrics_test.json").read_text())
     run_command(stage, fill(stage.use, context))
@@ -336,7 +341,18 @@ def run_stage(stage: Stage, context: dict) -> dict:
     return {"stage": stage.name, "seconds": time.time() - started, "train_seconds": train_seconds,
             "steps": stage.epochs * stage.batches, "loss": loss_curve(folder / "logs"),
             "num_cases": metrics.get("num_cases"), "scores": [v for v in (s.verdict(metrics) for s in stage.scores) if v],
-            "png": str(png)}
+            "png": str(png), **({"chosen": chosen} if chosen else {})}
+
+
+def choose_setting(stage: Stage, context: dict) -> dict[str, str]:
+    """The setting of ``stage.choices`` under which the trained stage scores the highest PSNR on the whole validation
+    split (`validate` with the stage's test flags; the test split stays unseen until the choice is made)."""
+    scores = []
+    for setting in stage.choices:
+        run_command(stage, ["validate", *test_command(stage, {**context, **setting})[1:], "--overwrite", "true"])
+        scores.append(json.loads((Path(context["stage"]) / "metrics_validation.json").read_text())["psnr"])
+        print(f"validation PSNR {scores[-1]:.2f} dB with {setting}", flush=True)
+    return stage.choices[max(range(len(scores)), key=scores.__getitem__)]
 
 
 def tiny_config(stage: Stage) -> str:

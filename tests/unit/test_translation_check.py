@@ -96,3 +96,35 @@ def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
     # the ControlNet reads the width from its diffusion checkpoint; the demo's own stages keep the bundles' default 4
     assert width(demo.train_command(controlnet, context)) is None
     assert width(demo.train_command(check.ALL["maisi_stage1_vae"], context)) is None
+
+
+def test_the_maisi_translation_samples_as_chosen_on_the_validation_split(tmp_path, monkeypatch):
+    """After training, `validate` runs once per MAISI_SAMPLING setting on the whole validation split; the test and the
+    sheet's sample then use the setting with the highest validation PSNR, and the test split is not touched before."""
+    check = script_module("translation_check")
+    demo = check.demo
+    stage = check.FAMILIES["maisi"][-1]
+    folder = tmp_path / "s"
+    folder.mkdir()
+    context = {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(folder),
+               "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
+               **{name: str(tmp_path / name) for name in check.ALL}}
+    psnr = {("2", "1"): 20.1, ("2", "1.5"): 20.9, ("2", "2"): 19.0, ("10", "1"): 20.5, ("10", "1.5"): 20.7,
+            ("10", "2"): 20.2}
+    commands = []
+
+    def validate(run_stage, args):  # what `validate` writes, a PSNR per setting
+        commands.append(args)
+        flag = lambda name: args[args.index(name) + 1]  # noqa: E731
+        (folder / "metrics_validation.json").write_text(
+            json.dumps({"psnr": psnr[flag("--num-inference-steps"), flag("--conditioning-scale")]}))
+
+    monkeypatch.setattr(demo, "run_command", validate)
+    chosen = demo.choose_setting(stage, context)
+    assert chosen == {"steps": "2", "scale": "1.5"}
+    assert len(commands) == len(psnr) == len(check.MAISI_SAMPLING)
+    assert all(args[0] == "validate" and args[args.index("--limit-val-batches") + 1] == "100000"
+               and args[-2:] == ["--overwrite", "true"] for args in commands)
+    for args in (demo.test_command(stage, {**context, **chosen}), demo.fill(stage.use, {**context, **chosen})):
+        assert args[args.index("--num-inference-steps") + 1] == "2"
+        assert args[args.index("--conditioning-scale") + 1] == "1.5"
