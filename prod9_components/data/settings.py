@@ -1,8 +1,8 @@
-"""True/false bundle settings read the same way wherever a config hands one over."""
+"""True/false and numeric bundle settings read the same way wherever a config hands one over."""
 
 from __future__ import annotations
 
-__all__ = ["bool_setting"]
+__all__ = ["bool_setting", "number_setting"]
 
 
 def bool_setting(name: str, value) -> bool:
@@ -20,3 +20,19 @@ def bool_setting(name: str, value) -> bool:
     if text in ("false", "0", "no"):
         return False
     raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def number_setting(name: str, value, least: float) -> float:
+    """A bundle's numeric setting (a loss weight) as a finite float >= ``least``; a string number ("20", as
+    ``monai.bundle run --code_weight 20`` hands it over) is accepted.
+
+    Raises:
+        ValueError: anything else ("abc", None, NaN, inf, below ``least``), naming the setting and the value.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not least <= number < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= {least:g}, got {value!r}")
+    return number

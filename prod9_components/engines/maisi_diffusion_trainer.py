@@ -10,6 +10,7 @@ from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import RFlowScheduler
 from torch import nn
 
+from prod9_components.data.settings import number_setting
 from prod9_components.engines.base_trainer import BaseTrainer
 from prod9_components.losses.rectified_flow import noisy_latent, velocity_loss
 from prod9_components.losses.region_contrastive import region_contrastive_loss, tumour_region, tumour_weights
@@ -68,9 +69,7 @@ class RectifiedFlowTrainer(BaseTrainer):
         if self.contrastive_weight and "control_mask" not in self.control_keys.values():
             raise ValueError("the region-specific contrastive loss needs a mask condition (control_keys naming "
                              "control_mask)")
-        self.tumour_weight = float(tumour_weight)
-        if not 1.0 <= self.tumour_weight < float("inf"):
-            raise ValueError(f"tumour_weight must be a finite number >= 1, got {tumour_weight}")
+        self.tumour_weight = number_setting("tumour_weight", tumour_weight, 1.0)
         if self.tumour_weight != 1.0 and "control_mask" not in self.control_keys.values():
             raise ValueError("tumour_weight needs a mask condition (control_keys naming control_mask)")
 

@@ -8,23 +8,12 @@ import torch
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from prod9_components.data.settings import number_setting
 from prod9_components.engines.base_trainer import BaseTrainer
 from prod9_components.engines.maskgit_context import TokenContextBuilder, control_inputs
 from prod9_components.losses.region_contrastive import tumour_weights
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.schedules import sample_training_mask
-
-
-def _weight(name: str, value, least: float) -> float:
-    """``value`` as a finite float >= ``least``, else a one-line error naming the setting (a config or flag hands
-    over strings such as "abc" or "nan" too)."""
-    try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        weight = float("nan")
-    if not least <= weight < float("inf"):
-        raise ValueError(f"{name} must be a finite number >= {least:g}, got {value!r}")
-    return weight
 
 
 class MaskGiTTrainer(BaseTrainer):
@@ -69,10 +58,10 @@ class MaskGiTTrainer(BaseTrainer):
         self.context_builder = context_builder
         self.schedule = schedule
         self.control_mask_key = control_mask_key
-        self.tumour_weight = _weight("tumour_weight", tumour_weight, 1.0)
+        self.tumour_weight = number_setting("tumour_weight", tumour_weight, 1.0)
         if self.tumour_weight != 1.0 and control_mask_key is None:
             raise ValueError("tumour_weight needs a mask condition (control_mask_key)")
-        self.code_weight = _weight("code_weight", code_weight, 0.0)
+        self.code_weight = number_setting("code_weight", code_weight, 0.0)
 
     def _iteration(self, engine: MaskGiTTrainer, batchdata: dict) -> dict:
         tokens = batchdata["tokens"].to(engine.state.device, non_blocking=engine.non_blocking)

@@ -97,8 +97,8 @@ def test_tumour_weight_needs_a_mask_condition_and_is_at_least_one():
     with pytest.raises(ValueError, match="tumour_weight needs a mask condition"):
         RectifiedFlowTrainer("cpu", 1, [], net, optimizer, scheduler, control_keys={"source": "control_image"},
                              tumour_weight=10.0)
-    for bad in (0.5, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match=f"tumour_weight must be a finite number >= 1, got {bad}"):
+    for bad in (0.5, float("nan"), float("inf"), "abc", None):  # a flag's word fails in one line, not in float()
+        with pytest.raises(ValueError, match=f"tumour_weight must be a finite number >= 1, got {bad!r}"):
             RectifiedFlowTrainer("cpu", 1, [], net, optimizer, scheduler, control_keys={"seg": "control_mask"},
                                  tumour_weight=bad)
 
