@@ -78,7 +78,8 @@ def test_num_cases_is_checked_before_anything_is_built(monkeypatch, tmp_path, ca
 
 def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
     """The check widens the MAISI latent; each command checks a checkpoint against its own `--latent-channels`, so a
-    stage whose test or use kept the default would stop the check after its training (as it once did)."""
+    stage whose test or use kept the default would stop the check after its training (as it once did). Its VAE alone
+    trains with the lighter KL term."""
     check = script_module("translation_check")
     demo = check.demo
     vae, diffusion, controlnet = check.FAMILIES["maisi"]
@@ -96,6 +97,10 @@ def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
     # the ControlNet reads the width from its diffusion checkpoint; the demo's own stages keep the bundles' default 4
     assert width(demo.train_command(controlnet, context)) is None
     assert width(demo.train_command(check.ALL["maisi_stage1_vae"], context)) is None
+    # the check's VAE trains with the lighter KL term, once, and its other commands do not take the training flag
+    train = demo.train_command(vae, context)
+    assert train[train.index("--loss#kl_weight") + 1] == "1e-8" and train.count("--loss#kl_weight") == 1
+    assert "--loss#kl_weight" not in demo.test_command(vae, context) + demo.fill(vae.use, context)
 
 
 def test_the_maisi_translation_samples_as_chosen_on_the_validation_split(tmp_path, monkeypatch):
