@@ -8,9 +8,10 @@ multiplied by ``--scale``:
   trained on the expected FSQ code's error too (``--code-weight 20``) and translating to the expected codes
   (``--expected-codes true``: the least squared error) instead of a sample;
 - ``maisi``: KL-VAE (its KL weight 1e-8, see ``MAISI_VAE_KL``) -> latent diffusion (both with 8 latent channels, the
-  demo's 4 kept the VAE's round trip below the regression's SSIM) -> the demo's ControlNet stage conditioned on the source image instead of the tumour mask
-  (``--condition-type image+label --source-modality T1``), sampling with the steps and conditioning scale of
-  ``MAISI_SAMPLING`` that score the highest PSNR on the whole validation split (``validate``, once per setting).
+  demo's 4 kept the VAE's round trip below the regression's SSIM) -> the demo's ControlNet stage conditioned on the
+  source image instead of the tumour mask (``--condition-type image+label --source-modality T1``), sampling with the
+  steps and conditioning scale of ``MAISI_SAMPLING`` that score the highest PSNR on the whole validation split
+  (``validate``, once per setting).
 
 The last stage is tested on the whole test split. Prints one JSON line: the translation's PSNR / SSIM (brain and
 tumour) beside the best of its baselines per score (copy, histogram-matched or intensity regression of the source)
