@@ -352,7 +352,7 @@ def choose_setting(stage: Stage, context: dict) -> dict[str, str]:
         run_command(stage, ["validate", *test_command(stage, {**context, **setting})[1:], "--overwrite", "true"])
         scores.append(json.loads((Path(context["stage"]) / "metrics_validation.json").read_text())["psnr"])
         print(f"validation PSNR {scores[-1]:.2f} dB with {setting}", flush=True)
-    return stage.choices[max(range(len(scores)), key=scores.__getitem__)]
+    return stage.choices[scores.index(max(scores))]
 
 
 def tiny_config(stage: Stage) -> str:
