@@ -99,7 +99,7 @@ def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
     assert width(demo.train_command(check.ALL["maisi_stage1_vae"], context)) is None
     # the check's VAE trains with the lighter KL term, once, and its other commands do not take the training flag
     train = demo.train_command(vae, context)
-    assert train[train.index("--loss#kl_weight") + 1] == "1e-8" and train.count("--loss#kl_weight") == 1
+    assert train[train.index("--loss#kl_weight") + 1] == "1e-9" and train.count("--loss#kl_weight") == 1
     assert "--loss#kl_weight" not in demo.test_command(vae, context) + demo.fill(vae.use, context)
 
 
