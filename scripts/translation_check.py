@@ -9,9 +9,9 @@ multiplied by ``--scale``:
   (``--expected-codes true``: the least squared error) instead of a sample;
 - ``maisi``: KL-VAE (its KL weight 1e-9, see ``MAISI_VAE_KL``) -> latent diffusion (both with 8 latent channels, the
   demo's 4 kept the VAE's round trip below the regression's SSIM) -> the demo's ControlNet stage conditioned on the
-  source image instead of the tumour mask (``--condition-type image+label --source-modality T1``), sampling with the
-  steps and conditioning scale of ``MAISI_SAMPLING`` that score the highest PSNR on the whole validation split
-  (``validate``, once per setting).
+  source image instead of the tumour mask (``--condition-type image+label --source-modality T1``), sampling in 2 Euler
+  steps at the conditioning scale of ``MAISI_SAMPLING`` that scores the highest PSNR on the whole validation split
+  (``validate``, once per scale).
 
 The last stage is tested on the whole test split. Prints one JSON line: the translation's PSNR / SSIM (brain and
 tumour) beside the best of its baselines per score (copy, histogram-matched or intensity regression of the source)
@@ -25,7 +25,7 @@ cannot come closer than that, however well it is trained; a regression predicts 
 
     python scripts/translation_check.py maskgit --scale 3    # about 23 min on 2 cores
     python scripts/translation_check.py maisi                # about 13 min
-    python scripts/translation_check.py maisi --scale 4 --num-cases 80    # 55-58 min (building the 80 cases, 3, included)
+    python scripts/translation_check.py maisi --scale 4 --num-cases 80    # 55-58 min (3 of them build the 80 cases)
 
 The demo's 8 cases leave 5 training pairs, which a translation memorises (the MAISI ControlNet at ``--scale 4``
 translates its own training cases at 23.6-24.3 dB, the test case at 18.3 dB) and which hold stage 1 back too.
@@ -76,9 +76,10 @@ ALL = {stage.name: stage for stage in demo.STAGES}
 # 20.86 / 0.865 against 20.61 / 0.861 at the old fixed setting (round trip 24.6 / 0.902: no gain over 8 channels).
 # Neither training regulariser tried helped the second run's ControlNet (test at scale 1: 20.95 dB): AdamW weight decay
 # 0.1 20.88; a random bias field and gamma on the source 20.39 (the T1's intensities are what the T2 is a function of).
-# 10 Euler steps are no longer among the choices: with the check's VAE (8 channels, KL 1e-8 or 1e-9) and on the second
-# run, 2 steps at scale 1 won validation each time, 0.22-0.24 dB above 10 steps at scale 1 (1e-9: 21.52 / 20.48 / 18.50
-# dB at 2 steps scale 1 / 1.5 / 2, 21.30 / 20.54 / 18.59 at 10 steps), and their validation took 2.5 of the run's 57 min.
+# 10 Euler steps are no longer among the choices: in the second run and with the check's VAE at KL 1e-8 and 1e-9
+# (8 channels each), 2 steps at scale 1 won validation each time, 0.22-0.24 dB above 10 steps at scale 1 (1e-9:
+# 21.52 / 20.48 / 18.50 dB at 2 steps scale 1 / 1.5 / 2, 21.30 / 20.54 / 18.59 at 10 steps), and validating 10 steps
+# took 2.5 of the run's 57 min.
 MAISI_SAMPLING = tuple({"steps": "2", "scale": scale} for scale in ("1", "1.5", "2"))
 SAMPLING = ("--num-inference-steps", "{steps}", "--conditioning-scale", "{scale}")
 MAISI_TRANSLATION = replace(
