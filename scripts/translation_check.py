@@ -134,11 +134,12 @@ def with_latent_channels(stage: demo.Stage) -> demo.Stage:
 # its squared error beside the cross-entropy): 1080 steps at 20 -> 19.19 / 0.755 (100: 18.74 / 0.745); with the
 # bundle seed 1 (another split) 18.65 / 0.737 -> 19.11 / 0.751 at 20, the map 21.53 / 0.859.
 # Stage 1 caps it: the map's own prediction, encoded and decoded by this stage 1, scores 20.25 / 0.790 (the map of the
-# round-tripped T1: 19.87 / 0.787), so even a transformer that had learned the map exactly would lose to it. More
-# bits per token do not help (every test modality's round trip 24.34 / 0.889 at levels [8, 8, 8, 6, 5]; 24.35 / 0.888
-# at [8, 8, 8, 5, 5, 5]; 24.27 / 0.889 at [4] * 8; the T2s 23.83 / 0.882 at [8] * 8 against 23.53 / 0.874); twice
-# the stage-1 steps (4500) raise the T2 round trip to 24.38 / 0.892 and the map's to 20.49 / 0.800, the translation
-# only to 19.11 / 0.767 (tumour 14.28 / 0.908 against the map's 13.27 / 0.865), for 9 more minutes.
+# round-tripped T1: 19.87 / 0.787), so even a transformer that had learned the map exactly would lose to it. More bits
+# per token do not help (every test modality's round trip 24.34 / 0.889 at levels [8, 8, 8, 6, 5]; 24.35 / 0.888 at
+# [8, 8, 8, 5, 5, 5]; 24.27 / 0.889 at [4] * 8; the T2s 23.83 / 0.882 at [8] * 8 against 23.53 / 0.874), nor wider
+# levels (channels [16, 32, 64]: 24.54 / 0.887 in 2.7x the time); twice the stage-1 steps (4500) raise the T2 round
+# trip to 24.38 / 0.892 and the map's to 20.49 / 0.800, the translation only to 19.11 / 0.767 (tumour 14.28 / 0.908
+# against the map's 13.27 / 0.865), for 9 more minutes.
 EXPECTED_CODES = ("--expected-codes", "true")
 MASKGIT_TRANSLATION = replace(ALL["maskgit_stage2_incontext"], epochs=18,
                               train=ALL["maskgit_stage2_incontext"].train + ("--code-weight", "20"),
