@@ -140,6 +140,9 @@ def test_codebook_metric_accumulates_across_calls():
         perplexity(chunk.view(1, 2))
     assert usage.aggregate().item() == 1.0
     assert perplexity.aggregate().item() == pytest.approx(8.0, rel=1e-6)
+    assert usage.get_buffer().tolist() == [[1] * 8]  # one running histogram, not one per call
+    usage([torch.tensor([3, 3]), torch.tensor([5])])  # a list of per-sample index tensors
+    assert usage.get_buffer()[0, [2, 3, 5]].tolist() == [1, 3, 2]
     usage.reset()
     usage(torch.zeros(4, dtype=torch.long))
     assert usage.aggregate().item() == pytest.approx(1 / 8)
