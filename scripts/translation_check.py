@@ -80,8 +80,8 @@ ALL = {stage.name: stage for stage in demo.STAGES}
 # (8 channels each), 2 steps at scale 1 won validation each time, 0.22-0.24 dB above 10 steps at scale 1 (1e-9:
 # 21.52 / 20.48 / 18.50 dB at 2 steps scale 1 / 1.5 / 2, 21.30 / 20.54 / 18.59 at 10 steps), and validating 10 steps
 # took 2.5 of the run's 57 min.
-MAISI_SAMPLING = tuple({"steps": "2", "scale": scale} for scale in ("1", "1.5", "2"))
-SAMPLING = ("--num-inference-steps", "{steps}", "--conditioning-scale", "{scale}")
+MAISI_SAMPLING = tuple({"scale": scale} for scale in ("1", "1.5", "2"))
+SAMPLING = ("--num-inference-steps", "2", "--conditioning-scale", "{scale}")
 MAISI_TRANSLATION = replace(
     ALL["maisi_stage3_controlnet"],
     train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "image+label",

@@ -114,18 +114,18 @@ def test_the_maisi_translation_samples_as_chosen_on_the_validation_split(tmp_pat
     context = {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(folder),
                "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
                **{name: str(tmp_path / name) for name in check.ALL}}
-    psnr = {("2", "1"): 20.1, ("2", "1.5"): 20.9, ("2", "2"): 19.0}
+    psnr = {"1": 20.1, "1.5": 20.9, "2": 19.0}
     commands = []
 
     def validate(run_stage, args):  # what `validate` writes, a PSNR per setting
         commands.append(args)
         flag = lambda name: args[args.index(name) + 1]  # noqa: E731
         (folder / "metrics_validation.json").write_text(
-            json.dumps({"psnr": psnr[flag("--num-inference-steps"), flag("--conditioning-scale")]}))
+            json.dumps({"psnr": psnr[flag("--conditioning-scale")]}))
 
     monkeypatch.setattr(demo, "run_command", validate)
     chosen = demo.choose_setting(stage, context)
-    assert chosen == {"steps": "2", "scale": "1.5"}
+    assert chosen == {"scale": "1.5"}
     assert len(commands) == len(psnr) == len(check.MAISI_SAMPLING)
     assert all(args[0] == "validate" and args[args.index("--limit-val-batches") + 1] == "100000"
                and args[-2:] == ["--overwrite", "true"] for args in commands)
