@@ -59,27 +59,12 @@ from prod9_components.limits import MAX_VOXELS
 from prod9_components.metrics.image_quality import brain_psnr, brain_ssim
 
 ALL = {stage.name: stage for stage in demo.STAGES}
-# The MAISI ControlNet steered by the T1 volume alone; its test scores the translation against the source's maps.
-# On 40 cases (stages 1-2 of `--scale 4`), T1 -> T2 test PSNR at conditioning scale 1 / 1.5: 4000 steps at 1e-3 constant
-# 20.15 / 20.38 dB, cosine 20.26 / 20.57, cosine at 3e-3 20.35 / 20.63; 8000 steps cosine at 1e-3 20.45 / 20.70, at 3e-3
-# 20.51 / 20.65 (20.55 at 2). Without the base's timestep transform (`--scheduler-overrides#use_timestep_transform False`:
-# the transform crowds a 16x16x12 latent's training and sampling toward the clean end), 4000 steps at 3e-3 give 20.61 /
-# 20.68 (20.49 at 2; training with the transform inverted, twice as much noise, 20.42 / 20.35). Scale 1.5 was chosen
-# on the 8 validation cases of that run (20.67 / 20.94 / 20.89 dB at 1 / 1.5 / 2). On 80 cases (`--scale 4
-# --num-cases 80`, 49.3 min end to end): test 21.36 dB / SSIM 0.848 at 1.5 (21.44 / 0.846 at 2) against the map's
-# 21.52 / 0.877; its 16 validation cases 20.17 / 20.96 / 21.03 / 20.84 dB at 1 / 1.5 / 2 / 2.5 (map 21.16 / 0.864).
-# A short training leaves the control pointing the right way but weak, by how much differs from run to run: each run
-# now picks its sampling steps and conditioning scale from MAISI_SAMPLING by the whole validation split's PSNR. The
-# second 80-case run (below): validation 20.64 / 20.55 / 20.86 dB at 10 steps scale 1 / 10 steps 1.5 / 2 steps 1 (map
-# 21.16), test 20.95 / 20.78 / 21.19 (map 21.52); fewer steps sample closer to the conditional mean, which PSNR rewards.
-# A run with 16 latent channels (36.9 min end to end, choosing included 41): validation best at 10 steps scale 2, test
-# 20.86 / 0.865 against 20.61 / 0.861 at the old fixed setting (round trip 24.6 / 0.902: no gain over 8 channels).
-# Neither training regulariser tried helped the second run's ControlNet (test at scale 1: 20.95 dB): AdamW weight decay
-# 0.1 20.88; a random bias field and gamma on the source 20.39 (the T1's intensities are what the T2 is a function of).
-# 10 Euler steps are no longer among the choices: in the second run and with the check's VAE at KL 1e-8 and 1e-9
-# (8 channels each), 2 steps at scale 1 won validation each time, 0.22-0.24 dB above 10 steps at scale 1 (1e-9:
-# 21.52 / 20.48 / 18.50 dB at 2 steps scale 1 / 1.5 / 2, 21.30 / 20.54 / 18.59 at 10 steps), and validating 10 steps
-# took 2.5 of the run's 57 min.
+# The MAISI ControlNet steered by the T1 volume alone; its test scores the translation against the source's maps. Every
+# setting below was measured on the same cases; the tables are in the card (bundles/maisi_stage3_controlnet/docs,
+# "Learning check"). A short training leaves the control pointing the right way but weak, by how much differs from
+# run to run, so each run picks its conditioning scale by the whole validation split's PSNR. 2 Euler steps sample
+# closer to the conditional mean, which PSNR rewards: they won validation over 10 steps by 0.22-0.24 dB in each of the
+# last three runs that offered both.
 MAISI_SAMPLING = tuple({"scale": scale} for scale in ("1", "1.5", "2"))
 SAMPLING = ("--num-inference-steps", "2", "--conditioning-scale", "{scale}")
 MAISI_TRANSLATION = replace(
@@ -97,26 +82,15 @@ MAISI_TRANSLATION = replace(
     title="MAISI stage 3, ControlNet on the T1 image: real T1 source (top), real T2 (middle), T2 translated (bottom)",
     scores=demo.TRANSLATION_SCORES,
     test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SAMPLING), choices=MAISI_SAMPLING,
-    epochs=150)  # 3000 steps per unit of scale (the mask stage's demo trains 500, tumour-weighted): at `--scale 4`
-# on the same stages 1-2, 8000 steps tested 0.3 dB above 4000 (KL 1e-7), 12000 0.12 dB / 0.002 SSIM above 8000 (1e-8)
+    epochs=150)  # 3000 steps per unit of scale (the mask stage's demo trains 500): 12000 at `--scale 4`, where 8000
+# still gained 0.3 dB over 4000 and 12000 0.12 dB over 8000.
 # The VAE and diffusion stages with 8 latent channels instead of the demo's 4 (each of their commands checks the
-# checkpoint against it): on 80 cases at `--scale 4` the round trip of the test T2s rises from 23.0 dB / SSIM 0.870,
-# below the map's SSIM, to 24.6 / 0.901, and the translation's SSIM from 0.848 to 0.869 (PSNR 21.36 -> 21.37; map 21.52
-# / 0.877), at about the same step times (only the layers next to the latent widen). On 120 cases (51.9 min end to
-# end): 20.99 dB / 0.854 against the map's 21.38 / 0.854 on its 12 test cases (round trip 23.8 dB). A second run on
-# the 80 cases: 20.78 / 0.856 (round trip 24.2 dB; at conditioning scale 1 20.95 / 0.853, with 30 steps 20.90).
-# Conditioning scale 1.5 is again validation's best with 8 channels (80 cases: 20.70 / 21.03 / 21.01 / 20.91 dB at 1 /
-# 1.5 / 2 / 2.5; 20 Euler steps 21.00).
+# checkpoint against it): with 4 the VAE's round trip of the test T2s (SSIM 0.870) was below the map's SSIM (0.877), so
+# no translation through it could win; 8 cost about the same step time (only the layers next to the latent widen).
 MAISI_LATENT = ("--latent-channels", "8")
 # The VAE's KL term 100x lighter than the bundle's 1e-7: MAISI balanced 1e-7 x KL against an L1 reconstruction loss,
-# and the demo's squared error is about 15x smaller (0.0013 against L1's 0.019 at the end of an 80-case run), so
-# 1e-7 x KL was a quarter of the loss and blurred the latent. On 80 cases at `--scale 4` (test T2s; map 21.52 / 0.877):
-# | KL weight | VAE, all test modalities | T2 round trip | diffusion brain Dice / W1 | translation, 12000 steps |
-# | 1e-7      | 25.1 dB / SSIM 0.898     | 24.2 / 0.889  | 0.918 / 0.024             | 21.19 / 0.858 (8000 steps) |
-# | 1e-8      | 26.3 / 0.920             | 25.4 / 0.910  | 0.925 / 0.027             | 21.70 / 0.874              |
-# | 1e-9      | 27.3 / 0.938             | 26.3 / 0.931  | 0.921 / 0.026             | 22.00 / 0.892              |
-# Validation chose 2 steps at scale 1 each time (1e-9: 21.52 dB / 0.889 against the map's 21.16 / 0.864); the tumour
-# at 1e-9: 13.75 dB / 0.914 against 13.27 / 0.865.
+# and the demo's squared error is about 15x smaller, so 1e-7 x KL was a quarter of the loss and blurred the latent.
+# 1e-7 -> 1e-9 took the T2 round trip from 24.2 to 26.3 dB and the translation from 21.19 (8000 steps) to 22.00 dB.
 MAISI_VAE_KL = ("--loss#kl_weight", "1e-9")
 
 
@@ -126,20 +100,12 @@ def with_latent_channels(stage: demo.Stage) -> demo.Stage:
                    use=stage.use + MAISI_LATENT)
 
 
-# 360 in-context steps per unit of scale (the demo trains 80 to keep within its 15 minutes), translating to the
-# expected FSQ codes instead of sampling tokens. On 80 cases at `--scale 3`, one stage 1: 1080 steps 18.84 dB / SSIM
-# 0.744, 360 steps 18.29 / 0.710 (a 12-step sample 16.93 / 0.651), 1800 steps 18.68 / 0.738 (test loss 5.06 against
-# 4.47: memorising its 56 training pairs); map 21.52 / 0.874, round trip 23.30 / 0.870. At 360 steps, sampling
-# temperature 0.7 gave 18.20 / 0.714, guidance 1.5 18.21 / 0.718. Training on the expected code too (`--code-weight`,
-# its squared error beside the cross-entropy): 1080 steps at 20 -> 19.19 / 0.755 (100: 18.74 / 0.745); with the
-# bundle seed 1 (another split) 18.65 / 0.737 -> 19.11 / 0.751 at 20, the map 21.53 / 0.859.
-# Stage 1 caps it: the map's own prediction, encoded and decoded by this stage 1, scores 20.25 / 0.790 (the map of the
-# round-tripped T1: 19.87 / 0.787), so even a transformer that had learned the map exactly would lose to it. More bits
-# per token do not help (every test modality's round trip 24.34 / 0.889 at levels [8, 8, 8, 6, 5]; 24.35 / 0.888 at
-# [8, 8, 8, 5, 5, 5]; 24.27 / 0.889 at [4] * 8; the T2s 23.83 / 0.882 at [8] * 8 against 23.53 / 0.874), nor wider
-# levels (channels [16, 32, 64]: 24.54 / 0.887 in 2.7x the time); twice the stage-1 steps (4500) raise the T2 round
-# trip to 24.38 / 0.892 and the map's to 20.49 / 0.800, the translation only to 19.11 / 0.767 (tumour 14.28 / 0.908
-# against the map's 13.27 / 0.865), for 9 more minutes.
+# 360 in-context steps per unit of scale (the demo trains 80 to keep within its 15 minutes; at `--scale 3` 1080 beat
+# 360 and 1800, which memorised the 56 training pairs), translating to the expected FSQ codes (the least squared error;
+# a 12-step sample scored 1.4 dB lower) and trained on the expected code's squared error beside the cross-entropy
+# (`--code-weight 20`: +0.35 dB). It still loses to the map because stage 1 caps it: the map's own prediction, encoded
+# and decoded by this stage 1, loses 1.3 dB to the map; more bits per token, wider levels or twice the stage-1 steps do
+# not close that. The measurements are in the card (bundles/maskgit_stage2_incontext/docs, "Measured on the CPU demo").
 EXPECTED_CODES = ("--expected-codes", "true")
 MASKGIT_TRANSLATION = replace(ALL["maskgit_stage2_incontext"], epochs=18,
                               train=ALL["maskgit_stage2_incontext"].train + ("--code-weight", "20"),
