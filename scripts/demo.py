@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -100,11 +101,14 @@ CONTROL_SCORES = (Score("seg_dice_generated", "seg_dice_real", "segmenter's Dice
 # bundles' learning rate (tiny.json's 0.02 is for 40-step tests: over 500 steps it found the test case's T2 tumour at
 # Dice 0.20, against 0.44 at 0.003).
 SEGMENTER = ("--segmenter-cache-dir", "{out}/segmenter", "--segmenter-steps", "500", "--segmenter-learning-rate", "0.003")
-# Both ControlNets test and sample with their control amplified (`--conditioning-scale`), each at the scale that gave
-# the segmenter's best Dice on its samples of the VALIDATION split (2 cases; real images 0.41 MaskGiT / 0.35 MAISI):
-# MaskGiT (300 steps) 0.37 / 0.45 / 0.40 at 1 / 2 / 4; MAISI (500 steps) 0.05 / 0.29 / 0.30 at 1 / 4 / 6 (300 steps:
-# 0.03 / 0.24 / 0.26, and 0.26 at 8). A short training leaves the control pointing the right way but weak.
-MASKGIT_CONDITIONING_SCALE, MAISI_CONDITIONING_SCALE = "2", "6"
+# Both ControlNets test and sample with their control amplified (`--conditioning-scale`): a short training leaves the
+# control pointing the right way but weak, by how much differs from run to run (MaskGiT, 300 steps, the segmenter's
+# Dice on the validation samples at scale 1 / 2 / 4: 0.37 / 0.45 / 0.40 in one run, 0.26 / 0.25 / 0.36 in another;
+# MAISI, 500 steps: 0.05 / 0.29 / 0.30 at 1 / 4 / 6; 300 steps: 0.03 / 0.24 / 0.26, and 0.26 at 8). So each run takes
+# the scale of these under which its samples of the VALIDATION split (2 cases) score the best Dice.
+MASKGIT_CONDITIONING_SCALES = tuple({"scale": scale} for scale in ("1", "2", "4"))
+MAISI_CONDITIONING_SCALES = tuple({"scale": scale} for scale in ("4", "6", "8"))
+CONTROL_CHOICE = "seg_dice_generated"
 # Stage 1 of both families (measured in issue 15): two whole 4 mm volumes per step instead of one 32^3 crop (2 CPU
 # cores only reach a useful fraction of their peak with more voxels per convolution); a learning rate 6x (FSQ) or
 # 12x (VAE: +0.4 dB at 600 steps over 6x) the tiny preset's, with Adam's usual betas, warmed up and decayed to 0 (the
@@ -145,9 +149,11 @@ class Stage:
     scores: tuple[Score, ...]  # headline numbers of the test split beside their baselines
     test: tuple[str, ...] = ()  # flags of `test` beyond the ones every stage gets (see test_command)
     needs: str | None = None  # the stage whose outputs this one reads
-    # settings of ``{placeholders}`` in ``test`` and ``use``, one chosen after training by its PSNR on the whole
-    # validation split (see choose_setting); () when the flags are fixed
+    # settings of ``{placeholders}`` in ``test`` and ``use``, one chosen after training by its ``choose_by`` score
+    # (a metrics_validation.json key, higher is better) on the whole validation split (see choose_setting); () when
+    # the flags are fixed
     choices: tuple[dict[str, str], ...] = ()
+    choose_by: str = "psnr"
 
 
 STAGES = (
@@ -193,14 +199,15 @@ STAGES = (
           # tokens weighted 20x 0.150 (change outside the mask 0.033 -> 0.011); 300 weighted steps at 3e-3 0.203
           epochs=15, batches=20, needs="maskgit_stage2_label",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
-               "--conditioning-scale", MASKGIT_CONDITIONING_SCALE, "--output", "{stage}/generated"),
+               "--conditioning-scale", "{scale}", "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
                 Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
                     mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
           title="MaskGiT stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
                 "(bottom; red: the mask)",
           scores=CONTROL_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache", *SEGMENTER, *TRANSFORMER,
-                                       "--conditioning-scale", MASKGIT_CONDITIONING_SCALE)),
+                                       "--conditioning-scale", "{scale}"),
+          choices=MASKGIT_CONDITIONING_SCALES, choose_by=CONTROL_CHOICE),
     Stage("maisi_stage1_vae", "maisi", "prod9-train-maisi-vae",
           train=(*STAGE1_TRAIN, "--learning-rate", "0.006"), epochs=120, batches=10,
           use=("infer", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t2]}",
@@ -228,17 +235,18 @@ STAGES = (
           # 0.015 inside the mask and 0.002 outside it, and so do 500 with the tumour's latent cells weighted 100x
           # (0.013 / 0.002); 1000 weighted: 0.052 / 0.006; 5000 weighted: 0.080 / 0.024. With the conditioning
           # encoder He-initialised 500 weighted steps give 0.071 / 0.011. At conditioning scale 1 the segmenter's
-          # Dice stays at 0.004-0.048 in all of them (bar 0.10); see MAISI_CONDITIONING_SCALE.
+          # Dice stays at 0.004-0.048 in all of them (bar 0.10); see MAISI_CONDITIONING_SCALES.
           epochs=25, batches=20, needs="maisi_stage2_diffusion",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
-               *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE, "--output", "{stage}/generated"),
+               *FLOW_STEPS, "--conditioning-scale", "{scale}", "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
                 Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
                     mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
           title="MAISI stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
                 "(bottom; red: the mask)",
           scores=CONTROL_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER,
-                                       *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE)),
+                                       *FLOW_STEPS, "--conditioning-scale", "{scale}"),
+          choices=MAISI_CONDITIONING_SCALES, choose_by=CONTROL_CHOICE),
 )
 FAMILIES = ("maskgit", "maisi")
 
@@ -345,13 +353,15 @@ def run_stage(stage: Stage, context: dict) -> dict:
 
 
 def choose_setting(stage: Stage, context: dict) -> dict[str, str]:
-    """The setting of ``stage.choices`` under which the trained stage scores the highest PSNR on the whole validation
-    split (`validate` with the stage's test flags; the test split stays unseen until the choice is made)."""
+    """The setting of ``stage.choices`` under which the trained stage scores the highest ``stage.choose_by`` on the
+    whole validation split (`validate` with the stage's test flags; the test split stays unseen until the choice is
+    made). The first setting wins a tie; a score that is missing or NaN never wins."""
     scores = []
     for setting in stage.choices:
         run_command(stage, ["validate", *test_command(stage, {**context, **setting})[1:], "--overwrite", "true"])
-        scores.append(json.loads((Path(context["stage"]) / "metrics_validation.json").read_text())["psnr"])
-        print(f"validation PSNR {scores[-1]:.2f} dB with {setting}", flush=True)
+        score = json.loads((Path(context["stage"]) / "metrics_validation.json").read_text()).get(stage.choose_by)
+        scores.append(score if isinstance(score, (int, float)) and math.isfinite(score) else -math.inf)
+        print(f"validation {stage.choose_by} {score} with {setting}", flush=True)
     return stage.choices[scores.index(max(scores))]
 
 

@@ -59,7 +59,7 @@ def main() -> int:
 def table_rows(summary: dict) -> list[dict]:
     """One row per stage x headline score."""
     return [{"stage": stage["stage"], "train_seconds": round(stage["train_seconds"], 1), "steps": stage["steps"],
-             "num_cases": stage["num_cases"], **score}
+             "num_cases": stage["num_cases"], "chosen": stage.get("chosen", {}), **score}
             for stage in summary["stages"] for score in stage["scores"]]
 
 
@@ -75,13 +75,16 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         "input pooled by the autoencoder's factor, the best of three source-intensity maps for a translation, the "
         "real data for generation, the segmenter's Dice on real images for mask control (the model passes at "
         "`need` x that). A stage-1 model must clear pooling by the margin shown (`+ 3`: a model that only ties "
-        "pooling has barely learned). Rows where the model loses are kept.",
+        "pooling has barely learned). A setting in brackets was chosen after training by the validation split "
+        "(the ControlNets: the conditioning scale whose samples the segmenter finds best). Rows where the model "
+        "loses are kept.",
         "",
         "| stage | train s | steps | test volumes | metric | value | baseline | baseline value | margin | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['train_seconds']:.0f} | {r['steps']} | {r['num_cases']} | {r['metric']} | "
+        chosen = "".join(f" ({name} {value})" for name, value in r.get("chosen", {}).items())
+        lines.append(f"| {r['stage']}{chosen} | {r['train_seconds']:.0f} | {r['steps']} | {r['num_cases']} | {r['metric']} | "
                      f"{r['value']:.3f} | {r['baseline']} | {target_text(r)} | "
                      f"{r['margin']:+.3f} | "
                      f"{'beats' if r['passes'] else '**loses**'} |")

@@ -82,6 +82,7 @@ MAISI_TRANSLATION = replace(
     title="MAISI stage 3, ControlNet on the T1 image: real T1 source (top), real T2 (middle), T2 translated (bottom)",
     scores=demo.TRANSLATION_SCORES,
     test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SAMPLING), choices=MAISI_SAMPLING,
+    choose_by="psnr",
     epochs=150)  # 3000 steps per unit of scale (the mask stage's demo trains 500): 12000 at `--scale 4`, where 8000
 # still gained 0.3 dB over 4000 and 12000 0.12 dB over 8000.
 # The VAE and diffusion stages with 8 latent channels instead of the demo's 4 (each of their commands checks the

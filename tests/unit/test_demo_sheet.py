@@ -76,6 +76,7 @@ def test_every_stage_template_fills_and_reads_an_earlier_stage():
                "test": {"case": "c", **{k: f"c_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair", "seg")}}}
     order = [s.name for s in demo.STAGES]
     for stage in demo.STAGES:
+        context = {**context, **(stage.choices[-1] if stage.choices else {})}  # test and use fill after the choice
         assert demo.train_command(stage, context)[:3] == ["train", "--config", demo.tiny_config(stage)]
         assert demo.test_command(stage, context)[:3] == ["test", "--config", demo.tiny_config(stage)]
         assert stage.scores, f"{stage.name} reports no score beside a baseline"
@@ -120,16 +121,19 @@ def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
               demo.Score("psnr", "pool_baseline_psnr", "pool", plus=3).verdict({"psnr": 19, "pool_baseline_psnr": 15}),
               demo.Score("brain_dice", None, "fixed bar", plus=0.8).verdict({"brain_dice": 0.83})]
     summary = {"seconds": 600.0, "spacing_mm": 4.0, "stages": [
-        {"stage": "maskgit_stage1", "train_seconds": 80.2, "steps": 120, "num_cases": 4, "scores": scores}],
+        {"stage": "maskgit_stage1", "train_seconds": 80.2, "steps": 120, "num_cases": 4, "scores": scores},
+        {"stage": "maskgit_stage3_controlnet", "train_seconds": 50.0, "steps": 300, "num_cases": 1,
+         "chosen": {"scale": "4"}, "scores": scores[-1:]}],
         "machine": {"cpu": "test CPU", "cores": 2, "torch_threads": 2, "device": "cpu", "torch": "2.13.0"}}
     rows = quality.table_rows(summary)
     assert [(r["metric"], r["passes"]) for r in rows] == [("psnr", False), ("ssim", True), ("psnr", True),
-                                                           ("brain_dice", True)]
+                                                           ("brain_dice", True), ("brain_dice", True)]
     table = quality.markdown(summary, rows)
     assert "| maskgit_stage1 | 80 | 120 | 4 | psnr | 12.900 | pool | 14.600 | -1.700 | **loses** |" in table
     assert "| ssim | 0.500 | pool | 0.400 | +0.100 | beats |" in table
     assert "| psnr | 19.000 | pool | 15.000 + 3 | +1.000 | beats |" in table
     assert "| brain_dice | 0.830 | fixed bar | 0.8 | +0.030 | beats |" in table
+    assert "| maskgit_stage3_controlnet (scale 4) | 50 | 300 | 1 | brain_dice |" in table  # the choice is shown
     # A noisy full-colour sheet over 300 KB is re-encoded under the limit.
     from PIL import Image
 
