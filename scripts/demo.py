@@ -104,10 +104,11 @@ SEGMENTER = ("--segmenter-cache-dir", "{out}/segmenter", "--segmenter-steps", "5
 # Both ControlNets test and sample with their control amplified (`--conditioning-scale`): a short training leaves the
 # control pointing the right way but weak, by how much differs from run to run (MaskGiT, 300 steps, the segmenter's
 # Dice on the validation samples at scale 1 / 2 / 4: 0.37 / 0.45 / 0.40 in one run, 0.26 / 0.25 / 0.36 in another;
-# MAISI, 500 steps: 0.05 / 0.29 / 0.30 at 1 / 4 / 6; 300 steps: 0.03 / 0.24 / 0.26, and 0.26 at 8). So each run takes
-# the scale of these under which its samples of the VALIDATION split (2 cases) score the best Dice.
-MASKGIT_CONDITIONING_SCALES = tuple({"scale": scale} for scale in ("1", "2", "4"))
-MAISI_CONDITIONING_SCALES = tuple({"scale": scale} for scale in ("4", "6", "8"))
+# MAISI, 500 steps: 0.05 / 0.29 / 0.30 at 1 / 4 / 6 in one run, 0.24 / 0.29 / 0.30 at 4 / 6 / 8 in another). So each
+# run takes the scale of these two under which its samples of the VALIDATION split (2 cases) score the best Dice
+# (each scale tried costs a `validate`, about 30 s; the scales left out never won in a demo-recipe run).
+MASKGIT_CONDITIONING_SCALES = tuple({"scale": scale} for scale in ("2", "4"))
+MAISI_CONDITIONING_SCALES = tuple({"scale": scale} for scale in ("6", "8"))
 CONTROL_CHOICE = "seg_dice_generated"
 # Stage 1 of both families (measured in issue 15): two whole 4 mm volumes per step instead of one 32^3 crop (2 CPU
 # cores only reach a useful fraction of their peak with more voxels per convolution); a learning rate 6x (FSQ) or
@@ -387,8 +388,8 @@ def run_command(stage: Stage, args: list[str]) -> None:
     """Run the stage's console script with ``args``, streaming its output.
 
     The script's entry point is called in this process, with the argument list the printed command line has: the same
-    code as typing it, without importing torch, MONAI and ignite again for each of the demo's 21 commands (about 7 s
-    each on 2 cores, 2.5 of the demo's minutes)."""
+    code as typing it, without importing torch, MONAI and ignite again for each of the demo's 25 commands (about 7 s
+    each on 2 cores, about 3 of the demo's minutes)."""
     print("$ " + shlex.join([stage.command, *args]), flush=True)  # copy-pasteable into a shell
     try:
         (entry,) = entry_points(group="console_scripts", name=stage.command)
