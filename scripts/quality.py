@@ -84,7 +84,8 @@ def markdown(summary: dict, rows: list[dict]) -> str:
     ]
     for r in rows:
         chosen = "".join(f" ({name} {value})" for name, value in r.get("chosen", {}).items())
-        lines.append(f"| {r['stage']}{chosen} | {r['train_seconds']:.0f} | {r['steps']} | {r['num_cases']} | {r['metric']} | "
+        lines.append(f"| {r['stage']}{chosen} | {r['train_seconds']:.0f} | {r['steps']} | {r['num_cases']} | "
+                     f"{r['metric']} | "
                      f"{r['value']:.3f} | {r['baseline']} | {target_text(r)} | "
                      f"{r['margin']:+.3f} | "
                      f"{'beats' if r['passes'] else '**loses**'} |")

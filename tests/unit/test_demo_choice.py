@@ -1,4 +1,5 @@
-"""The demo's ControlNets test and sample at the conditioning scale whose validation samples the segmenter finds best."""
+"""The demo's ControlNets test and sample at the conditioning scale whose validation samples the segmenter finds
+best."""
 
 from __future__ import annotations
 
