@@ -14,7 +14,7 @@ from prod9_components.inference.sliding_window import SlidingWindowConfig
 from prod9_components.metrics.tumour import control_scores, segmentation_scores
 from prod9_components.networks.export import unwrap
 from prod9_components.sampling.rectified_flow import sample_rectified_flow
-from prod9_components.sampling.steps import check_num_steps, check_scale
+from prod9_components.sampling.steps import check_count, check_num_steps, check_scale
 
 
 class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
@@ -30,14 +30,17 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
       translation BraSyn style (:func:`~prod9_components.metrics.image_quality.translation_metrics`);
     - with a mask (``control_mask``): ``pred_without_mask`` (the same noise, an empty mask) and every
       :data:`~prod9_components.metrics.tumour.CONTROL_METRICS` score, the keys MaskGiT stage 3 reports, and with a
-      ``segmenter`` ``seg_dice_generated`` / ``seg_dice_real``: its Dice on the sample and on the real target image
-      against the conditioning mask's ``seg > 0`` (NaN for a case without tumour).
+      ``segmenter`` ``seg_dice_generated`` / ``seg_dice_real``: its Dice on the sample (the mean over
+      ``segmentation_samples`` of them) and on the real target image against the conditioning mask's ``seg > 0`` (NaN
+      for a case without tumour).
 
     Args:
         vae: the stage-1 VAE (None: ``val_loss`` only); scale_factor: the latents' scale.
         num_steps: Euler steps of each sample; sw_config / intensity_range: as the VAE decode's.
         conditioning_scale: the ControlNet residuals' multiplier in the samples (1: as trained); ``val_loss`` is the
             training objective's, always at 1.
+        segmentation_samples: mask-steered samples per case that the segmenter scores (other noise after the first;
+            ``seg_dice_generated`` is their mean): a small tumour in one sample is a coin toss.
         translation_baselines: target modality index -> fitted
             :class:`~prod9_components.metrics.baselines.TranslationBaselines`
             (:func:`~prod9_components.engines.translation_baselines.fit_translation_baselines` on the training
@@ -51,9 +54,10 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
     def __init__(self, *args, vae: nn.Module | None = None, scale_factor: float = 1.0, num_steps: int = 10,
                  sw_config: SlidingWindowConfig | None = None, intensity_range: Sequence[float] = (0.0, 1.0),
                  translation_baselines: Mapping | None = None, segmenter: object | None = None,
-                 conditioning_scale: float = 1.0, **kwargs) -> None:
+                 conditioning_scale: float = 1.0, segmentation_samples: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.conditioning_scale = check_scale("conditioning_scale", conditioning_scale)
+        self.segmentation_samples = check_count("segmentation_samples", segmentation_samples)
         self.vae, self.scale_factor = vae, float(scale_factor)
         self.num_steps = check_num_steps(num_steps, self.scheduler.num_train_timesteps)
         self.sw_config, self.intensity_range = sw_config, tuple(intensity_range)
@@ -78,7 +82,7 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
         network = unwrap(self.network)
         noise = torch.randn(latent.shape, generator=generator)  # the sample's noise: after the val_loss draws
 
-        def sample(conditions: dict) -> torch.Tensor:
+        def sample(conditions: dict, noise: torch.Tensor = noise) -> torch.Tensor:
             with engine.mode(network), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 sampled = sample_rectified_flow(network, self.scheduler, noise.to(latent), labels, self.num_steps,
                                                 conditioning_scale=self.conditioning_scale, **conditions)
@@ -95,6 +99,8 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
             without = sample({**controls, "control_mask": torch.zeros_like(controls["control_mask"])})
             output.update(pred_without_mask=without, **control_scores(pred, without, real, seg))
             if self.segmenter is not None:
-                output.update(segmentation_scores(self.segmenter.predict(pred, labels),
-                                                  self.segmenter.predict(real, labels), seg))
+                noises = [torch.randn(latent.shape, generator=generator) for _ in range(self.segmentation_samples - 1)]
+                found = [self.segmenter.predict(image, labels)
+                         for image in (pred, *(sample(controls, other) for other in noises))]
+                output.update(segmentation_scores(found, self.segmenter.predict(real, labels), seg))
         return output

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from ignite.metrics import Metric
@@ -109,17 +110,20 @@ def tumour_dice(pred: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     return compute_dice(pred, truth.to(pred.device), include_background=True, ignore_empty=True)[:, 0]
 
 
-def segmentation_scores(generated: torch.Tensor, real: torch.Tensor, seg: torch.Tensor) -> dict[str, float]:
+def segmentation_scores(generated: torch.Tensor | Sequence[torch.Tensor], real: torch.Tensor,
+                        seg: torch.Tensor) -> dict[str, float]:
     """Every :data:`SEGMENTATION_METRICS` score of a batch, each averaged over its samples skipping NaN (no tumour).
 
     Args:
-        generated: (B, 1, D, H, W) the segmenter's tumour masks of the mask-controlled samples.
+        generated: (B, 1, D, H, W) the segmenter's tumour masks of the mask-controlled samples, or a sequence of them:
+            several samples of the same cases (other noise), all averaged, so one lucky draw does not decide.
         real: (B, 1, D, H, W) its masks of the real images of the same cases and modalities.
         seg: (B, D, H, W) or (B, 1, D, H, W) the conditioning masks' labels.
     """
+    draws = [generated] if isinstance(generated, torch.Tensor) else list(generated)
     scores = {}
-    for key, pred in zip(SEGMENTATION_METRICS, (generated, real)):
-        values = tumour_dice(pred, seg).double()
+    for key, preds in zip(SEGMENTATION_METRICS, (draws, [real])):
+        values = torch.cat([tumour_dice(pred, seg).double() for pred in preds])
         scores[key] = float(values.nanmean()) if not values.isnan().all() else math.nan
     return scores
 

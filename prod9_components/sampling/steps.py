@@ -1,6 +1,7 @@
 """The checks of a sampler's settings, both families alike: its step count (``num_inference_steps``: MaskGiT decoding
-steps, rectified-flow Euler steps), its scales (``guidance_scale``, a ControlNet's ``conditioning_scale``) and the
-rectified-flow scheduler arguments a MAISI ControlNet replaces (``scheduler_overrides``)."""
+steps, rectified-flow Euler steps), how many samples it draws (``segmentation_samples``), its scales
+(``guidance_scale``, a ControlNet's ``conditioning_scale``) and the rectified-flow scheduler arguments a MAISI
+ControlNet replaces (``scheduler_overrides``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-__all__ = ["check_num_steps", "check_scale", "check_scheduler_overrides"]
+__all__ = ["check_count", "check_num_steps", "check_scale", "check_scheduler_overrides"]
 
 
 def check_num_steps(num_steps: int, maximum: int | None = None) -> int:
@@ -27,6 +28,13 @@ def check_num_steps(num_steps: int, maximum: int | None = None) -> int:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_steps!r} (a whole number of steps)")
     raise ValueError(f"num_inference_steps must be an integer in 1..{maximum} (the training timesteps), got "
                      f"{num_steps!r}")
+
+
+def check_count(name: str, value: int) -> int:
+    """``value`` as an int if it is a whole number >= 1, else a one-line ValueError naming the setting ``name``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 SCALE_MEANINGS = {"guidance_scale": "1 = no guidance", "conditioning_scale": "1 = the ControlNet as trained"}

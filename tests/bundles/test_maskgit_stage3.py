@@ -45,8 +45,9 @@ def test_chain_train_evaluate_generate(stage3_run):
     for name, value in base.items():
         assert torch.equal(record["state_dict"][f"base.{name}"], value), name
 
+    # two samples per case and modality for the segmenter (the bundle id through evaluate.json)
     bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
-        **_ids(stage3_run, out), "split": "test", "num_inference_steps": 3})
+        **_ids(stage3_run, out), "split": "test", "num_inference_steps": 3, "segmentation_samples": 2})
     metrics = json.loads((out / "metrics_test.json").read_text())
     assert metrics["num_cases"] == 1 and metrics["control_type"] == "mask+label"
     assert set(CONTROL_METRICS) <= set(metrics) and metrics["val_loss"] > 0

@@ -183,6 +183,52 @@ def test_evaluator_reports_segment_the_synthetic_and_the_translation_baselines(o
     assert metrics["beats_baselines"] in (0.0, 1.0)
 
 
+class RecordingSegmenter:
+    """The known-answer segmenter, keeping every image it is asked to segment."""
+
+    def __init__(self) -> None:
+        from prod9_components.engines.tumour_segmenter import TumourSegmenter
+
+        self.segmenter, self.images = TumourSegmenter(BrightVoxels(), roi_size=(16, 16, 16)), []
+
+    def predict(self, images: torch.Tensor, modalities) -> torch.Tensor:
+        self.images.append(images.clone())
+        return self.segmenter.predict(images, modalities)
+
+
+def test_evaluator_scores_several_samples_per_case_against_the_mask(one_thread):
+    """``segmentation_samples=3``: the segmenter sees the first sample (the one scored for contrast and control, as
+    with 1), two more from other noise, then the real image; ``seg_dice_generated`` is the mean Dice of the three."""
+    from ignite.metrics import Average
+
+    from prod9_components.engines.maisi_controlnet_evaluator import MaisiControlNetEvaluator
+    from prod9_components.metrics.tumour import segmentation_metrics, tumour_dice
+
+    _, vae, batch, _ = _evaluator_parts()
+    net = MaisiControlNet.from_base(trained_like_base(), condition_type="mask+label").eval()
+    runs = {}
+    for samples in (1, 3):
+        recorder = RecordingSegmenter()
+        evaluator = MaisiControlNetEvaluator(
+            "cpu", [batch], net, RFlowScheduler(1000, use_discrete_timesteps=False), control_keys={"seg": "control_mask"},
+            vae=vae, num_steps=2, segmenter=recorder, segmentation_samples=samples,
+            key_val_metric={"val_loss": Average(output_transform=lambda o: o["val_loss"])},
+            additional_metrics=segmentation_metrics())
+        evaluator.run()
+        runs[samples] = (evaluator.state.output, recorder.images)
+    (one, seen_one), (three, seen_three) = runs[1], runs[3]
+    assert len(seen_one) == 2 and len(seen_three) == 4  # the samples, then the real image
+    assert torch.equal(three["pred"], one["pred"]) and torch.equal(seen_three[0], one["pred"])  # the first draw kept
+    assert not torch.equal(seen_three[1], seen_three[0]) and not torch.equal(seen_three[2], seen_three[1])
+    assert torch.equal(seen_three[-1], batch["image"])
+    dice = [float(tumour_dice(image > 0.7, batch["seg"])) for image in seen_three[:3]]
+    assert three["seg_dice_generated"] == pytest.approx(sum(dice) / 3, abs=1e-6)
+    assert one["seg_dice_generated"] == pytest.approx(dice[0], abs=1e-6) and three["seg_dice_real"] == 1.0
+    for bad in (0, 1.5, "3", True):
+        with pytest.raises(ValueError, match=f"segmentation_samples must be a whole number >= 1, got {bad!r}"):
+            MaisiControlNetEvaluator("cpu", [batch], net, RFlowScheduler(1000, use_discrete_timesteps=False),
+                                     control_keys={"seg": "control_mask"}, segmentation_samples=bad)
+
 def test_evaluator_of_a_source_image_controlnet_needs_the_translation_baselines():
     from prod9_components.engines.maisi_controlnet_evaluator import MaisiControlNetEvaluator
 

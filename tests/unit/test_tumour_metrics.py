@@ -61,6 +61,19 @@ def test_segmentation_scores_average_the_cases_with_a_tumour():
     assert math.isnan(nothing["seg_dice_generated"]) and math.isnan(nothing["seg_dice_real"])
 
 
+def test_segmentation_scores_average_several_samples_of_the_same_cases():
+    """Several draws per case (``segmentation_samples``): ``seg_dice_generated`` is the mean over every draw of every
+    case with a tumour; one draw given as a tensor or as a one-item list scores the same."""
+    image, seg, brain = _case()
+    seg = torch.stack([seg, seg, torch.zeros_like(seg)])
+    perfect = (seg > 0)[:, None]
+    empty = torch.zeros_like(perfect)
+    half = torch.stack([perfect[0], empty[1], perfect[2]])  # case 0 found, case 1 missed
+    scores = segmentation_scores([perfect, empty, half], perfect, seg)
+    assert scores["seg_dice_generated"] == pytest.approx((1 + 0 + 1 + 0 + 1 + 0) / 6)
+    assert scores["seg_dice_real"] == 1.0  # the real image is segmented once
+    assert segmentation_scores([half], perfect, seg) == segmentation_scores(half, perfect, seg)
+
 def test_seg_dice_ratio_is_generated_over_real_of_the_epoch_means():
     engine = Engine(lambda e, batch: batch)
     for name, metric in segmentation_metrics().items():  # the ratio is attached last, after the means it reads
