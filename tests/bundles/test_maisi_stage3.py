@@ -122,6 +122,27 @@ def test_evaluate_reports_translation_and_tumour_scores_on_one_table(maisi_contr
             "beats_baselines"} <= tags, sorted(tags)
 
 
+def test_bad_sampling_settings_are_refused_before_anything_is_written(maisi_controlnet_run, tmp_path):
+    """``train`` and ``test`` into a fresh folder with a bad ``--segmentation-samples`` or ``--conditioning-scale``:
+    one line naming the setting, exit 2, and no folder (the bundle checks both in ``initialize``, before the split is
+    recorded)."""
+    run = maisi_controlnet_run
+    data = ("--config", TINY, "--dataset-dir", run["dataset_dir"], "--latent-cache-dir", run["latent_cache_dir"])
+    verbs = {"train": ("train", "--diffusion-path", run["diffusion_path"]),
+             "test": ("test", "--checkpoint", str(Path(run["output_dir"]) / "best.ckpt"))}
+    for flag, bad, message in (
+            ("--segmentation-samples", "0", "segmentation_samples must be a whole number >= 1, got 0"),
+            ("--segmentation-samples", "1.5", "segmentation_samples must be a whole number >= 1, got 1.5"),
+            ("--conditioning-scale", "-1", "conditioning_scale must be a finite number >= 0 (1 = the ControlNet as "
+                                           "trained), got -1")):
+        for name, verb in verbs.items():
+            out = tmp_path / f"{name}{flag}{bad}"
+            result = cli("prod9-train-maisi-controlnet", *verb, *data, "--output-dir", str(out), flag, bad,
+                         check=False)
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+            assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+            assert not out.exists()
+
 def _test_case(run) -> dict:
     return json.loads((Path(run["output_dir"]) / "datalist.json").read_text())["test"][0]
 
