@@ -20,8 +20,9 @@ class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
     healthy brain), ``change_inside`` / ``change_outside``; with a ``segmenter``, ``seg_dice_generated`` (its Dice on
     the mask-steered samples against the case's ``seg > 0``, the mean over ``segmentation_samples`` seeds) and
     ``seg_dice_real`` (on the real image of the same case and modality), NaN for a case without tumour; and ``pred`` /
-    ``pred_without_mask`` / ``label`` / ``seg`` images for TensorBoard. Needs ``sampler``, ``autoencoder`` and ``control_mask_key``; the images of every
-    modality and ``seg`` come from the batch, on the token grid times the downsampling.
+    ``pred_without_mask`` / ``label`` / ``seg`` images for TensorBoard. Needs ``sampler``, ``autoencoder`` and
+    ``control_mask_key``; the images of every modality and ``seg`` come from the batch, on the token grid times the
+    downsampling.
 
     Args:
         segmenter: segment-the-synthetic (DESIGN §9): an object with ``predict(images (B, 1, D, H, W), modalities
