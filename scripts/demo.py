@@ -6,11 +6,15 @@ MAISI:   KL-VAE -> rectified-flow latent diffusion -> tumour-mask ControlNet.
 
 Every step is a command a user types (``prod9-train-autoencoder train ...``, ``prod9-train-transformer generate
 ...``), so the demo also proves the console scripts work. Each stage trains its bundle's ``configs/tiny.json`` with the
-demo's recipe flags (``STAGE1_TRAIN``, ``TRANSFORMER``, ...: what learns in minutes on 2 cores), tests it on the whole test split (``metrics_test.json``: every score beside its trivial baseline),
-reconstructs / generates / translates / controls with the trained model and draws real vs model mid slices (axial,
-coronal, sagittal) into ``<output-dir>/<stage>.png``. Stages run one after another; a later stage reads the files of
-the one before it. The summary prints each stage's headline scores beside their baselines, says plainly where the
-model loses, and is kept in ``<output-dir>/summary.json`` (``scripts/quality.py`` turns it into the quality table).
+demo's recipe flags (``STAGE1_TRAIN``, ``TRANSFORMER``, ...: what learns in minutes on 2 cores), tests it on the whole
+test split (``metrics_test.json``: every score beside its trivial baseline), reconstructs / generates / translates /
+controls with the trained model and draws real vs model mid slices (axial, coronal, sagittal) into
+``<output-dir>/<stage>.png``. On the embedded demo data every stage trains and validates on the 8-case demo split (5
+training and 2 validation cases, as each bundle splits them) and tests on its test case plus ``--test-cases`` - 1
+further demo cases that no stage sees before (one test case is one tumour, too few to judge a mask control by); the
+sheets show the first test case. Stages run one after another; a later stage reads the files of the one before it.
+The summary prints each stage's headline scores beside their baselines, says plainly where the model loses, and is
+kept in ``<output-dir>/summary.json`` (``scripts/quality.py`` turns it into the quality table).
 """
 
 from __future__ import annotations
@@ -102,14 +106,13 @@ CONTROL_SCORES = (Score("seg_dice_generated", "seg_dice_real", "segmenter's Dice
 # Dice 0.20, against 0.44 at 0.003).
 SEGMENTER = ("--segmenter-cache-dir", "{out}/segmenter", "--segmenter-steps", "500", "--segmenter-learning-rate", "0.003")
 # Both ControlNets test and sample with their control amplified (`--conditioning-scale`): a short training leaves the
-# control pointing the right way but weak, by how much differs from run to run (MaskGiT, 300 steps, the segmenter's
-# Dice on the validation samples at scale 1 / 2 / 4: 0.37 / 0.45 / 0.40 in one run, 0.26 / 0.25 / 0.36 in another;
-# MAISI, 500 steps: 0.05 / 0.29 / 0.30 at 1 / 4 / 6 in one run, 0.24 / 0.29 / 0.30 at 4 / 6 / 8 in another). So each
-# run takes the scale of these two under which its samples of the VALIDATION split (2 cases) score the best Dice
-# (each scale tried costs a `validate`, about 30 s; the scales left out never won in a demo-recipe run).
-MASKGIT_CONDITIONING_SCALES = tuple({"scale": scale} for scale in ("2", "4"))
-MAISI_CONDITIONING_SCALES = tuple({"scale": scale} for scale in ("6", "8"))
-CONTROL_CHOICE = "seg_dice_generated"
+# control pointing the right way but weak. The demo used to choose the scale per run on the 2 validation cases, which
+# measured noise (MaskGiT, 300 steps, Dice at scale 1 / 2 / 4: 0.37 / 0.45 / 0.40 in one run, 0.26 / 0.25 / 0.36 in
+# another; MAISI, 500 steps: 0.05 / 0.29 / 0.30 at 1 / 4 / 6, then 0.24 / 0.29 / 0.30 at 4 / 6 / 8) and cost 4
+# `validate` runs. The scales it chose, tested on 16 cases no stage had seen (2 samples per volume): MaskGiT 0.261 at
+# 4 (0.238 at 1), MAISI 0.280 at 8, against the segmenter's 0.421 / 0.352 on the real images.
+MASKGIT_CONDITIONING_SCALE = "4"
+MAISI_CONDITIONING_SCALE = "8"
 # Stage 1 of both families (measured in issue 15): two whole 4 mm volumes per step instead of one 32^3 crop (2 CPU
 # cores only reach a useful fraction of their peak with more voxels per convolution); a learning rate 6x (FSQ) or
 # 12x (VAE: +0.4 dB at 600 steps over 6x) the tiny preset's, with Adam's usual betas, warmed up and decayed to 0 (the
@@ -200,15 +203,14 @@ STAGES = (
           # tokens weighted 20x 0.150 (change outside the mask 0.033 -> 0.011); 300 weighted steps at 3e-3 0.203
           epochs=15, batches=20, needs="maskgit_stage2_label",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
-               "--conditioning-scale", "{scale}", "--output", "{stage}/generated"),
+               "--conditioning-scale", MASKGIT_CONDITIONING_SCALE, "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
                 Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
                     mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
           title="MaskGiT stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
                 "(bottom; red: the mask)",
           scores=CONTROL_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache", *SEGMENTER, *TRANSFORMER,
-                                       "--conditioning-scale", "{scale}"),
-          choices=MASKGIT_CONDITIONING_SCALES, choose_by=CONTROL_CHOICE),
+                                       "--conditioning-scale", MASKGIT_CONDITIONING_SCALE)),
     Stage("maisi_stage1_vae", "maisi", "prod9-train-maisi-vae",
           train=(*STAGE1_TRAIN, "--learning-rate", "0.006"), epochs=120, batches=10,
           use=("infer", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t2]}",
@@ -236,20 +238,23 @@ STAGES = (
           # 0.015 inside the mask and 0.002 outside it, and so do 500 with the tumour's latent cells weighted 100x
           # (0.013 / 0.002); 1000 weighted: 0.052 / 0.006; 5000 weighted: 0.080 / 0.024. With the conditioning
           # encoder He-initialised 500 weighted steps give 0.071 / 0.011. At conditioning scale 1 the segmenter's
-          # Dice stays at 0.004-0.048 in all of them (bar 0.10); see MAISI_CONDITIONING_SCALES.
+          # Dice stays at 0.004-0.048 in all of them (bar 0.10); see MAISI_CONDITIONING_SCALE.
           epochs=25, batches=20, needs="maisi_stage2_diffusion",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
-               *FLOW_STEPS, "--conditioning-scale", "{scale}", "--output", "{stage}/generated"),
+               *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE, "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
                 Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
                     mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
           title="MAISI stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
                 "(bottom; red: the mask)",
           scores=CONTROL_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER,
-                                       *FLOW_STEPS, "--conditioning-scale", "{scale}"),
-          choices=MAISI_CONDITIONING_SCALES, choose_by=CONTROL_CHOICE),
+                                       *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE)),
 )
 FAMILIES = ("maskgit", "maisi")
+# One test case is one tumour: the mask controls' verdict rested on a 226-voxel one that the segmenter finds badly even
+# in the real images (Dice 0.26, against 0.42 over 16 cases). 8 cases are 32 test volumes, a few minutes of `test`.
+DEMO_TEST_CASES = 8
+MAX_TEST_CASES = 100  # a demo case is ~12 MB and 2.5 s to build: a slip of the keyboard must not fill the disk
 
 
 class DemoError(RuntimeError):
@@ -275,8 +280,8 @@ def main() -> None:
     started, results = time.time(), []
     try:
         stages = select_stages(args.stages)
-        context = {"out": str(args.output_dir), "data": dataset_dir(), "mm": str(args.spacing),
-                   **{s.name: str(args.output_dir / s.name) for s in STAGES}}
+        context = {"out": str(args.output_dir), **demo_data(args.output_dir, args.test_cases),
+                   "mm": str(args.spacing), **{s.name: str(args.output_dir / s.name) for s in STAGES}}
     except Exception as error:  # a bad --stages, or no dataset: one line
         sys.exit(f"demo: {error}")
     for stage in stages:
@@ -304,7 +309,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spacing", type=float, default=4.0,
                         help="voxel size in mm of both stage-1 models; later stages inherit it (default 4: what a "
                              "CPU trains in minutes; the bundles default to 1)")
-    return parser.parse_args()
+    parser.add_argument("--test-cases", type=int, default=DEMO_TEST_CASES,
+                        help="test every stage on this many demo cases: the demo split's test case and this many "
+                             "minus one that no stage trains or chooses on, built on first use (default "
+                             f"{DEMO_TEST_CASES}; 1 to {MAX_TEST_CASES}; with BRATS_DATA_DIR set the data's own split "
+                             "is used)")
+    args = parser.parse_args()
+    if not 1 <= args.test_cases <= MAX_TEST_CASES:
+        parser.error(f"--test-cases {args.test_cases}: must be from 1 to {MAX_TEST_CASES} (~12 MB a case)")
+    return args
 
 
 def select_stages(names: list[str]) -> list[Stage]:
@@ -317,11 +330,21 @@ def select_stages(names: list[str]) -> list[Stage]:
     return [s for s in STAGES if "all" in names or s.family in names or s.name in names]
 
 
-def dataset_dir() -> str:
-    """The embedded demo dataset (built on first use), or BRATS_DATA_DIR when set."""
-    from prod9_components.data import resolve_dataset_dir
+def demo_data(out: Path, test_cases: int) -> dict[str, str]:
+    """``{"data": folder}`` of BRATS_DATA_DIR when set (each stage splits it); else the embedded demo dataset of
+    ``DEMO_NUM_CASES + test_cases - 1`` cases (built on first use) and ``"datalist"``, written to
+    ``<out>/datalist.json``: the split every bundle makes of the first ``DEMO_NUM_CASES`` cases, its test split
+    joined by the cases after them."""
+    from prod9_components.data import discover_cases, resolve_dataset_dir, save_datalist, split_cases
+    from prod9_components.data.brats import DEMO_NUM_CASES
 
-    return resolve_dataset_dir()
+    if os.environ.get("BRATS_DATA_DIR", "").strip():
+        return {"data": resolve_dataset_dir()}
+    data = resolve_dataset_dir(demo_cases=DEMO_NUM_CASES + test_cases - 1)
+    cases = discover_cases(data)  # sorted by name: the generator's cases 0, 1, ...
+    splits = split_cases(cases[:DEMO_NUM_CASES], seed=0)  # the bundles' `seed` and fractions
+    splits["test"] += cases[DEMO_NUM_CASES:]
+    return {"data": data, "datalist": save_datalist(splits, out / "datalist.json")}
 
 
 def fill(templates, context: dict) -> list[str]:
@@ -375,13 +398,20 @@ def train_command(stage: Stage, context: dict) -> list[str]:
     return ["train", "--config", tiny_config(stage), "--output-dir", context[stage.name],
             "--dataset-dir", context["data"], "--epochs", str(stage.epochs),
             "--limit-train-batches", str(stage.batches), "--val-interval", str(stage.epochs),
-            "--limit-val-batches", "1", *fill(stage.train, {**context, "stage": context[stage.name]})]
+            "--limit-val-batches", "1", *datalist_flag(context),
+            *fill(stage.train, {**context, "stage": context[stage.name]})]
 
 
 def test_command(stage: Stage, context: dict) -> list[str]:
     """`test` of best.ckpt on the whole test split (metrics_test.json: every score beside its baselines)."""
     return ["test", "--config", tiny_config(stage), "--output-dir", context["stage"], "--dataset-dir", context["data"],
-            "--limit-val-batches", "100000", *fill(stage.test, context)]  # every test item (tiny.json keeps 2)
+            "--limit-val-batches", "100000", *datalist_flag(context),  # every test item (tiny.json keeps 2)
+            *fill(stage.test, context)]
+
+
+def datalist_flag(context: dict) -> list[str]:
+    """``--datalist`` of the demo's split (:func:`demo_data`), where it wrote one."""
+    return ["--datalist", context["datalist"]] if "datalist" in context else []
 
 
 def run_command(stage: Stage, args: list[str]) -> None:
