@@ -311,7 +311,7 @@ def parse_args() -> argparse.Namespace:
                              "CPU trains in minutes; the bundles default to 1)")
     parser.add_argument("--test-cases", type=int, default=DEMO_TEST_CASES,
                         help="test every stage on this many demo cases: the demo split's test case and this many "
-                             "minus one that no stage trains or chooses on, built on first use (default "
+                             "minus one that no stage trains or validates on, built on first use (default "
                              f"{DEMO_TEST_CASES}; 1 to {MAX_TEST_CASES}; with BRATS_DATA_DIR set the data's own split "
                              "is used)")
     args = parser.parse_args()
