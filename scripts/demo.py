@@ -344,7 +344,26 @@ def demo_data(out: Path, test_cases: int) -> dict[str, str]:
     cases = discover_cases(data)  # sorted by name: the generator's cases 0, 1, ...
     splits = split_cases(cases[:DEMO_NUM_CASES], seed=0)  # the bundles' `seed` and fractions
     splits["test"] += cases[DEMO_NUM_CASES:]
-    return {"data": data, "datalist": save_datalist(splits, out / "datalist.json")}
+    path = out / "datalist.json"
+    if path.exists() and not is_demo_split(path, splits):  # a file of the user's is never overwritten (DESIGN §10)
+        raise DemoError(f"{path} exists and is not a demo split (its training and validation cases differ): "
+                        "use another --output-dir")
+    return {"data": data, "datalist": save_datalist(splits, path)}
+
+
+def is_demo_split(path: Path, splits: dict) -> bool:
+    """Whether ``path`` is a datalist an earlier demo wrote: JSON whose training and validation cases are named as
+    ``splits``' (its test cases and folder may differ: another ``--test-cases``)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+    def names(items) -> list | None:
+        return [item.get("case") for item in items if isinstance(item, dict)] if isinstance(items, list) else None
+
+    return isinstance(saved, dict) and all(names(saved.get(key)) == names(splits[key])
+                                           for key in ("training", "validation"))
 
 
 def fill(templates, context: dict) -> list[str]:

@@ -4,6 +4,7 @@ plus further demo cases that no stage sees before."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -54,6 +55,17 @@ def test_the_demo_tests_on_further_cases_and_trains_on_the_bundles_split(tmp_pat
     assert demo.demo_data(tmp_path / "out1", 1)["data"] == str(tmp_path / "n8")  # 1: the demo split as it is
     assert [c["case"] for c in json.loads((tmp_path / "out1" / "datalist.json").read_text())["test"]] == \
         [bundles["test"][0]["case"]]
+
+    again = demo.demo_data(out, 2)  # an earlier demo's split (another --test-cases) is rewritten
+    assert len(json.loads(Path(again["datalist"]).read_text())["test"]) == 2
+
+    mine = tmp_path / "mine"  # a user's own datalist.json in the output folder is refused, untouched
+    mine.mkdir()
+    for text in ('{"training": [], "validation": [], "test": []}', "not JSON"):
+        (mine / "datalist.json").write_text(text)
+        with pytest.raises(demo.DemoError, match="datalist.json exists and is not a demo split"):
+            demo.demo_data(mine, 4)
+        assert (mine / "datalist.json").read_text() == text
 
     monkeypatch.setenv("BRATS_DATA_DIR", str(tmp_path / "n8"))  # real data: each stage splits it itself
     assert demo.demo_data(tmp_path / "out2", 4) == {"data": str(tmp_path / "n8")}
