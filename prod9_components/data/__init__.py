@@ -35,7 +35,7 @@ _EXPORTS = {
         "training_crop",
     ),
     "case_cache": ("check_sha256", "file_sha256"),
-    "control_latents": ("LoadControlLatentd", "control_items"),
+    "control_latents": ("ControlDataset", "LoadControlLatentd", "control_items"),
     "sharding": ("item_number", "validation_generator", "validation_shard"),
     "latent_cache": (
         "LoadLatentd",

@@ -10,15 +10,20 @@ the call the latent cache used, so latent cell ``i`` covers image voxels ``f*i .
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
+from monai.data import CacheDataset
 from monai.transforms import MapTransform
+from torch.utils.data import Dataset
 
 from prod9_components.data.latent_cache import checked_latent_size, load_latent_file
 from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
 
-__all__ = ["LoadControlLatentd", "control_items"]
+__all__ = ["ControlDataset", "LoadControlLatentd", "control_items"]
+
+# What tells the items of one case apart: the target, the source and (on a validation shard) the item's position.
+PER_ITEM_KEYS = ("modality", "source_modality", "val_index")
 
 
 def control_items(items: Sequence[Mapping], targets: Sequence[str | int], source_modality: str | int | None = None,
@@ -35,6 +40,40 @@ def control_items(items: Sequence[Mapping], targets: Sequence[str | int], source
                          f"{list(targets)}")
     extra = {} if source is None else {"source_modality": source}
     return [{**item, "modality": i, **extra} for item in items for i in indices]
+
+
+class ControlDataset(Dataset):
+    """The items of :func:`control_items` (one per case x target modality), each case preprocessed and cached once
+    instead of once per target: the joint preprocessing loads and resamples all four modalities and the mask (at 1 mm
+    about 30 s a case on 2 CPU cores, and several hundred MB of cache), whichever target an item trains.
+
+    Args:
+        data: the items (a validation shard's, ``val_index`` kept); every item has ``"case"``.
+        preprocessing: maps a case (its items without :data:`PER_ITEM_KEYS`) to its preprocessed images; a MONAI
+            ``Compose`` of deterministic transforms, whose output a ``CacheDataset`` caches (it caches nothing from
+            the first random transform or plain callable on).
+        transform: maps a preprocessed case plus an item's :data:`PER_ITEM_KEYS` to the item
+            (:class:`LoadControlLatentd`), at every access.
+        cache_rate, num_workers: of the cases' ``CacheDataset``.
+    """
+
+    def __init__(self, data: Sequence[Mapping], preprocessing: Callable, transform: Callable, cache_rate: float = 1.0,
+                 num_workers: int = 0) -> None:
+        self.data = [dict(item) for item in data]
+        self.transform = transform
+        cases: dict[str, dict] = {}
+        for item in self.data:
+            cases.setdefault(str(item["case"]), {k: v for k, v in item.items() if k not in PER_ITEM_KEYS})
+        self.position = {name: index for index, name in enumerate(cases)}
+        self.cases = CacheDataset(list(cases.values()), preprocessing, cache_rate=cache_rate, num_workers=num_workers)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.data[index]
+        case = self.cases[self.position[str(item["case"])]]
+        return self.transform({**case, **{k: item[k] for k in PER_ITEM_KEYS if k in item}})
 
 
 class LoadControlLatentd(MapTransform):

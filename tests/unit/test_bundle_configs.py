@@ -34,9 +34,11 @@ SHARED_IDS = [
     # sliding-window wiring (roi and overlap are the stage's own, see DIFFERS)
     "sw_batch_size", "sw_config#_target_", "sw_config#mode", "sw_config#sw_batch_size",
     # datasets and loaders
-    "train#dataset", "train#dataloader#_target_", "train#dataloader#batch_size", "train#dataloader#dataset",
+    "train#dataset#data", "train#dataset#transform", "train#dataset#cache_rate", "train#dataset#num_workers",
+    "train#dataloader#_target_", "train#dataloader#batch_size", "train#dataloader#dataset",
     "train#dataloader#num_workers", "train#dataloader#pin_memory", "train#dataloader#shuffle",
-    "validate#dataset", "validate#dataloader", "validate#split",
+    "validate#dataset#data", "validate#dataset#transform", "validate#dataset#cache_rate",
+    "validate#dataset#num_workers", "validate#dataloader", "validate#split",
     # engine wiring
     "optimizer#lr", "optimizer#fused",
     "train#trainer#amp", "train#trainer#device", "train#trainer#epoch_length", "train#trainer#max_epochs",
@@ -68,6 +70,9 @@ DIFFERS = {
     # (no commit gives a reason; this is the one the numbers suggest: worth revisiting)
     "train#dataloader#drop_last": "MaskGiT stages batch 4 and keep a short last batch (dropping it loses up to 3 "
                                   "cases an epoch); the batch-2 image/latent stages drop it",
+    "train#dataset#_target_": "a CacheDataset of the items; MAISI stage 3's items (one per case x target) share "
+                              "their case's cached preprocessing (data.ControlDataset)",
+    "validate#dataset#_target_": "as train#dataset#_target_",
     "train#items": "images, tokens or latents",
     "train#transforms": "images, tokens or latents",
     "train#trainer#_target_": "the stage's trainer",

@@ -163,6 +163,34 @@ def test_control_items_put_mask_and_source_on_the_latent_cells(cached, canvas):
     assert "source_modality" not in control_items(canvas["items"], ["T2"], "T1", uses_source=False)[0]
 
 
+def test_control_dataset_preprocesses_each_case_once(cached, canvas):
+    """ControlDataset gives every (case, target) item what per-item preprocessing gives it, with each case's
+    preprocessing run once (it loads and resamples all four modalities and the mask, whichever the target), and keeps
+    a validation shard's ``val_index``."""
+    from monai.transforms import Compose, Lambda
+
+    from prod9_components.data.control_latents import ControlDataset, LoadControlLatentd, control_items
+
+    calls = []
+
+    def preprocess(case):
+        calls.append(case["case"])
+        return {**case, **canvas["encoder"].preprocess(case)}  # keeps the latent path, as the bundles' transforms
+
+    items = control_items(canvas["items"], ["T1", "T2", "FLAIR"], "T1")  # 2 cases x 2 targets
+    load = Compose([LoadControlLatentd(2.0, canvas["size"], 2, keep_target_image=True)])
+    sharded = [{**item, "val_index": 10 + i} for i, item in enumerate(items)]
+    dataset = ControlDataset(sharded, Compose([Lambda(preprocess)]), load)  # a MONAI transform: CacheDataset caches it
+    assert len(dataset) == 4 and sorted(calls) == sorted({i["case"] for i in items})  # 2 calls, not 4
+    for item, out in zip(items, (dataset[i] for i in range(4))):
+        expected = load({**item, **canvas["encoder"].preprocess(item)})
+        assert int(out["label"]) == item["modality"] and out["case"] == item["case"]
+        for key in ("latent", "seg", "source", "image"):
+            assert torch.equal(out[key], expected[key]), key
+    assert [dataset[i]["val_index"] for i in range(4)] == [10, 11, 12, 13]
+    assert len(calls) == 2  # reading items never preprocesses again
+
+
 def test_the_scale_factor_follows_the_input_volumes(tmp_path):
     """The stored scale factor is keyed by the cases' input fingerprints, not their names: after a volume changes,
     its latents are encoded again and the factor is computed again, never read from the old file."""
