@@ -252,7 +252,7 @@ STAGES = (
 )
 FAMILIES = ("maskgit", "maisi")
 # One test case is one tumour: the mask controls' verdict rested on a 226-voxel one that the segmenter finds badly even
-# in the real images (Dice 0.26, against 0.42 over 16 cases). 8 cases are 32 test volumes, a few minutes of `test`.
+# in the real images (Dice 0.26, against 0.42 over 16 cases). 8 cases (32 volumes) are a few minutes of `test`.
 DEMO_TEST_CASES = 8
 MAX_TEST_CASES = 100  # a demo case is ~12 MB and 2.5 s to build: a slip of the keyboard must not fill the disk
 
@@ -560,7 +560,7 @@ def print_summary(results: list[dict], seconds: float, args: argparse.Namespace)
     print("\n=== demo summary ===")
     for r in results:
         loss = "train {} {:.3f} -> {:.3f}".format(*r["loss"]) if r["loss"] else "no training loss logged"
-        print(f"{r['stage']:<26} {r['seconds']:4.0f} s  {r['steps']} steps, {loss}; test on {r['num_cases']} volume(s):")
+        print(f"{r['stage']:<26} {r['seconds']:4.0f} s  {r['steps']} steps, {loss}; test on {r['num_cases']} case(s):")
         for score in r["scores"]:
             print(f"{'':<28}{score_line(score)}")
         if not r["scores"]:

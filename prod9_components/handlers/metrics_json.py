@@ -19,6 +19,10 @@ logger = logging.getLogger("prod9")
 class MetricsJSONWriter:
     """At the end of an evaluation write ``{metric: value, ..., "split", "num_cases", "checkpoint"}``.
 
+    ``num_cases`` is the number of cases (patients) the evaluation read, whatever a stage scores per case: one volume
+    per item for the stage-1 models and MAISI, all four modalities at once for the MaskGiT transformers. Cases are
+    told apart by the items' ``"case"`` name; an item without one counts as a case of its own.
+
     Args:
         output_path: the JSON file (``<output_dir>/metrics_<split>.json``).
         split: which data was evaluated ("validation", "test").
@@ -35,7 +39,8 @@ class MetricsJSONWriter:
         self.split = split
         self.checkpoint = checkpoint
         self.extra = dict(extra or {})
-        self.num_cases = 0
+        self.cases: set[str] = set()
+        self.unnamed = 0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -43,23 +48,33 @@ class MetricsJSONWriter:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def _reset(self, engine: Engine) -> None:
-        self.num_cases = 0
+        self.cases, self.unnamed = set(), 0
 
     def _count(self, engine: Engine) -> None:
-        batch = engine.state.batch  # decollated: a list of items; else a dict of batched tensors
-        if isinstance(batch, list):
-            self.num_cases += len(batch)
+        batch = engine.state.batch  # decollated: a list of items; else a dict of batched values
+        names = [item.get("case") for item in batch] if isinstance(batch, list) else batch.get("case")
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            self.cases.update(names)
+        elif isinstance(batch, list):
+            self.unnamed += len(batch)
         else:
-            self.num_cases += next(int(v.shape[0]) for v in batch.values() if torch.is_tensor(v))
+            self.unnamed += next(int(v.shape[0]) for v in batch.values() if torch.is_tensor(v))
+
+    @property
+    def num_cases(self) -> int:
+        return len(self.cases) + self.unnamed
 
     def write(self, engine: Engine) -> None:
         metrics = {k: _number(v) for k, v in engine.state.metrics.items()}
-        metrics.update(self.extra, split=self.split, num_cases=self.num_cases,
+        num_cases = self.num_cases
+        metrics.update(self.extra, split=self.split, num_cases=num_cases,
                        checkpoint=str(self.checkpoint) if self.checkpoint else None)
         if is_rank_zero():
             write_json(metrics, self.output_path)
             summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            logger.info(f"{self.split}: {summary} ({self.num_cases} volumes) -> {self.output_path}")
+            logger.info(f"{self.split}: {summary} ({num_cases} cases) -> {self.output_path}")
 
 
 def _number(value) -> float | None:

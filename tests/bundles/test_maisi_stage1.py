@@ -46,7 +46,7 @@ def test_evaluate_writes_finite_image_metrics(maisi_vae_run, tmp_path):
         "split": "test"})
     metrics = json.loads((tmp_path / "metrics_test.json").read_text())
     assert metrics["split"] == "test" and metrics["checkpoint"] == checkpoint
-    assert metrics["num_cases"] == 2  # tiny.json: limit_val_batches 2 of the 4 test volumes
+    assert metrics["num_cases"] == 1  # tiny.json: limit_val_batches 2 of the one test case's 4 volumes
     for key in ("psnr", "ssim", "ms_ssim"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert 5.0 < metrics["psnr"] < 60.0
