@@ -75,10 +75,9 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         "shown, then `test` scores the test split: the demo split's test case and the further cases `--test-cases` "
         "adds, which no stage saw before (`test cases`: the cases the stage's `test` read, its `num_cases`). The "
         "baseline column is what the model must beat (DESIGN §9): the input pooled by the autoencoder's factor, the "
-        "best of three "
-        "source-intensity maps for a translation, the real data for generation, the segmenter's Dice on real images "
-        "for mask control (the model passes at `need` x that). A stage-1 model must clear pooling by the margin "
-        "shown (`+ 3`: a model that only ties pooling has barely learned). The ControlNets sample at the "
+        "best of three source-intensity maps for a translation, the real data for generation, the segmenter's Dice "
+        "on real images for mask control (the model passes at `need` x that). A stage-1 model must clear pooling by "
+        "the margin shown (`+ 3`: a model that only ties pooling has barely learned). The ControlNets sample at the "
         f"conditioning scale `scripts/demo.py` sets (MaskGiT {MASKGIT_CONDITIONING_SCALE}, MAISI "
         f"{MAISI_CONDITIONING_SCALE}). Rows where the model loses are kept.",
         "",
