@@ -4,7 +4,8 @@ A crash, a kill or a full disk leaves either the old file or the new one, never 
 still leave the temp file itself behind; temp files have one recognisable name,
 ``.<name>.prod9-tmp-<host>-<pid>-<random><suffix>``, and the first atomic write of a process into a folder removes
 the ones there whose writer (same host, that pid) is no longer alive. Nothing else is ever deleted. A folder is
-written the same way (:func:`atomic_dir`: built beside its place, renamed into it).
+written the same way (:func:`atomic_dir`: built beside its place, renamed into it). Processes that would build the
+same cached file take turns under :func:`exclusive` (one builds it, the others then read it).
 """
 
 from __future__ import annotations
@@ -156,6 +157,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temp folder only
         raise
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def exclusive(lock: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created empty if missing, its folder too) while the block runs;
+    another process (or another ``exclusive`` of this one) waits for it. A POSIX ``flock``, so a killed holder
+    releases it; where there is none (Windows) the block runs unlocked. The lock file is never removed: removing it
+    while another process waits on it would let a third one in beside it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock: as before there was a lock
+        yield
+        return
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    # O_NOFOLLOW: a link planted at the lock's name in a shared folder is refused, not followed to another file
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def write_json(data, path: str | os.PathLike) -> None:

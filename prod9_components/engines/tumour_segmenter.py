@@ -22,7 +22,8 @@ Choices:
   ``torch.load(weights_only=True)`` into the explicit class below, never a class the file names), ``metrics.json``
   (its Dice on the real test-split images) and ``segmenter.json`` (what it was made from), each written atomically,
   the record last. The fingerprint covers each case file (path, size, mtime), the spacing, the intensity range and
-  every training setting, so any change trains a new segmenter in a new folder.
+  every training setting, so any change trains a new segmenter in a new folder. Runs that share the cache (the
+  demo's two ControlNets side by side) take turns on ``<fingerprint>.lock``: one trains, the others reuse its result.
 - Training runs inside ``torch.random.fork_rng`` from its own seed: building (or reusing) the segmenter leaves the
   caller's random streams, and so its training run, exactly as they were.
 """
@@ -47,7 +48,7 @@ from monai.networks.nets import BasicUNet
 from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld
 from tqdm import tqdm
 
-from prod9_components.atomic import write_json
+from prod9_components.atomic import exclusive, write_json
 from prod9_components.data.modalities import MODALITIES, MODALITY_NAMES
 from prod9_components.data.transforms import preprocessing, preprocessing_contract
 from prod9_components.metrics.tumour import tumour_dice
@@ -327,9 +328,12 @@ class CachedTumourSegmenter:
         return self.get().dice(images, modalities, seg)
 
     def get(self) -> TumourSegmenter:
-        """The segmenter: from memory, from the cache folder, or trained now (and written there)."""
+        """The segmenter: from memory, from the cache folder, or trained now (and written there). Processes sharing
+        the cache take turns (``<fingerprint>.lock`` beside the folder): the first trains it, the others then reuse
+        it instead of training the same segmenter at the same time."""
         if self._segmenter is None:
-            self._segmenter = self._load() or self._train()
+            with exclusive(self.folder.with_name(self.folder.name + ".lock")):
+                self._segmenter = self._load() or self._train()
         return self._segmenter
 
     def _wrap(self, network: torch.nn.Module, metrics: Mapping) -> TumourSegmenter:

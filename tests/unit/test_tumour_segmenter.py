@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -169,6 +170,31 @@ def test_the_cache_is_reused_when_nothing_changed_and_rebuilt_when_a_case_file_c
     changed.get()
     assert any(r.message.startswith("tumour segmenter: training") for r in caplog.records)
     assert (changed.folder / "segmenter.json").is_file() and (first.folder / "segmenter.json").is_file()
+
+
+def test_runs_sharing_the_cache_train_it_once(tmp_path, caplog, one_thread):
+    """Two runs that want the same segmenter at the same time (the demo's two ControlNets side by side; here two
+    threads, each with its own lock file descriptor, as two processes have): one trains it, the other waits on the
+    cache's lock and then reuses it."""
+    cases = _write_cases(tmp_path / "data", ["a", "b", "c"])
+    caplog.set_level(logging.INFO, logger="prod9")
+    runs = [_segmenter(tmp_path, cases), _segmenter(tmp_path, cases)]
+    got = [None, None]
+
+    def get(i: int) -> None:
+        got[i] = runs[i].get()
+
+    threads = [threading.Thread(target=get, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    messages = [r.message for r in caplog.records if r.message.startswith("tumour segmenter: ")]
+    assert sum(m.startswith("tumour segmenter: training") for m in messages) == 1, messages
+    assert sum(m.startswith(f"tumour segmenter: reusing {runs[0].folder}") for m in messages) == 1, messages
+    for name, value in got[0].network.state_dict().items():
+        assert torch.equal(got[1].network.state_dict()[name], value), name
+    assert (tmp_path / "cache" / f"{runs[0].folder.name}.lock").is_file()  # kept: see atomic.exclusive
 
 
 def test_a_damaged_cache_is_trained_again_not_trusted(tmp_path, caplog, one_thread):
