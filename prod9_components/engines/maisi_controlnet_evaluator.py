@@ -97,7 +97,7 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
                           **baseline_predictions(self.translation_baselines, source, labels))
         if "control_mask" in controls:
             without = sample({**controls, "control_mask": torch.zeros_like(controls["control_mask"])})
-            output.update(pred_without_mask=without, **control_scores(pred, without, real, seg))
+            output.update(pred_without_mask=without, **control_scores(pred, without, real, seg, self.intensity_range))
             if self.segmenter is not None:
                 noises = [torch.randn(latent.shape, generator=generator) for _ in range(self.segmentation_samples - 1)]
                 found = [self.segmenter.predict(image, labels)

@@ -6,6 +6,9 @@
 - Control sensitivity: two samples from the same noise, one with the mask and one with an empty mask. The mean
   absolute change inside the tumour minus the mean change in the healthy brain: > 0 when the mask changes the
   tumour region more than the rest (an untrained, zero-initialised control branch scores exactly 0).
+- Brain shape and intensities of the mask-controlled sample (``brain_dice``, ``intensity_w1``: the generators' scores
+  of :mod:`prod9_components.metrics.generation`, here against the real image of the same case): a control amplified
+  until the tumour shows can wash out the rest of the brain, which the tumour scores alone do not see.
 - Segment-the-synthetic (DESIGN §9): a small segmenter trained on real images of the training split
   (:mod:`prod9_components.engines.tumour_segmenter`) segments the mask-controlled sample and the real image of the
   same case and modality; the Dice of each against the conditioning mask's whole tumour (``seg > 0``) is reported,
@@ -23,6 +26,8 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.metrics import compute_dice
 
 from prod9_components.metrics.derived import DerivedMetric
+from prod9_components.metrics.distribution_distance import intensity_distances
+from prod9_components.metrics.generation import brain_mask, dice
 
 __all__ = ["CONTROL_METRICS", "SEGMENTATION_METRICS", "TUMOUR_LABELS", "NanMean", "SegDiceRatio", "control_metrics",
            "control_scores", "control_sensitivity", "segmentation_metrics", "segmentation_scores", "tumour_contrast",
@@ -30,7 +35,7 @@ __all__ = ["CONTROL_METRICS", "SEGMENTATION_METRICS", "TUMOUR_LABELS", "NanMean"
 
 TUMOUR_LABELS = {1: "necrosis", 2: "oedema", 3: "enhancing"}
 # Output keys of MaskGiTControlNetEvaluator (and the MAISI one): reported as metrics of the same names.
-CONTROL_METRICS = ("sensitivity", "change_inside", "change_outside") + tuple(
+CONTROL_METRICS = ("sensitivity", "change_inside", "change_outside", "brain_dice", "intensity_w1") + tuple(
     f"{kind}_{name}" for name in TUMOUR_LABELS.values() for kind in ("contrast_error", "contrast", "real_contrast"))
 # Output keys of the evaluators given a tumour segmenter; segmentation_metrics() adds "seg_dice_ratio".
 SEGMENTATION_METRICS = ("seg_dice_generated", "seg_dice_real")
@@ -68,13 +73,16 @@ def control_sensitivity(with_mask: torch.Tensor, without_mask: torch.Tensor, seg
     return {"inside": inside, "outside": outside, "score": inside - outside}
 
 
-def control_scores(pred: torch.Tensor, without: torch.Tensor, real: torch.Tensor, seg: torch.Tensor) -> dict[str, float]:
+def control_scores(pred: torch.Tensor, without: torch.Tensor, real: torch.Tensor, seg: torch.Tensor,
+                   intensity_range: Sequence[float] = (0.0, 1.0)) -> dict[str, float]:
     """Every :data:`CONTROL_METRICS` score of a batch, each averaged over its samples skipping NaN (a label absent
-    from a case); the brain is ``real > 0``.
+    from a case); the brain is ``real > 0``. ``brain_dice``: Dice of the sample's brain with the real image's
+    (:func:`~prod9_components.metrics.generation.brain_mask` of each); ``intensity_w1``: W1 of their intensities.
 
     Args:
         pred: (B, 1, D, H, W) generated with the mask; without: the same noise with an empty mask.
         real: (B, 1, D, H, W) the real image of the generated modality; seg: (B, D, H, W) or (B, 1, D, H, W) labels.
+        intensity_range: (low, high) of the images' intensity scale (the brain masks' threshold).
     """
     rows = []
     for b in range(len(seg)):
@@ -82,7 +90,9 @@ def control_scores(pred: torch.Tensor, without: torch.Tensor, real: torch.Tensor
         generated, truth = tumour_contrast(pred[b], seg[b], brain), tumour_contrast(real[b], seg[b], brain)
         sensitivity = control_sensitivity(pred[b], without[b], seg[b], brain)
         row = {"sensitivity": sensitivity["score"], "change_inside": sensitivity["inside"],
-               "change_outside": sensitivity["outside"]}
+               "change_outside": sensitivity["outside"],
+               "brain_dice": dice(brain_mask(pred[b], intensity_range), brain_mask(real[b], intensity_range)),
+               "intensity_w1": intensity_distances([pred[b]], [real[b]])["intensity_w1"]}
         for value, name in TUMOUR_LABELS.items():
             row[f"contrast_{name}"] = generated[value]
             row[f"real_contrast_{name}"] = truth[value]

@@ -4,8 +4,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from prod9_components.metrics.tumour import (NanMean, SegDiceRatio, control_metrics, control_sensitivity,
-                                             segmentation_metrics, segmentation_scores, tumour_contrast)
+from prod9_components.metrics.tumour import (NanMean, SegDiceRatio, control_metrics, control_scores,
+                                             control_sensitivity, segmentation_metrics, segmentation_scores,
+                                             tumour_contrast)
 
 
 def _case():
@@ -36,6 +37,23 @@ def test_control_sensitivity_inside_minus_outside():
     assert scores["score"] == pytest.approx(0.15)
     assert control_sensitivity(image, image, seg, brain)["score"] == 0.0
     assert math.isnan(control_sensitivity(image, image, torch.zeros_like(seg), brain)["score"])
+
+
+def test_control_scores_see_a_sample_washed_out_around_its_tumour():
+    """The brain-shape scores of a mask-controlled sample: the real image itself scores Dice 1 and W1 0; a sample whose
+    control saturated the whole volume (the tumour stands out no less) scores the Dice of the whole grid with the
+    brain (216 of 512 voxels: 2 x 216 / 728) and the W1 of its intensities."""
+    image, seg, brain = _case()
+    real, seg = image.where(brain, torch.tensor(0.0))[None, None], seg[None]
+    same = control_scores(real, real, real, seg)
+    assert same["brain_dice"] == pytest.approx(1.0) and same["intensity_w1"] == pytest.approx(0.0, abs=1e-7)
+    washed = torch.full_like(real, 0.8)
+    washed[0, 0][seg[0] > 0] = 1.0
+    scores = control_scores(washed, real, real, seg)
+    assert scores["brain_dice"] == pytest.approx(2 * 216 / (512 + 216))
+    # sorted, the 512 voxels pair as 296 background with 0.8, 208 brain (0.4) with 0.8, 7 + 1 tumour (0.7, 0.9) with 1
+    assert scores["intensity_w1"] == pytest.approx((296 * 0.8 + 208 * 0.4 + 7 * 0.3 + 0.1) / 512, abs=0.005)
+    assert scores["change_inside"] > 0.1  # the tumour changed too: these scores alone pass it
 
 
 def test_nan_mean_skips_absent_labels_and_control_metrics_attach():
