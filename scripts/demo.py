@@ -12,7 +12,8 @@ controls with the trained model and draws real vs model mid slices (axial, coron
 ``<output-dir>/<stage>.png``. On the embedded demo data every stage trains and validates on the 8-case demo split (5
 training and 2 validation cases, as each bundle splits them) and tests on its test case plus ``--test-cases`` - 1
 further demo cases that no stage sees before (one test case is one tumour, too few to judge a mask control by); the
-sheets show the first test case. Stages run one after another; a later stage reads the files of the one before it.
+sheets show the first test case. Within a family the stages run one after another (a later stage reads the files of
+the one before it); the two families run side by side, each in its own process (``--jobs``).
 The summary prints each stage's headline scores beside their baselines, says plainly where the model loses, and is
 kept in ``<output-dir>/summary.json`` (``scripts/quality.py`` turns it into the quality table).
 """
@@ -100,7 +101,10 @@ TRANSLATION_SCORES = tuple(Score(m, f"best_baseline_{m}", TRANSLATION)
 GENERATION_SCORES = (Score("brain_dice", None, "fixed bar", plus=0.8),
                      Score("brain_dice", "real_brain_dice", "real brains vs the closest training brain"),
                      Score("intensity_w1", "real_intensity_w1", "held-out real vs training real", higher_is_better=False))
-CONTROL_SCORES = (Score("seg_dice_generated", "seg_dice_real", "segmenter's Dice on the real images", need=0.5),)
+# Mask control: the segmenter finds the tumour where the mask put it, in a sample that is still a brain (the generators'
+# bar, here against the real brain of the same case: a control amplified until the tumour shows can wash the rest out).
+CONTROL_SCORES = (Score("seg_dice_generated", "seg_dice_real", "segmenter's Dice on the real images", need=0.5),
+                  Score("brain_dice", None, "fixed bar", plus=0.8))
 # Both ControlNets score their samples with one tumour segmenter, trained once on the demo's training split, at the
 # bundles' learning rate (tiny.json's 0.02 is for 40-step tests: over 500 steps it found the test case's T2 tumour at
 # Dice 0.20, against 0.44 at 0.003).
@@ -261,6 +265,13 @@ class DemoError(RuntimeError):
     """A failed step, reported in one line."""
 
 
+# The two families share nothing but the data and the tumour segmenter (built once, under a lock), so they run side by
+# side, each in a process with one core's threads: the demo's networks are too small for two threads to split their
+# convolutions well. Measured on 2 cores (the FSQ autoencoder's demo step, scripts/benchmark.py demo, one hour):
+# 0.79 s with 2 threads, 0.84 s with 1; two 1-thread processes at once took 0.99 and 1.19 s a step each, 1.85 steps
+# a second together against 1.27 for one process with both cores.
+JOBS = 2
+
 # glibc hands freed blocks above its mmap threshold back to the OS and faults them in again at the next step; the
 # demo's activations are megabytes each, freed and reallocated every step. Keeping them in the heap made a stage-1
 # (VAE) step 14-17% faster on 2 cores, measured in alternating runs (200 steps: 34.2 / 34.9 s against 41.3 / 41.5 s
@@ -277,23 +288,105 @@ def keep_freed_memory() -> None:
 
 def main() -> None:
     args = parse_args()
-    started, results = time.time(), []
+    started = time.time()
     try:
         stages = select_stages(args.stages)
         context = {"out": str(args.output_dir), **demo_data(args.output_dir, args.test_cases),
                    "mm": str(args.spacing), **{s.name: str(args.output_dir / s.name) for s in STAGES}}
     except Exception as error:  # a bad --stages, or no dataset: one line
         sys.exit(f"demo: {error}")
+    families = [[s for s in stages if s.family == f] for f in FAMILIES]
+    families = [f for f in families if f]
+    jobs = min(args.jobs, len(families))
+    try:
+        results = run_stages(stages, context) if jobs == 1 else run_side_by_side(families, context, jobs)
+    except DemoError as error:
+        sys.exit(str(error))
+    except KeyboardInterrupt:  # side by side: the workers have stopped and said where
+        sys.exit("demo interrupted")
+    print_summary(results, time.time() - started, args, jobs)
+
+
+def run_stages(stages: list[Stage], context: dict) -> list[dict]:
+    """Run ``stages`` one after another; the first failure raises :class:`DemoError` naming its stage."""
+    results = []
     for stage in stages:
         try:
             results.append(run_stage(stage, context))
         except DemoError as error:
-            sys.exit(f"demo failed at {stage.name}: {error}")
+            raise DemoError(f"demo failed at {stage.name}: {error}") from None
         except KeyboardInterrupt:
-            sys.exit(f"demo interrupted at {stage.name}")
+            raise DemoError(f"demo interrupted at {stage.name}") from None
         except Exception as error:  # the demo's own steps (sheet, metrics): one line, no traceback
-            sys.exit(f"demo failed at {stage.name}: {type(error).__name__}: {error}")
-    print_summary(results, time.time() - started, args)
+            raise DemoError(f"demo failed at {stage.name}: {type(error).__name__}: {error}") from None
+    return results
+
+
+def run_side_by_side(families: list[list[Stage]], context: dict, jobs: int) -> list[dict]:
+    """Each family's stages in a process of its own, ``jobs`` at a time, each process with its share of the cores
+    (see :data:`JOBS`); their output goes to ``<out>/<family>.log``, a line per stage to the console. Returns the
+    results in pipeline order, or raises :class:`DemoError` with every family's failure once all have stopped."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import get_context
+
+    threads = threads_per_job(jobs)
+    logs = {f[0].family: Path(context["out"]) / f"{f[0].family}.log" for f in families}
+    print(f"{' and '.join(logs)} run side by side, {threads} thread(s) each; their output: "
+          f"{', '.join(map(str, logs.values()))}", flush=True)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_family, f, context, threads, str(logs[f[0].family])) for f in families]
+        try:
+            outcomes = [future.result() for future in futures]
+        except BrokenProcessPool:  # killed (out of memory?) before it could say where
+            raise DemoError(f"a family's process died; how far it got: {', '.join(map(str, logs.values()))}") from None
+    failures = [failure for _, failure in outcomes if failure]
+    if failures:
+        raise DemoError("; ".join(failures) + " (the stage's output: its family's .log)")
+    order = [s.name for s in STAGES]
+    return sorted((r for results, _ in outcomes for r in results), key=lambda r: order.index(r["stage"]))
+
+
+def threads_per_job(jobs: int) -> int:
+    """Torch threads of each side-by-side process: an equal share of the cores."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def run_family(stages: list[Stage], context: dict, threads: int, log: str) -> tuple[list[dict], str | None]:
+    """:func:`run_stages` in a worker process of :func:`run_side_by_side`: ``threads`` torch threads, stdout and
+    stderr into ``log``, a line per stage to the console. Returns the results and the failure (None when every stage
+    ran): a message, not an exception, so nothing of this module needs unpickling in the parent."""
+    import threading
+
+    import torch
+
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:  # a demo killed outright (not interrupted: Ctrl-C reaches every process) must
+        while os.getppid() == parent:  # not leave its workers training on
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+    torch.set_num_threads(threads)
+    family = stages[0].family
+    console = os.fdopen(os.dup(1), "w", buffering=1)
+    with open(log, "w") as out:  # the descriptors themselves: the console scripts' logging and tqdm follow
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    print(f"{family} in process {os.getpid()}, {torch.get_num_threads()} torch thread(s)", flush=True)
+    results = []
+    for stage in stages:
+        print(f"[{family}] {stage.name} ...", file=console)
+        try:
+            results += run_stages([stage], context)
+        except DemoError as error:
+            print(f"[{family}] {error}", file=console)
+            return results, str(error)
+        r = results[-1]
+        print(f"[{family}] {stage.name} done in {r['seconds']:.0f} s: "
+              + ("; ".join(score_line(s) for s in r["scores"]) or "no headline score"), file=console)
+    return results, None
 
 
 def parse_args() -> argparse.Namespace:
@@ -309,12 +402,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spacing", type=float, default=4.0,
                         help="voxel size in mm of both stage-1 models; later stages inherit it (default 4: what a "
                              "CPU trains in minutes; the bundles default to 1)")
+    parser.add_argument("--jobs", type=int, default=min(JOBS, os.cpu_count() or 1),
+                        help="run up to this many families side by side, each in its own process with an equal share "
+                             f"of the cores (default {JOBS}, or 1 on a single core: one family after the other); "
+                             "each family's output then goes to <output-dir>/<family>.log")
     parser.add_argument("--test-cases", type=int, default=DEMO_TEST_CASES,
                         help="test every stage on this many demo cases: the demo split's test case and this many "
                              "minus one that no stage trains or validates on, built on first use (default "
                              f"{DEMO_TEST_CASES}; 1 to {MAX_TEST_CASES}; with BRATS_DATA_DIR set the data's own split "
                              "is used)")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be 1 or more")
     if not 1 <= args.test_cases <= MAX_TEST_CASES:
         parser.error(f"--test-cases {args.test_cases}: must be from 1 to {MAX_TEST_CASES} (~12 MB a case)")
     return args
@@ -554,7 +653,7 @@ def centre_on(volume, centre, shape):
     return window
 
 
-def print_summary(results: list[dict], seconds: float, args: argparse.Namespace) -> None:
+def print_summary(results: list[dict], seconds: float, args: argparse.Namespace, jobs: int) -> None:
     """Per stage: time, training loss first -> last, each headline test score beside its baseline (saying plainly
     when the model loses) and the sheet; then the total time. Also written to ``<output_dir>/summary.json``."""
     print("\n=== demo summary ===")
@@ -572,19 +671,21 @@ def print_summary(results: list[dict], seconds: float, args: argparse.Namespace)
           "every headline score beats its baseline")
     from prod9_components.atomic import write_json
 
-    write_json({"seconds": seconds, "spacing_mm": args.spacing, "machine": machine(), "stages": results},
+    write_json({"seconds": seconds, "spacing_mm": args.spacing, "machine": machine(jobs), "stages": results},
                args.output_dir / "summary.json")
 
 
-def machine() -> dict:
-    """Where the demo ran: the budget its numbers were bought with."""
+def machine(jobs: int) -> dict:
+    """Where the demo ran: the budget its numbers were bought with (``jobs`` families side by side, each process with
+    ``torch_threads``)."""
     import platform
 
     import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    threads = torch.get_num_threads() if jobs == 1 else threads_per_job(jobs)
+    return {"cpu": cpu, "cores": os.cpu_count(), "jobs": jobs, "torch_threads": threads,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
 
 
