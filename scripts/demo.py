@@ -267,9 +267,9 @@ class DemoError(RuntimeError):
 
 # The two families share nothing but the data and the tumour segmenter (built once, under a lock), so they run side by
 # side, each in a process with one core's threads: the demo's networks are too small for two threads to split their
-# convolutions well. Measured on 2 cores (the FSQ autoencoder's demo step, scripts/benchmark.py demo, one hour):
-# 0.79 s with 2 threads, 0.84 s with 1; two 1-thread processes at once took 0.99 and 1.19 s a step each, 1.85 steps
-# a second together against 1.27 for one process with both cores.
+# convolutions well. Measured on 2 cores: the FSQ autoencoder's demo step (scripts/benchmark.py demo) took 0.79 s with
+# 2 threads and 0.84 s with 1; both stage-1 models' demo commands (train 100 steps, test, infer) took 272.5 / 247.5 s
+# one after the other and 226.1 / 185.4 s side by side, in alternating runs.
 JOBS = 2
 
 # glibc hands freed blocks above its mmap threshold back to the OS and faults them in again at the next step; the

@@ -70,7 +70,8 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         "# Quality on the demo data",
         "",
         f"`python scripts/quality.py` ({summary['seconds'] / 60:.1f} min for all seven stages on {machine['cores']} "
-        f"cores of {machine['cpu'] or 'an unnamed CPU'}, torch {machine['torch']}, {machine['device']}): each stage "
+        f"cores of {machine['cpu'] or 'an unnamed CPU'}{side_by_side(machine)}, torch {machine['torch']}, "
+        f"{machine['device']}): each stage "
         f"trains its bundle's `tiny.json` on the embedded demo dataset at {summary['spacing_mm']:g} mm for the steps "
         "shown, then `test` scores the test split: the demo split's test case and the further cases `--test-cases` "
         "adds, which no stage saw before (`test cases`: the cases the stage's `test` read, its `num_cases`). The "
@@ -91,6 +92,13 @@ def markdown(summary: dict, rows: list[dict]) -> str:
                      f"{r['margin']:+.3f} | "
                      f"{'beats' if r['passes'] else '**loses**'} |")
     return "\n".join(lines) + "\n"
+
+
+def side_by_side(machine: dict) -> str:
+    """``, the two families side by side (1 thread each)`` where the demo ran them so (``--jobs``), else ``""``."""
+    threads = machine["torch_threads"]
+    return (f", the two families side by side ({threads} thread{'s' if threads > 1 else ''} each)"
+            if machine.get("jobs", 1) > 1 else "")
 
 
 def copy_sheet(source: Path, target: Path) -> None:
