@@ -168,7 +168,7 @@ def exclusive(lock: str | os.PathLike) -> Iterator[None]:
     """
     try:
         import fcntl
-    except ImportError:  # no flock: as before there was a lock
+    except ImportError:  # no flock (Windows): the block runs unlocked
         yield
         return
     lock = Path(lock)
