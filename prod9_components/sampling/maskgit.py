@@ -32,7 +32,10 @@ def guided_logits(cond: torch.Tensor | None, uncond: torch.Tensor | None, guidan
 
 
 def _gumbel(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator, device=device).clamp_min(torch.finfo(torch.float32).tiny)
+    # Drawn where the generator lives, then moved: a CPU generator (what the generation loop seeds) serves a CUDA
+    # model, and one seed draws the same numbers on every device.
+    where = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, device=where).to(device).clamp_min(torch.finfo(torch.float32).tiny)
     return -torch.log(-torch.log(u))
 
 
@@ -161,7 +164,7 @@ class MaskGiTSampler:
             shape: (B, d, h, w) token grid.
             target_label: (B,) int64 target modality labels.
             source_tokens, source_labels: (B, S, d, h, w) and (B, S) in-context sources, or None.
-            generator: torch.Generator on the model's device, for reproducible samples.
+            generator: for reproducible samples, on any device (a CPU one draws the same numbers for every device).
             initial_tokens: (B, d, h, w) tokens to keep (inpainting); with ``fixed_mask`` None, every position
                 that is not ``mask_token_id`` is kept.
             fixed_mask: (B, d, h, w) bool, True = keep ``initial_tokens`` there.
