@@ -510,7 +510,12 @@ def choose_setting(stage: Stage, context: dict) -> dict[str, str]:
 
 
 def tiny_config(stage: Stage) -> str:
-    return str(ROOT / "bundles" / stage.name / "configs" / "tiny.json")
+    """The stage's ``tiny.json`` in the bundles the console scripts run (the installed package's): they layer a config
+    file of those bundles as config; any other file, such as this repository's copy beside a non-editable install,
+    they read as a user's preset (data), which would leave its ``$`` export path a literal file name."""
+    from prod9_components.cli.bundle_runner import bundles_root
+
+    return str(bundles_root() / stage.name / "configs" / "tiny.json")
 
 
 def train_command(stage: Stage, context: dict) -> list[str]:

@@ -143,3 +143,21 @@ def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
     assert big.stat().st_size > quality.MAX_PNG_BYTES
     quality.copy_sheet(big, tmp_path / "docs" / "big.png")
     assert (tmp_path / "docs" / "big.png").stat().st_size <= quality.MAX_PNG_BYTES
+
+
+def test_the_demo_layers_the_tiny_config_of_the_bundles_the_scripts_run(tmp_path, monkeypatch):
+    """Beside a non-editable install the console scripts run the installed bundles and read any other config file as
+    a user's preset (data): the repository's copy of tiny.json would leave its ``$`` export path a literal file name.
+    The demo names the tiny.json of the bundles the scripts run, which they layer as config."""
+    import shutil
+
+    from prod9_components.cli import bundle_runner
+
+    installed = tmp_path / "site-packages" / "prod9_components" / "bundles"
+    shutil.copytree(bundle_runner.bundles_root(), installed)
+    monkeypatch.setattr(bundle_runner, "bundles_root", lambda: installed)
+    for stage in _demo().STAGES:
+        config = _demo().tiny_config(stage)
+        assert Path(config) == installed / stage.name / "configs" / "tiny.json"
+        assert bundle_runner.user_preset(config) is None
+        assert bundle_runner.config_files(stage.name, "train", config)[1][-1] == config
