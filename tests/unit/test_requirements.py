@@ -9,7 +9,9 @@ import json
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
+from pathlib import Path
 
+import monai
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -62,3 +64,21 @@ def test_bundles_pin_the_declared_dependencies_at_allowed_versions():
                 assert DECLARED[dist].specifier.contains(Version(version)), f"{meta_file}: {dist}=={version}"
         pins[meta_file.parts[-3]] = versions
     assert len(pins) == 7 and all(p == pins["maskgit_stage1"] for p in pins.values()), "bundles pin different versions"
+
+
+# Declared dependencies no module of the package imports, each with where it is used (checked below).
+USED_ELSEWHERE = {
+    "einops": ("MONAI's attention blocks, in the MAISI networks",
+               Path(monai.__file__).parent / "networks" / "blocks" / "selfattention.py", "einops"),
+    "tensorboard": ("the bundles' TensorBoard handlers (torch.utils.tensorboard)",
+                    ROOT / "bundles" / "maskgit_stage1" / "configs" / "train.json", "TensorBoardStatsHandler"),
+    "matplotlib": ("the demo's PNG sheets", ROOT / "scripts" / "demo.py", "import matplotlib"),
+}
+
+
+def test_every_declared_dependency_is_used():
+    """A dependency nothing uses costs every install its download (itk: 1.5 GB installed, never imported)."""
+    unused = DECLARED.keys() - imported_distributions().keys() - OWN_KEYS.keys()
+    assert unused == USED_ELSEWHERE.keys(), f"declared, never imported: {sorted(unused - USED_ELSEWHERE.keys())}"
+    for dist, (why, path, marker) in USED_ELSEWHERE.items():
+        assert marker in path.read_text(), f"{dist} ({why}): {marker!r} no longer in {path}"
