@@ -15,16 +15,20 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# glibc told to keep freed blocks in the heap, as the demo runs (scripts/demo.py, KEEP_FREED_MEMORY): the tests train
+# tiny networks whose megabyte activations are otherwise handed back to the OS and faulted in again every step.
+KEEP_FREED_MEMORY := MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
+
 # The 15 slowest tests are listed at the end: CI allows 20 minutes with the install, and the list says where
 # the time goes when the suite nears it.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(KEEP_FREED_MEMORY) $(PY) -m pytest -q -n 2 --durations=15 tests
 
 # Unit tests only (tests/unit: no bundle chain is trained), for the edit-test loop: under 3 minutes on 2 cores
 # (about 2 min 10 s of CPU in all). The slowest module, test_known_answers.py (about a minute on its worker: tiny
 # networks overfit known answers), stays in: it is what catches a numerics regression without training a chain.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 tests/unit
+	$(KEEP_FREED_MEMORY) $(PY) -m pytest -q -n 2 tests/unit
 
 # Every command of the seed's TRAINING_WORKFLOWS.md in order, tiny overrides appended (about 6 CPU-minutes).
 test-seed: $(VENV)/.installed
