@@ -720,10 +720,10 @@ def markdown_table(report: dict) -> str:
              + (f", {m['gpu']}" if "gpu" in m else "") + f"), torch {m['torch']}, MONAI {m['monai']}: "
              f"`{report['command']}`. ratio = seconds / baseline_seconds, both measured in the same run: the "
              "baseline is the MONAI reference of the same work, or for the variant rows the float32 eager step. "
-             "peak_fraction = gflops_per_s / matmul_peak_gflops (a float32 matmul on CPU, bfloat16 on CUDA, where the "
-             "steps run under autocast; gflop counts the CPU attention kernel too). The demo rows are the demo's own training iterations (tiny.json and the demo's flags), "
-             "the unsuffixed one per stage the step the demo trains; data_seconds is their data loader's time per "
-             "batch.", "",
+             "peak_fraction = gflops_per_s / matmul_peak_gflops (a float32 matmul on CPU, bfloat16 on CUDA, where "
+             "the steps run under autocast; gflop counts the CPU attention kernel too). The demo rows are the demo's "
+             "own training iterations (tiny.json and the demo's flags), the unsuffixed one per stage the step the "
+             "demo trains; data_seconds is their data loader's time per batch.", "",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for row in report["results"]:
         lines.append("| " + " | ".join("" if row.get(k) is None else str(row[k]) for k in TABLE_COLUMNS) + " |")
