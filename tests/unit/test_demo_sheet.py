@@ -123,7 +123,8 @@ def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
     summary = {"seconds": 600.0, "spacing_mm": 4.0, "stages": [
         {"stage": "maskgit_stage1", "train_seconds": 80.2, "steps": 120, "num_cases": 4, "scores": scores},
         {"stage": "maskgit_stage3_controlnet", "train_seconds": 50.0, "steps": 300, "num_cases": 32,
-         "scores": scores[-1:]}],
+         "scores": scores[-1:], "conditioning_scale": 2},
+        {"stage": "maisi_stage3_controlnet", "train_seconds": 40.0, "steps": 500, "num_cases": 32, "scores": []}],
         "machine": {"cpu": "test CPU", "cores": 2, "torch_threads": 2, "device": "cpu", "torch": "2.13.0"}}
     rows = quality.table_rows(summary)
     assert [(r["metric"], r["passes"]) for r in rows] == [("psnr", False), ("ssim", True), ("psnr", True),
@@ -134,7 +135,8 @@ def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
     assert "| psnr | 19.000 | pool | 15.000 + 3 | +1.000 | beats |" in table
     assert "| brain_dice | 0.830 | fixed bar | 0.8 | +0.030 | beats |" in table
     assert "| maskgit_stage3_controlnet | 50 | 300 | 32 | brain_dice |" in table
-    assert "(MaskGiT 4, MAISI 8)" in table  # the ControlNets' conditioning scales
+    # the scale each ControlNet's test ran with, as its run recorded it (a summary from before the record: said so)
+    assert "at conditioning scale maskgit 2, maisi not recorded." in table
     # A noisy full-colour sheet over 300 KB is re-encoded under the limit.
     from PIL import Image
 
