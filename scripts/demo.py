@@ -95,8 +95,12 @@ FSQ_SCORES = (Score("psnr", "pool_baseline_psnr", POOL, plus=3.0), Score("ssim",
 VAE_SCORES = (Score("psnr", "pool_baseline_psnr", POOL, plus=6.0), Score("ssim", "pool_baseline_ssim", POOL, plus=0.15))
 TRANSLATION_SCORES = tuple(Score(m, f"best_baseline_{m}", TRANSLATION)
                            for m in ("psnr", "ssim", "psnr_tumour", "ssim_tumour"))
-# Generation: issue 15's bar (brain-shape Dice >= 0.8), then the real data's own scores, which a model can only near.
+# Generation: issue 15's bars (brain-shape Dice >= 0.8; intensity W1 at most half the untrained network's, measured
+# by the same `test` in the same run, see untrained_scores), then the real data's own scores, which a model can only
+# near.
+UNTRAINED = "the untrained network, same test"
 GENERATION_SCORES = (Score("brain_dice", None, "fixed bar", plus=0.8),
+                     Score("intensity_w1", "untrained_intensity_w1", UNTRAINED, higher_is_better=False, need=0.5),
                      Score("brain_dice", "real_brain_dice", "real brains vs the closest training brain"),
                      Score("intensity_w1", "real_intensity_w1", "held-out real vs training real", higher_is_better=False))
 # Mask control: the segmenter finds the tumour where the mask put it, in a sample that is still a brain (the generators'
@@ -167,6 +171,8 @@ class Stage:
     # the flags are fixed
     choices: tuple[dict[str, str], ...] = ()
     choose_by: str = "psnr"
+    # also test the network as initialised (see untrained_scores): its scores become ``untrained_<metric>``
+    untrained: bool = False
 
 
 STAGES = (
@@ -189,8 +195,9 @@ STAGES = (
                "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
           title="MaskGiT stage 2, label-conditional: a real T2 (top) vs a T2 generated from the label alone (bottom)",
-          scores=GENERATION_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache",
-                                          "--validate#samples#modalities", "['T2']", *TRANSFORMER)),
+          scores=GENERATION_SCORES, untrained=True,
+          test=("--token-cache-dir", "{maskgit_stage1}/token_cache", "--validate#samples#modalities", "['T2']",
+                *TRANSFORMER)),
     Stage("maskgit_stage2_incontext", "maskgit", "prod9-train-transformer",
           train=("--source-modality", "T1", "--target-modality", "T2", "--autoencoder-path",
                  "{maskgit_stage1}/autoencoder_tiny.pt", "--token-cache-dir", "{maskgit_stage1}/token_cache",
@@ -240,7 +247,8 @@ STAGES = (
                *FLOW_STEPS, "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
           title="MAISI stage 2, latent diffusion: a real T2 (top) vs a T2 generated from noise in 10 steps (bottom)",
-          scores=GENERATION_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *FLOW_STEPS)),
+          scores=GENERATION_SCORES, untrained=True,
+          test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *FLOW_STEPS)),
     Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
           train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask+label",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", "--tumour-weight", "100",
@@ -492,6 +500,8 @@ def run_stage(stage: Stage, context: dict) -> dict:
     context.update(chosen)
     run_command(stage, test_command(stage, context))
     metrics = json.loads((folder / "metrics_test.json").read_text())
+    if stage.untrained:
+        metrics.update(untrained_scores(stage, context))
     run_command(stage, fill(stage.use, context))
     png = Path(context["out"]) / f"{stage.name}.png"
     write_sheet([load_row(row, context) for row in stage.rows], stage.title, png)
@@ -524,13 +534,30 @@ def tiny_config(stage: Stage) -> str:
     return str(bundles_root() / stage.name / "configs" / "tiny.json")
 
 
-def train_command(stage: Stage, context: dict) -> list[str]:
-    """`train` with the bundle's tiny config, a small budget and one validation (at the end: it picks best.ckpt)."""
+def train_command(stage: Stage, context: dict, untrained: bool = False) -> list[str]:
+    """`train` with the bundle's tiny config, a small budget and one validation (at the end: it picks best.ckpt).
+
+    ``untrained``: one step at learning rate 0 instead (Adam then moves no weight): the network as the bundle's seed
+    initialises it, written as the checkpoint `test` reads."""
+    flags = fill(stage.train, {**context, "stage": context[stage.name]})
+    epochs, batches = (1, 1) if untrained else (stage.epochs, stage.batches)
+    if untrained:  # the stage's own --learning-rate (flag and value) gives way to 0
+        drop = {i + k for i, flag in enumerate(flags) if flag == "--learning-rate" for k in (0, 1)}
+        flags = [flag for i, flag in enumerate(flags) if i not in drop] + ["--learning-rate", "0"]
     return ["train", "--config", tiny_config(stage), "--output-dir", context[stage.name],
-            "--dataset-dir", context["data"], "--epochs", str(stage.epochs),
-            "--limit-train-batches", str(stage.batches), "--val-interval", str(stage.epochs),
-            "--limit-val-batches", "1", *datalist_flag(context),
-            *fill(stage.train, {**context, "stage": context[stage.name]})]
+            "--dataset-dir", context["data"], "--epochs", str(epochs), "--limit-train-batches", str(batches),
+            "--val-interval", str(epochs), "--limit-val-batches", "1", *datalist_flag(context), *flags]
+
+
+def untrained_scores(stage: Stage, context: dict) -> dict:
+    """The test scores of the stage's untrained network as ``untrained_<metric>``, from ``<stage>/untrained``: the
+    stage's `train` for one step at learning rate 0 (see :func:`train_command`), then its `test`: the same test cases,
+    upstream model and sampling seeds as the trained network's (the bar a generator must clear by learning)."""
+    folder = str(Path(context["stage"]) / "untrained")
+    run_command(stage, train_command(stage, {**context, stage.name: folder}, untrained=True))
+    run_command(stage, test_command(stage, {**context, "stage": folder}))
+    metrics = json.loads((Path(folder) / "metrics_test.json").read_text())
+    return {f"untrained_{key}": value for key, value in metrics.items()}
 
 
 def test_command(stage: Stage, context: dict) -> list[str]:

@@ -7,7 +7,7 @@ stage) unless ``--reuse`` is given, then turns its ``summary.json`` into ``bench
 sheets into ``docs/demo/`` (PNG, under 300 KB each) for the README. Losing rows are kept: the table says where a model
 does not beat what learns nothing.
 
-    python scripts/quality.py            # ~15 min on 2 CPU cores
+    python scripts/quality.py            # ~45 min on 2 CPU cores (the demo)
     python scripts/quality.py --reuse    # tabulate an existing outputs/demo/summary.json
 """
 
@@ -83,8 +83,9 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         "shown, then `test` scores the test split: the demo split's test case and the further cases `--test-cases` "
         "adds, which no stage saw before (`test cases`: the cases the stage's `test` read, its `num_cases`). The "
         "baseline column is what the model must beat (DESIGN §9): the input pooled by the autoencoder's factor, the "
-        "best of three source-intensity maps for a translation, the real data for generation, the segmenter's Dice "
-        "on real images for mask control (the model passes at `need` x that). A stage-1 model must clear pooling by "
+        "best of three source-intensity maps for a translation; for generation half the intensity W1 of the same "
+        "network untrained (one training step at learning rate 0, tested alike), and the real data's own scores; "
+        "the segmenter's Dice on real images for mask control (the model passes at `need` x the baseline). A stage-1 model must clear pooling by "
         "the margin shown (`+ 3`: a model that only ties pooling has barely learned). The ControlNets were tested "
         f"and sampled at conditioning scale {conditioning_scales(summary)}. Rows where the model loses are kept.",
         "",

@@ -87,6 +87,40 @@ def test_every_stage_template_fills_and_reads_an_earlier_stage():
         assert stage.needs is None or order.index(stage.needs) < order.index(stage.name)
 
 
+def test_generators_are_held_to_half_their_untrained_networks_intensity_w1(tmp_path, monkeypatch):
+    """A generator stage trains a copy for one step at learning rate 0 (its own rate dropped) into <stage>/untrained,
+    tests it like the trained one, and its W1 must be at most half that copy's."""
+    import json
+
+    demo = _demo()
+    generators = [s for s in demo.STAGES if s.untrained]
+    assert {s.name for s in generators} == {"maskgit_stage2_label", "maisi_stage2_diffusion"}
+    context = {"out": str(tmp_path), "data": "d", "mm": "4.0", **{s.name: str(tmp_path / s.name) for s in demo.STAGES}}
+    for stage in generators:
+        folder = tmp_path / stage.name / "untrained"
+        commands = []
+
+        def run(stage_, args, folder=folder):  # what `train` and `test` leave in the untrained folder
+            commands.append(args)
+            if args[0] == "test":
+                folder.mkdir(parents=True)
+                (folder / "metrics_test.json").write_text(json.dumps({"intensity_w1": 0.12, "brain_dice": 0.45}))
+
+        monkeypatch.setattr(demo, "run_command", run)
+        scores = demo.untrained_scores(stage, {**context, "stage": context[stage.name]})
+        assert scores == {"untrained_intensity_w1": 0.12, "untrained_brain_dice": 0.45}
+        train, test = commands
+        assert train[0] == "train" and test[0] == "test"
+        for args in (train, test):
+            assert args[args.index("--output-dir") + 1] == str(folder)
+        assert [train[train.index(flag) + 1] for flag in ("--epochs", "--limit-train-batches")] == ["1", "1"]
+        assert train.count("--learning-rate") == 1 and train[train.index("--learning-rate") + 1] == "0"
+        assert test == demo.test_command(stage, {**context, "stage": str(folder)})
+        w1 = next(s for s in stage.scores if s.baseline == "untrained_intensity_w1")
+        assert w1.verdict({"intensity_w1": 0.059, **scores})["passes"]
+        assert not w1.verdict({"intensity_w1": 0.061, **scores})["passes"]  # 0.5 x 0.12 = 0.06
+
+
 def test_scores_are_reported_beside_their_baseline_and_a_loss_is_said_plainly():
     demo = _demo()
     psnr = demo.Score("psnr", "best_baseline_psnr", "pool")
