@@ -51,12 +51,14 @@ class MaskGiTControlNetEvaluator(MaskGiTEvaluator):
         seed = int(torch.randint(2**62, (1,), generator=generator))
 
         def sample(mask: torch.Tensor, seed: int = seed) -> torch.Tensor:  # one seed: the same noise with and without
+            grid = inputs["target_tokens"].shape[1:]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                control = ({"mask_embedding": network.encode_mask(mask, grid)}  # once, not every step
+                           if network.mask_encoder is not None else {})
                 tokens = self.sampler.sample(network, inputs["target_tokens"].shape, inputs["target_label"],
                                              inputs["source_tokens"], inputs["source_labels"],
                                              generator=torch.Generator().manual_seed(seed),
-                                             model_kwargs={"control_mask": mask,
-                                                           "conditioning_scale": self.conditioning_scale})
+                                             model_kwargs={**control, "conditioning_scale": self.conditioning_scale})
             return self.decode(tokens)
 
         pred, without = sample(seg), sample(torch.zeros_like(seg))

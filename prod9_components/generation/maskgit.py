@@ -192,9 +192,9 @@ def generate_with_masks(network: nn.Module, autoencoder: nn.Module, sampler, mod
 
     def sample(item: dict, generator: torch.Generator) -> GeneratedVolume:
         seg = transform({"seg": item["seg"]})["seg"]  # (1, D, H, W) MetaTensor on the output grid
+        encoded = network.encode_mask(seg.as_tensor().long().to(device), volume_grid)  # once, not every step
         tokens = sampler.sample(network, (1, *volume_grid), label, generator=generator,
-                                model_kwargs={"control_mask": seg.as_tensor().long().to(device),
-                                              "conditioning_scale": conditioning_scale})
+                                model_kwargs={"mask_embedding": encoded, "conditioning_scale": conditioning_scale})
         return GeneratedVolume(decode_tokens(autoencoder, tokens, sw_config)[0].cpu(), seg.affine, seg)
 
     written = generate(sample, items, saver, seed, desc=f"sampling {name} with masks")

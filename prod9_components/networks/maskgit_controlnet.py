@@ -62,7 +62,9 @@ class MaskGiTControlNet(nn.Module):
 
     Shapes (besides the base model's, see :class:`TransformerDecoderSingleStream`):
         control_mask: (B, D, H, W) int labels in [0, num_mask_classes) at image resolution, D = d * f; needed for
-            mask control.
+            mask control, unless ``mask_embedding`` is given.
+        mask_embedding: (B, d*h*w, hidden) :meth:`encode_mask` of the control mask, for many calls with one mask (a
+            sampler's steps): its full-resolution convolutions are a sixth of a sampling call.
         control_label: (B,) modality label for label control (default: ``target_label``).
         positions: (B, d, h, w) bool or None: score only these target positions (training).
         targets: (M,) int64 or None: with ``positions``, their true tokens; the output is then the loss dict.
@@ -124,16 +126,25 @@ class MaskGiTControlNet(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def encode_mask(self, control_mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, D, H, W) int mask on the token ``grid`` (d, h, w) times the downsampling -> (B, d*h*w, hidden)."""
+        if self.mask_encoder is None:
+            raise ValueError(f"control_type {self.control_type!r} takes no mask.")
+        if control_mask is None:
+            raise ValueError(f"control_type {self.control_type!r} needs control_mask (B, D, H, W).")
+        factor = self.init_args["downsample_factor"]  # the mask is the token grid x factor
+        size = (control_mask.shape[0], *(int(s) * factor for s in grid))
+        return self.mask_encoder(mask_one_hot(control_mask, self.num_mask_classes, size)).flatten(2).transpose(1, 2)
+
     def control_embedding(self, grid: tuple[int, int, int], batch: int, control_mask: torch.Tensor | None,
-                          control_label: torch.Tensor) -> torch.Tensor:
+                          control_label: torch.Tensor, mask_embedding: torch.Tensor | None = None) -> torch.Tensor:
         """(B, d*h*w, hidden) added to the target positions of the branch's input."""
         control = 0
         if self.mask_encoder is not None:
-            if control_mask is None:
-                raise ValueError(f"control_type {self.control_type!r} needs control_mask (B, D, H, W).")
-            factor = self.init_args["downsample_factor"]  # the mask is the token grid x factor
-            one_hot = mask_one_hot(control_mask, self.num_mask_classes, (batch, *(s * factor for s in grid)))
-            control = self.mask_encoder(one_hot).flatten(2).transpose(1, 2)  # (B, d*h*w, hidden)
+            control = self.encode_mask(control_mask, grid) if mask_embedding is None else mask_embedding
+            expected = (batch, math.prod(grid), self.base.init_args["hidden_dim"])
+            if tuple(control.shape) != expected:
+                raise ValueError(f"mask_embedding must have shape {expected}, got {tuple(control.shape)}.")
         if self.label_embedding is not None:
             control = control + self.label_embedding(control_label)[:, None]
         return control
@@ -144,12 +155,13 @@ class MaskGiTControlNet(nn.Module):
                 control_label: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None,
                 target_weights: torch.Tensor | None = None, code_weight: float = 0.0,
-                conditioning_scale: float = 1.0) -> torch.Tensor | dict[str, torch.Tensor]:
+                conditioning_scale: float = 1.0,
+                mask_embedding: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         batch, d, h, w = target_tokens.shape
         x, attn_mask, context_length = self.base.embed_sequence(target_tokens, target_label, source_tokens,
                                                                source_labels, grid_origin)
         control = self.control_embedding((d, h, w), batch, control_mask,
-                                         target_label if control_label is None else control_label)
+                                         target_label if control_label is None else control_label, mask_embedding)
         c = torch.cat([x[:, :context_length], x[:, context_length:] + control], dim=1)
         for i, block in enumerate(self.base.blocks):
             x = block(x, attn_mask)

@@ -73,11 +73,14 @@ def sample_categorical(logits: torch.Tensor, noise: torch.Tensor | None = None,
     blocks, size = _blocks(num_codes)
     if noise is None:
         noise = categorical_noise(rows, num_codes, generator, logits.device)
-    padded = torch.nn.functional.pad(logits, (0, blocks * size - num_codes), value=float("-inf"))
-    padded = padded.view(*rows, blocks, size)
-    block_lse = padded.logsumexp(dim=-1)  # (..., blocks); the last block holds at least one real code
+    # The blocks are views of the logits (a padded copy of them cost a third of a step); the last one may be short.
+    full = num_codes // size
+    block_lse = logits[..., :full * size].view(*rows, full, size).logsumexp(dim=-1)  # (..., blocks)
+    if full < blocks:
+        block_lse = torch.cat([block_lse, logits[..., full * size:].logsumexp(dim=-1, keepdim=True)], dim=-1)
     block = (block_lse + noise[..., :blocks]).argmax(dim=-1)  # (...,)
-    inside = padded.gather(-2, block[..., None, None].expand(*rows, 1, size)).squeeze(-2)  # (..., size)
+    codes = block[..., None] * size + torch.arange(size, device=logits.device)  # (..., size): the block's codes
+    inside = logits.gather(-1, codes.clamp(max=num_codes - 1)).masked_fill(codes >= num_codes, float("-inf"))
     draws = block * size + (inside + noise[..., blocks:]).argmax(dim=-1)
     return draws, logits.gather(-1, draws[..., None]).squeeze(-1) - block_lse.logsumexp(dim=-1)
 
@@ -160,7 +163,8 @@ class MaskGiTSampler:
 
         Args:
             model: a ``TransformerDecoderSingleStream`` (or anything with its forward signature, ``mask_token_id``
-                and ``null_label``); run in eval mode, its training mode is restored afterwards.
+                and ``null_label``); called with ``positions`` (B, d, h, w) bool, the masked positions, it returns
+                their logits (M, K) in row-major order; run in eval mode, its training mode is restored afterwards.
             shape: (B, d, h, w) token grid.
             target_label: (B,) int64 target modality labels.
             source_tokens, source_labels: (B, S, d, h, w) and (B, S) in-context sources, or None.
@@ -207,23 +211,23 @@ class MaskGiTSampler:
             for t in range(self.num_steps):
                 if not masked.any():
                     break
-                grid = tokens.view(shape)
-                # Each side is computed only when guidance needs it (s == 1: cond alone; s == 0: uncond alone).
-                cond = (model(grid, target_label, source_tokens, source_labels, grid_origin, **model_kwargs)
-                        if self.guidance_scale != 0 else None)
-                uncond = (model(grid, null_label, grid_origin=grid_origin, **model_kwargs)
+                grid, positions = tokens.view(shape), masked.view(shape)
+                # Each side is computed only when guidance needs it (s == 1: cond alone; s == 0: uncond alone), and
+                # only at the masked positions (fixed ones are never re-picked): the head over all K codes and the
+                # softmax below are most of a step's work for a large codebook.
+                cond = (model(grid, target_label, source_tokens, source_labels, grid_origin, positions=positions,
+                              **model_kwargs) if self.guidance_scale != 0 else None)
+                uncond = (model(grid, null_label, grid_origin=grid_origin, positions=positions, **model_kwargs)
                           if self.guidance_scale != 1 else None)
-                logits = guided_logits(cond, uncond, self.guidance_scale)
-                logits = logits.flatten(2).transpose(1, 2).float()  # (B, N, K)
+                open_logits = guided_logits(cond, uncond, self.guidance_scale).float()  # (M, K), row-major order
 
-                # Candidates ~ softmax(logits / tau) at the masked positions only (fixed ones are never re-picked);
-                # their confidence starts as their log-probability. Every position draws its own noise, masked or
-                # not: two runs from one seed (a mask vs an empty mask) then draw each position alike wherever their
-                # logits nearly agree.
-                open_logits = logits[masked]  # (M, K)
+                # Candidates ~ softmax(logits / tau); their confidence starts as their log-probability. Every
+                # position draws its own noise, masked or not: two runs from one seed (a mask vs an empty mask) then
+                # draw each position alike wherever their logits nearly agree.
                 if self.sampling_temperature > 0:
-                    noise = categorical_noise(masked.shape, logits.shape[-1], generator, device)[masked]
-                    drawn, log_prob = sample_categorical(open_logits / self.sampling_temperature, noise)
+                    noise = categorical_noise(masked.shape, open_logits.shape[-1], generator, device)[masked]
+                    tempered = open_logits if self.sampling_temperature == 1 else open_logits / self.sampling_temperature
+                    drawn, log_prob = sample_categorical(tempered, noise)
                 else:
                     drawn = open_logits.argmax(dim=-1)
                     log_prob = open_logits.gather(-1, drawn[:, None])[:, 0] - torch.logsumexp(open_logits, dim=-1)

@@ -36,8 +36,11 @@ class FixedLogits(nn.Module):
     codebook_size = property(lambda self: self.fixed.shape[0])
     mask_token_id = property(lambda self: self.fixed.shape[0])
 
-    def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None, grid_origin=None):
+    def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None, grid_origin=None,
+                positions=None):
         self.calls.append(target_tokens.clone())
+        if positions is not None:  # a sampler's step: the logits of the masked positions, (M, K)
+            return self.fixed[None].expand(int(positions.sum()), -1)
         b, d, h, w = target_tokens.shape
         return self.fixed[None, :, None, None, None].expand(b, -1, d, h, w)
 

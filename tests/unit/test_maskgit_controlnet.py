@@ -117,6 +117,28 @@ def test_bad_control_inputs():
         MaskGiTControlNet(make_base().init_args, downsample_factor=3)
 
 
+def test_a_mask_encoded_once_gives_the_logits_of_the_mask_itself():
+    """A sampler's steps share one mask: ``encode_mask`` once, then ``mask_embedding`` in every call, is the same
+    model (and with ``positions``, the same logits for those rows); a wrong shape or a label-only net is refused."""
+    net, x = make_control("mask+label", randomise_projections=True), inputs()
+    positions = x["target_tokens"] == K
+    with torch.no_grad():
+        encoded = net.encode_mask(x["control_mask"], GRID)
+        assert encoded.shape == (2, GRID[0] * GRID[1] * GRID[2], 32)
+        for scale in (1.0, 3.0):
+            direct = net(x["target_tokens"], x["target_label"], control_mask=x["control_mask"],
+                         conditioning_scale=scale)
+            assert torch.equal(net(x["target_tokens"], x["target_label"], mask_embedding=encoded,
+                                   conditioning_scale=scale), direct)
+            rows = net(x["target_tokens"], x["target_label"], mask_embedding=encoded, positions=positions,
+                       conditioning_scale=scale)  # (M, K): the masked rows, row-major
+            assert torch.allclose(rows, direct.movedim(1, -1)[positions], atol=1e-5)
+        with pytest.raises(ValueError, match=r"mask_embedding must have shape \(2, 24, 32\), got \(2, 23, 32\)"):
+            net(x["target_tokens"], x["target_label"], mask_embedding=encoded[:, 1:])
+    with pytest.raises(ValueError, match="control_type 'label' takes no mask"):
+        make_control("label").encode_mask(x["control_mask"], GRID)
+
+
 def test_rebuilds_from_init_args():
     net = make_control("mask+label", randomise_projections=True)
     rebuilt = MaskGiTControlNet(**net.init_args).eval()

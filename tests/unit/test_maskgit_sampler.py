@@ -34,11 +34,12 @@ class Recorder(nn.Module):
     mask_token_id = property(lambda self: self.net.mask_token_id)
     null_label = property(lambda self: self.net.null_label)
 
-    def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None, grid_origin=None):
+    def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None, grid_origin=None,
+                positions=None):
         self.calls.append({"tokens": target_tokens.clone(), "label": target_label.clone(),
                            "sources": None if source_tokens is None else source_tokens.clone(),
-                           "origin": grid_origin})
-        return self.net(target_tokens, target_label, source_tokens, source_labels, grid_origin)
+                           "origin": grid_origin, "positions": positions})
+        return self.net(target_tokens, target_label, source_tokens, source_labels, grid_origin, positions)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -154,8 +155,9 @@ def test_guidance_scale_one_is_exactly_the_conditional_model():
     assert all(torch.equal(c["label"], label) and c["sources"] is not None for c in model.calls)
 
     class NullIsGarbage(Recorder):  # proves guidance 1 never looks at the unconditional logits
-        def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None, grid_origin=None):
-            out = super().forward(target_tokens, target_label, source_tokens, source_labels, grid_origin)
+        def forward(self, target_tokens, target_label, source_tokens=None, source_labels=None, grid_origin=None,
+                    positions=None):
+            out = super().forward(target_tokens, target_label, source_tokens, source_labels, grid_origin, positions)
             return torch.randn_like(out) * 100 if (target_label == self.null_label).all() else out
 
     same = MaskGiTSampler(num_steps=4).sample(NullIsGarbage(net), SHAPE, label, sources, source_labels,
@@ -202,6 +204,7 @@ def test_inpainting_keeps_fixed_tokens_and_restores_training_mode():
     assert (tokens == K).sum() == 0
     for call in model.calls:
         assert torch.equal(call["tokens"][keep], initial[keep])
+        assert torch.equal(call["positions"], call["tokens"] == K)  # logits asked for the masked positions only
     assert (model.calls[0]["tokens"] == K).flatten(1).sum(1).tolist() == [32, 32]
     assert net.training  # restored after sampling in eval mode
     with pytest.raises(ValueError, match="fixed_mask needs initial_tokens"):
@@ -244,7 +247,9 @@ class FixedLogits(nn.Module):
         super().__init__()
         self.register_buffer("fixed", logits)
 
-    def forward(self, target_tokens, target_label, *args, **kwargs):
+    def forward(self, target_tokens, target_label, *args, positions=None, **kwargs):
+        if positions is not None:  # (M, K): the rows the sampler asks for
+            return self.fixed[None].expand(int(positions.sum()), -1)
         b, d, h, w = target_tokens.shape
         return self.fixed[None, :, None, None, None].expand(b, -1, d, h, w)
 
