@@ -85,7 +85,8 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         "baseline column is what the model must beat (DESIGN §9): the input pooled by the autoencoder's factor, the "
         "best of three source-intensity maps for a translation; for generation half the intensity W1 of the same "
         "network untrained (one training step at learning rate 0, tested alike), and the real data's own scores; "
-        "the segmenter's Dice on real images for mask control (the model passes at `need` x the baseline). A stage-1 model must clear pooling by "
+        "the segmenter's Dice on real images for mask control (the model passes at `need` x the baseline). A "
+        "stage-1 model must clear pooling by "
         "the margin shown (`+ 3`: a model that only ties pooling has barely learned). The ControlNets were tested "
         f"and sampled at conditioning scale {conditioning_scales(summary)}. Rows where the model loses are kept.",
         "",
