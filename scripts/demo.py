@@ -7,8 +7,9 @@ MAISI:   KL-VAE -> rectified-flow latent diffusion -> tumour-mask ControlNet.
 Every step is a command a user types (``prod9-train-autoencoder train ...``, ``prod9-train-transformer generate
 ...``), so the demo also proves the console scripts work. Each stage trains its bundle's ``configs/tiny.json`` with the
 demo's recipe flags (``STAGE1_TRAIN``, ``TRANSFORMER``, ...: what learns in minutes on 2 cores), tests it on the whole
-test split (``metrics_test.json``: every score beside its trivial baseline), reconstructs / generates / translates /
-controls with the trained model and draws real vs model mid slices (axial, coronal, sagittal) into
+test split (``metrics_test.json``: every score beside its trivial baseline; the two generators also test their
+network untrained, one training step at learning rate 0, in ``<stage>/untrained``), reconstructs / generates /
+translates / controls with the trained model and draws real vs model mid slices (axial, coronal, sagittal) into
 ``<output-dir>/<stage>.png``. On the embedded demo data every stage trains and validates on the 8-case demo split (5
 training and 2 validation cases, as each bundle splits them) and tests on its test case plus ``--test-cases`` - 1
 further demo cases that no stage sees before (one test case is one tumour, too few to judge a mask control by); the
