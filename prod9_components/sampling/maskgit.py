@@ -226,8 +226,8 @@ class MaskGiTSampler:
                 # draw each position alike wherever their logits nearly agree.
                 if self.sampling_temperature > 0:
                     noise = categorical_noise(masked.shape, open_logits.shape[-1], generator, device)[masked]
-                    tempered = open_logits if self.sampling_temperature == 1 else open_logits / self.sampling_temperature
-                    drawn, log_prob = sample_categorical(tempered, noise)
+                    tau = self.sampling_temperature
+                    drawn, log_prob = sample_categorical(open_logits if tau == 1 else open_logits / tau, noise)
                 else:
                     drawn = open_logits.argmax(dim=-1)
                     log_prob = open_logits.gather(-1, drawn[:, None])[:, 0] - torch.logsumexp(open_logits, dim=-1)
