@@ -77,23 +77,18 @@ def test_chain_train_evaluate_generate(stage3_run):
 
 def test_trained_branch_makes_the_mask_matter(stage3_run, tmp_path):
     """The control-sensitivity score (change inside the tumour minus change in the healthy brain, the same seed
-    with the case's mask vs an empty one) of a briefly trained branch beats the untrained branch's exact 0."""
-    scores = {}
-    # lr 0: the branch stays at its init. lr 1e-3 (tiny.json's): the change inside the mask is 5.9x the change
-    # outside on this tiny chain; at 3e-3 the branch also moved the healthy brain (1.8x one thread, 2.4x two).
-    for name, epochs, lr in (("untrained", 1, 0.0), ("trained", 30, 1e-3)):
-        out = tmp_path / name
-        bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json"], {
-            **_ids(stage3_run, out), "transformer_path": Path(stage3_run["label"]) / "best.ckpt",
-            "control_type": "mask", "epochs": epochs, "val_interval": epochs, "learning_rate": lr,
-            "sample_during_validation": False})
-        result = bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
-            **_ids(stage3_run, out), "split": "test", "num_inference_steps": 4})
-        if name == "trained":  # the first run's segmenter (or the module's), not a new one per run
-            assert "tumour segmenter: reusing" in result.stdout
-        scores[name] = json.loads((out / "metrics_test.json").read_text())
-    assert scores["untrained"]["sensitivity"] == 0.0 and scores["untrained"]["change_inside"] == 0.0
-    trained = scores["trained"]
+    with the case's mask vs an empty one) of a briefly trained branch beats the untrained branch's, which is exactly
+    0: a new branch adds nothing (test_maskgit_controlnet.py: the output equals the base's at initialisation) and
+    identical samples score 0 (test_tumour_metrics.py)."""
+    # lr 1e-3 (tiny.json's): the change inside the mask is 5.9x the change outside on this tiny chain; at 3e-3 the
+    # branch also moved the healthy brain (1.8x one thread, 2.4x two).
+    out = tmp_path / "trained"
+    bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json"], {
+        **_ids(stage3_run, out), "transformer_path": Path(stage3_run["label"]) / "best.ckpt",
+        "control_type": "mask", "epochs": 30, "val_interval": 30, "sample_during_validation": False})
+    bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json", "evaluate.json"], {
+        **_ids(stage3_run, out), "split": "test", "num_inference_steps": 4})
+    trained = json.loads((out / "metrics_test.json").read_text())
     assert trained["sensitivity"] > 0.003 and trained["change_inside"] > 2 * trained["change_outside"]
 
 
