@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from prod9_components.data.demo import make_demo_dataset
-from tests.helpers import DIFFUSION, INCONTEXT, LABEL, MAISI_CONTROLNET, STAGE1, TEST_SPACING, VAE, bundle_run
+from tests.helpers import (DIFFUSION, FEW_SAMPLES, INCONTEXT, LABEL, MAISI_CONTROLNET, STAGE1, TEST_SPACING, VAE,
+                           bundle_run)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one thread each (also for the bundle runs they start), or they fight for the cores.
@@ -77,11 +78,11 @@ def stage2_runs(stage1_run, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("maskgit_stage2")
     runs = {"dataset_dir": stage1_run["dataset_dir"], "autoencoder_path": stage1_run["export_path"],
             "token_cache_dir": str(root / "token_cache")}
-    for name, configs in (("label", LABEL), ("incontext", INCONTEXT)):
+    for name, configs, validation in (("label", LABEL, FEW_SAMPLES), ("incontext", INCONTEXT, {})):
         out = root / name
         bundle_run(configs, ["train.json", "tiny.json"], {
             "dataset_dir": runs["dataset_dir"], "output_dir": out, "autoencoder_path": runs["autoencoder_path"],
-            "token_cache_dir": runs["token_cache_dir"]})
+            "token_cache_dir": runs["token_cache_dir"], **validation})
         runs[name] = str(out)
     return runs
 
@@ -103,7 +104,7 @@ def maisi_diffusion_run(maisi_vae_run, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("maisi_stage2")
     run = {"dataset_dir": maisi_vae_run["dataset_dir"], "vae_path": maisi_vae_run["export_path"],
            "latent_cache_dir": str(root / "latent_cache"), "output_dir": str(root / "trained")}
-    bundle_run(DIFFUSION, ["train.json", "tiny.json"], {**run, "epochs": 4, "val_interval": 2})
+    bundle_run(DIFFUSION, ["train.json", "tiny.json"], {**run, "epochs": 4, "val_interval": 2, **FEW_SAMPLES})
     return run
 
 

@@ -47,6 +47,9 @@ MAISI_CONTROLNET = configs_dir("maisi_stage3_controlnet")
 
 # Tiny demo volumes are 5 mm; resampling to 4 mm keeps them small (about 35x43x35 voxels of brain).
 TEST_SPACING = "[4.0,4.0,4.0]"
+# Stage 2's validation samples scored for one modality against one training case, for runs whose sample scores no
+# test reads: scoring four modalities against four cases is most of a tiny stage-2 run (17 of 28 s, one thread).
+FEW_SAMPLES = {"training_reference_cases": 1, "validate#samples#modalities": "['T2']"}
 
 
 def subprocess_env() -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, TEST_SPACING, cli
+from tests.helpers import FEW_SAMPLES, ROOT, TEST_SPACING, cli
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ def test_maskgit_stage2_trains_on_two_gloo_processes(stage2_runs, tmp_path):
     out = tmp_path / "run"
     result = torchrun("maskgit_stage2_label", out, {  # the suite's token cache: no encoding on two ranks
         "dataset_dir": stage2_runs["dataset_dir"], "autoencoder_path": stage2_runs["autoencoder_path"],
-        "token_cache_dir": stage2_runs["token_cache_dir"], "limit_train_batches": 2})
+        "token_cache_dir": stage2_runs["token_cache_dir"], "limit_train_batches": 2, **FEW_SAMPLES})
     check_ranks(out, result, "val_loss")
 
 
@@ -120,5 +120,5 @@ def test_maisi_stage2_trains_on_two_gloo_processes(maisi_diffusion_run, tmp_path
     out = tmp_path / "run"
     result = torchrun("maisi_stage2_diffusion", out, {  # the suite's latent cache
         "dataset_dir": maisi_diffusion_run["dataset_dir"], "vae_path": maisi_diffusion_run["vae_path"],
-        "latent_cache_dir": maisi_diffusion_run["latent_cache_dir"], "limit_train_batches": 2})
+        "latent_cache_dir": maisi_diffusion_run["latent_cache_dir"], "limit_train_batches": 2, **FEW_SAMPLES})
     check_ranks(out, result, "val_loss")

@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, run_module
+from tests.helpers import FEW_SAMPLES, ROOT, run_module
 
 pytestmark = pytest.mark.slow
 
 SHORT = {"limit_train_batches": 1, "limit_val_batches": 1}  # the chain, not the learning, is under test
-FEW_SAMPLES = {"training_reference_cases": 1, "validate#samples#modalities": "['T2']"}
 
 
 def _run(cwd: Path, bundle: str, dataset_dir: str, check: bool = True, **ids) -> subprocess.CompletedProcess:
