@@ -39,13 +39,22 @@ class Row:
     """One row of a sheet: its label and the NIfTI it shows (``{placeholders}`` as in :class:`Stage`).
 
     ``mask``: a segmentation drawn as a contour over the image. ``crop_as``: an image on the same voxel grid whose
-    brain crop this row takes (model outputs have a faint background, so their own crop would differ).
+    brain crop this row takes (model outputs have a faint background, so their own crop would differ). ``minus``: a
+    volume on ``image``'s grid subtracted from it: the row shows the signed difference of their intensities as the
+    model wrote them (not rescaled), in a diverging colour map over :data:`DIFFERENCE_RANGE`.
     """
 
     label: str
     image: str
     mask: str | None = None
     crop_as: str | None = None
+    minus: str | None = None
+
+
+# A difference row's colour scale: +-0.25 of the [0, 1] intensity range spans the mask controls' changes (the MAISI
+# ControlNet's mean change inside the test case's mask was 0.058 at scale 3, its brightest voxels several times that).
+DIFFERENCE_RANGE = 0.25
+DIFFERENCE_COLOURS = "berlin"  # diverging through black (no change), so the brain's black background stays black
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,17 @@ class Stage:
     choose_by: str = "psnr"
     # also test the network as initialised (see untrained_scores): its scores become ``untrained_<metric>``
     untrained: bool = False
+    # ``use`` again from the same seed with an all-zero mask of the first test case (``{empty_mask}``, see
+    # write_empty_mask) in place of its own: a row can subtract that sample to show what the mask changes
+    use_empty_mask: tuple[str, ...] = ()
+
+
+def controlled_rows() -> tuple[Row, Row]:
+    """A mask control's sample and what the mask changed in it: the sample minus the one from the same seed with an
+    empty mask (``use_empty_mask``), which a grey sheet leaves to the eye."""
+    sample, mask = "{stage}/generated/{test[case]}_seg_T2.nii.gz", "{stage}/generated/{test[case]}_seg_mask.nii.gz"
+    return (Row("controlled T2", sample, mask=mask),
+            Row("minus empty mask", sample, mask=mask, minus="{stage}/generated_empty/{test[case]}_seg_T2.nii.gz"))
 
 
 STAGES = (
@@ -222,11 +242,11 @@ STAGES = (
           epochs=15, batches=20, needs="maskgit_stage2_label",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
                "--conditioning-scale", MASKGIT_CONDITIONING_SCALE, "--output", "{stage}/generated"),
-          rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
-                Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
-                    mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
-          title="MaskGiT stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
-                "(bottom; red: the mask)",
+          use_empty_mask=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{empty_mask}", "--modality",
+                          "T2", "--conditioning-scale", MASKGIT_CONDITIONING_SCALE, "--output", "{stage}/generated_empty"),
+          rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"), *controlled_rows()),
+          title="MaskGiT stage 3, ControlNet: real T2 (top), a T2 generated from its tumour mask (middle; red: the "
+                "mask) and that sample minus the same seed's with an empty mask (bottom)",
           scores=CONTROL_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache", *SEGMENTER, *TRANSFORMER,
                                        "--conditioning-scale", MASKGIT_CONDITIONING_SCALE)),
     Stage("maisi_stage1_vae", "maisi", "prod9-train-maisi-vae",
@@ -263,11 +283,12 @@ STAGES = (
           epochs=25, batches=20, needs="maisi_stage2_diffusion",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
                *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE, "--output", "{stage}/generated"),
-          rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"),
-                Row("controlled T2", "{stage}/generated/{test[case]}_seg_T2.nii.gz",
-                    mask="{stage}/generated/{test[case]}_seg_mask.nii.gz")),
-          title="MAISI stage 3, ControlNet: real T2 (top) vs a T2 generated from its tumour mask "
-                "(bottom; red: the mask)",
+          use_empty_mask=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{empty_mask}", "--modality",
+                          "T2", *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE,
+                          "--output", "{stage}/generated_empty"),
+          rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"), *controlled_rows()),
+          title="MAISI stage 3, ControlNet: real T2 (top), a T2 generated from its tumour mask (middle; red: the "
+                "mask) and that sample minus the same seed's with an empty mask (bottom)",
           scores=CONTROL_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER,
                                        *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE)),
 )
@@ -505,6 +526,9 @@ def run_stage(stage: Stage, context: dict) -> dict:
     if stage.untrained:
         metrics.update(untrained_scores(stage, context))
     run_command(stage, fill(stage.use, context))
+    if stage.use_empty_mask:
+        context["empty_mask"] = write_empty_mask(context["test"]["seg"], folder / "empty_mask")
+        run_command(stage, fill(stage.use_empty_mask, context))
     png = Path(context["out"]) / f"{stage.name}.png"
     write_sheet([load_row(row, context) for row in stage.rows], stage.title, png)
     return {"stage": stage.name, "seconds": time.time() - started, "train_seconds": train_seconds,
@@ -617,51 +641,81 @@ def loss_curve(log_dir: Path) -> tuple[str, float, float] | None:
     return tag.removeprefix("train_"), sum(values[:n]) / n, sum(values[-n:]) / n
 
 
+def write_empty_mask(seg: str, folder: Path) -> str:
+    """An all-zero copy of the segmentation ``seg`` (same grid and file name) in ``folder``; returns its path."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(seg)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / Path(seg).name
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), path)
+    return str(path)
+
+
 def load_row(row: Row, context: dict):
-    """A row's image (and mask) on the model's grid: the preprocessing every stage uses (RAS, ``{mm}`` voxels,
-    intensities scaled to [0, 1], cropped to the brain), so real 1 mm volumes and model outputs line up."""
+    """A row's ``(label, volume, mask or None, signed)`` on the model's grid: the preprocessing every stage uses (RAS,
+    ``{mm}`` voxels, intensities scaled to [0, 1], cropped to the brain), so real 1 mm volumes and model outputs line
+    up. A row with ``minus`` gets ``image - minus`` of the intensities as written (``signed``: each volume's own
+    scaling would shift the difference)."""
     from monai.transforms import Compose
 
-    from prod9_components.data import preprocessing
+    from prod9_components.data import RobustIntensityScaled, preprocessing
 
-    files = {"image": row.image, "seg": row.mask, "reference": row.crop_as}
+    files = {"image": row.image, "seg": row.mask, "reference": row.crop_as, "minus": row.minus}
     files = {key: path.format(**context) for key, path in files.items() if path}
     missing = [path for path in files.values() if not Path(path).is_file()]
     if missing:
         raise DemoError(f"{missing[0]} was not written")
-    images = ["reference", "image"] if row.crop_as else ["image"]  # the crop follows the first image
+    images = [key for key in ("reference", "image", "minus") if key in files]  # the crop follows the first image
     mm = float(context["mm"])
-    item = Compose(preprocessing(images, ["seg"] if row.mask else [], spacing=(mm, mm, mm), k_divisible=1))(files)
-    return row.label, item["image"][0].numpy(), item["seg"][0].numpy() if row.mask else None
+    transforms = preprocessing(images, ["seg"] if row.mask else [], spacing=(mm, mm, mm), k_divisible=1)
+    if row.minus:
+        transforms = [t for t in transforms if not isinstance(t, RobustIntensityScaled)]
+    item = Compose(transforms)(files)
+    volume = item["image"][0].numpy() - (item["minus"][0].numpy() if row.minus else 0.0)
+    return row.label, volume, item["seg"][0].numpy() if row.mask else None, bool(row.minus)
 
 
 def write_sheet(rows: list, title: str, png: Path) -> None:
-    """Axial, coronal and sagittal slices, one row per ``(label, volume, mask or None)``, labelled on the left.
+    """Axial, coronal and sagittal slices, one row per ``(label, volume, mask or None, signed)``, labelled on the left.
 
     Slices cross the middle of each volume or, where a row has a tumour mask, the middle of the tumour, drawn as a
-    red contour. Written atomically (temp file, then rename).
+    contour (red; green over a difference). A ``signed`` row (a difference) is drawn in a diverging colour map over
+    +-:data:`DIFFERENCE_RANGE` (black: no change), with its colour bar; the others in grey over [0, 1]. Written
+    atomically (temp file, then rename).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     from prod9_components.handlers.tensorboard_images import mid_slice_grid
 
-    shape = np.max([volume.shape for _, volume, _ in rows], axis=0)
-    centres = [slice_centre(volume, mask) for _, volume, mask in rows]
-    volumes = [centre_on(volume, c, shape) for (_, volume, _), c in zip(rows, centres)]
+    shape = np.max([volume.shape for _, volume, _, _ in rows], axis=0)
+    centres = [slice_centre(volume, mask) for _, volume, mask, _ in rows]
+    volumes = [centre_on(volume, c, shape) for (_, volume, _, _), c in zip(rows, centres)]
     masks = [centre_on(mask if mask is not None else np.zeros_like(volume), c, shape) > 0
-             for (_, volume, mask), c in zip(rows, centres)]
-    grid, outline = mid_slice_grid(volumes), mid_slice_grid([m.astype(np.float32) for m in masks])
+             for (_, volume, mask, _), c in zip(rows, centres)]
+    ranges = [(-DIFFERENCE_RANGE, DIFFERENCE_RANGE) if signed else (0.0, 1.0) for *_, signed in rows]
+    grid = np.concatenate([mid_slice_grid([v], r) for v, r in zip(volumes, ranges)])  # every row the same size
+    outline = mid_slice_grid([m.astype(np.float32) for m in masks])
+    signed = np.repeat([s for *_, s in rows], grid.shape[0] // len(rows))[:, None] & np.ones(grid.shape, bool)
 
     fig, ax = plt.subplots(figsize=(9, 2.4 * len(rows) + 0.6), dpi=120)
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-    if outline.max() > 0:
-        ax.contour(outline, levels=[0.5], colors="red", linewidths=0.8)
+    ax.imshow(np.ma.masked_where(signed, grid), cmap="gray", vmin=0, vmax=1)
+    if signed.any():
+        ax.imshow(np.ma.masked_where(~signed, grid), cmap=DIFFERENCE_COLOURS, vmin=0, vmax=1)
+        fig.colorbar(ScalarMappable(Normalize(-DIFFERENCE_RANGE, DIFFERENCE_RANGE), DIFFERENCE_COLOURS), ax=ax,
+                     fraction=0.02, pad=0.01, label="difference (intensity)")
+    for colour, where in (("red", ~signed), ("lime", signed)):
+        if (outline * where).max() > 0:
+            ax.contour(outline * where, levels=[0.5], colors=colour, linewidths=0.8)
     row_height = grid.shape[0] / len(rows)
-    ax.set_yticks([(i + 0.5) * row_height for i in range(len(rows))], [label for label, _, _ in rows])
+    ax.set_yticks([(i + 0.5) * row_height for i in range(len(rows))], [label for label, *_ in rows])
     ax.set_xticks([(i + 0.5) * grid.shape[1] / 3 for i in range(3)], ["axial", "coronal", "sagittal"])
     ax.tick_params(length=0)
     ax.set_title(title, fontsize=9)

@@ -42,7 +42,7 @@ def test_sheet_has_one_row_per_volume_and_draws_the_mask(tmp_path):
     mask = np.zeros(real.shape, np.uint8)
     mask[8:13, 14:19, 6:10] = 1
     png = tmp_path / "sheet.png"
-    demo.write_sheet([("real", real, None), ("generated", generated, mask)], "real vs generated", png)
+    demo.write_sheet([("real", real, None, False), ("generated", generated, mask, False)], "real vs generated", png)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sheet.png"]  # the temp file was renamed away
     image = imread(png)[..., :3]
@@ -54,6 +54,62 @@ def test_sheet_has_one_row_per_volume_and_draws_the_mask(tmp_path):
     grey = image.mean(axis=2)
     top, bottom = grey[: height // 2], grey[height // 2:]
     assert top.mean() > bottom.mean() + 0.02  # the dimmer generated volume is the lower row
+
+
+def test_a_difference_row_is_drawn_in_colour_brighter_and_darker_apart(tmp_path):
+    """A signed row (a controlled sample minus the same seed's with an empty mask) is drawn over +-DIFFERENCE_RANGE
+    in a diverging map: a brighter cube and a darker one get different hues, no change stays dark; the grey row
+    above keeps its grey."""
+    demo = _demo()
+    real = _brain()
+    difference = np.zeros(real.shape, np.float32)
+    difference[4:9, 10:15, 6:10] = demo.DIFFERENCE_RANGE  # brighter, left of the axial slice's middle
+    difference[12:17, 10:15, 6:10] = -demo.DIFFERENCE_RANGE  # darker, right of it
+    png = tmp_path / "sheet.png"
+    demo.write_sheet([("real", real, None, False), ("change", difference, None, True)], "difference", png)
+
+    image = imread(png)[..., :3]
+    height, width, _ = image.shape
+    image = image[:, : int(0.85 * width)]  # the slices, without the colour bar on the right
+    top, bottom = image[: height // 2], image[height // 2:]
+    assert np.abs(top - top.mean(axis=2, keepdims=True)).max() < 0.02  # grey: equal channels
+    reddish = (bottom[..., 0] > bottom[..., 2] + 0.3).sum()
+    bluish = (bottom[..., 2] > bottom[..., 0] + 0.3).sum()
+    assert reddish > 100 and bluish > 100  # both changes are drawn, in different hues
+    dark = bottom.max(axis=2) < 0.15  # zero change: near black
+    assert dark.mean() > 0.2
+
+
+def test_a_difference_row_subtracts_the_intensities_as_written(tmp_path):
+    """``Row(minus=...)`` loads both volumes on the model's grid without each one's own robust rescaling (which would
+    map both brains' maxima to 1 and shift the difference) and returns image - minus; write_empty_mask writes an
+    all-zero segmentation of the same grid and file name."""
+    import nibabel as nib
+
+    demo = _demo()
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    base = np.zeros((16, 16, 16), np.float32)
+    base[3:13, 3:13, 3:13] = 0.5
+    controlled = base.copy()
+    controlled[6:9, 6:9, 6:9] = 0.6  # the change: +0.1 in a 3^3 cube
+    paths = {}
+    for name, volume in (("controlled", controlled), ("empty", base)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(volume, affine), paths[name])
+    label, difference, mask, signed = demo.load_row(
+        demo.Row("change", str(paths["controlled"]), minus=str(paths["empty"])), {"mm": "4.0"})
+    assert label == "change" and mask is None and signed
+    np.testing.assert_allclose(np.sort(difference.ravel())[-27:], 0.1, atol=1e-5)  # the cube, at its size
+    assert np.abs(difference).sum() == pytest.approx(27 * 0.1, rel=1e-4)  # and nothing else
+    grey = demo.load_row(demo.Row("controlled", str(paths["controlled"])), {"mm": "4.0"})
+    assert not grey[3] and grey[1].max() == pytest.approx(1.0)  # a grey row is rescaled to [0, 1]
+
+    seg = tmp_path / "case" / "BraTS2021_00001_seg.nii.gz"
+    seg.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.ones((5, 6, 7), np.uint8), affine), seg)
+    empty = nib.load(demo.write_empty_mask(str(seg), tmp_path / "empty"))
+    assert Path(empty.get_filename()).name == seg.name and empty.shape == (5, 6, 7)
+    assert np.array_equal(empty.affine, affine) and not np.asarray(empty.dataobj).any()
 
 
 def test_stage_selection_keeps_pipeline_order():
@@ -82,8 +138,11 @@ def test_every_stage_template_fills_and_reads_an_earlier_stage():
         assert stage.scores, f"{stage.name} reports no score beside a baseline"
         assert Path(demo.tiny_config(stage)).is_file()
         demo.fill(stage.use, context)
+        demo.fill(stage.use_empty_mask, {**context, "empty_mask": "e.nii.gz"})
         for row in stage.rows:
-            demo.fill([t for t in (row.image, row.mask, row.crop_as) if t], context)
+            demo.fill([t for t in (row.image, row.mask, row.crop_as, row.minus) if t], context)
+            # a difference row subtracts the empty-mask sample, which only a stage with use_empty_mask writes
+            assert row.minus is None or "generated_empty" in row.minus and stage.use_empty_mask
         assert stage.needs is None or order.index(stage.needs) < order.index(stage.name)
 
 
