@@ -76,6 +76,7 @@ MAISI_TRANSLATION = replace(
            "--scheduler-overrides#use_timestep_transform", "False"),
     use=("generate", "--checkpoint", "{stage}/best.ckpt", "--source", "{test[t1]}", "--source-modality", "T1",
          "--modality", "T2", *SAMPLING, "--output", "{stage}/generated"),
+    use_empty_mask=(),  # no mask here: the mask stage's difference row does not apply
     rows=(demo.Row("real T1 (source)", "{test[t1]}"),
           demo.Row("real T2", "{test[t2]}", crop_as="{test[t1]}"),
           demo.Row("translated T2", "{stage}/generated/{test[case]}_t1_T2.nii.gz")),  # on the model's grid

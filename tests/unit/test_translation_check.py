@@ -132,3 +132,5 @@ def test_the_maisi_translation_samples_as_chosen_on_the_validation_split(tmp_pat
     for args in (demo.test_command(stage, {**context, **chosen}), demo.fill(stage.use, {**context, **chosen})):
         assert args[args.index("--num-inference-steps") + 1] == "2"
         assert args[args.index("--conditioning-scale") + 1] == "1.5"
+    # the image-conditioned stage has no mask to empty: it neither samples with one nor draws a difference row
+    assert not stage.use_empty_mask and not any(row.minus for row in stage.rows)
