@@ -10,7 +10,8 @@ demo's recipe flags (``STAGE1_TRAIN``, ``TRANSFORMER``, ...: what learns in minu
 test split (``metrics_test.json``: every score beside its trivial baseline; the two generators also test their
 network untrained, one training step at learning rate 0, in ``<stage>/untrained``), reconstructs / generates /
 translates / controls with the trained model and draws real vs model mid slices (axial, coronal, sagittal) into
-``<output-dir>/<stage>.png``. On the embedded demo data every stage trains and validates on the 8-case demo split (5
+``<output-dir>/<stage>.png`` (a mask control's sheet also shows its sample minus the same seed's with an empty mask:
+what the mask changed). On the embedded demo data every stage trains and validates on the 8-case demo split (5
 training and 2 validation cases, as each bundle splits them) and tests on its test case plus ``--test-cases`` - 1
 further demo cases that no stage sees before (one test case is one tumour, too few to judge a mask control by); the
 sheets show the first test case. Within a family the stages run one after another (a later stage reads the files of
