@@ -190,6 +190,14 @@ class Stage:
     use_empty_mask: tuple[str, ...] = ()
 
 
+def controlled_sample(mask: str, *flags: str) -> tuple[str, ...]:
+    """A mask control's `generate` of a T2 from ``mask`` (the case's, or ``{empty_mask}``, which goes to
+    ``generated_empty``) with ``flags``; the seed is the command's default, the same for both."""
+    output = "{stage}/generated_empty" if mask == "{empty_mask}" else "{stage}/generated"
+    return ("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", mask, "--modality", "T2", *flags,
+            "--output", output)
+
+
 def controlled_rows() -> tuple[Row, Row]:
     """A mask control's sample and what the mask changed in it: the sample minus the one from the same seed with an
     empty mask (``use_empty_mask``), which a grey sheet leaves to the eye."""
@@ -241,10 +249,8 @@ STAGES = (
           # segmenter Dice on the samples (bar 0.13): 100 steps at lr 1e-3 0.023; 500 steps 0.126, with the tumour's
           # tokens weighted 20x 0.150 (change outside the mask 0.033 -> 0.011); 300 weighted steps at 3e-3 0.203
           epochs=15, batches=20, needs="maskgit_stage2_label",
-          use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
-               "--conditioning-scale", MASKGIT_CONDITIONING_SCALE, "--output", "{stage}/generated"),
-          use_empty_mask=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{empty_mask}", "--modality",
-                          "T2", "--conditioning-scale", MASKGIT_CONDITIONING_SCALE, "--output", "{stage}/generated_empty"),
+          use=controlled_sample("{test[seg]}", "--conditioning-scale", MASKGIT_CONDITIONING_SCALE),
+          use_empty_mask=controlled_sample("{empty_mask}", "--conditioning-scale", MASKGIT_CONDITIONING_SCALE),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"), *controlled_rows()),
           title="MaskGiT stage 3, ControlNet: real T2 (top), a T2 generated from its tumour mask (middle; red: the "
                 "mask) and that sample minus the same seed's with an empty mask (bottom)",
@@ -282,11 +288,9 @@ STAGES = (
           # encoder He-initialised 500 weighted steps give 0.071 / 0.011. At conditioning scale 1 the segmenter's
           # Dice stays at 0.004-0.048 in all of them (bar 0.10); see MAISI_CONDITIONING_SCALE.
           epochs=25, batches=20, needs="maisi_stage2_diffusion",
-          use=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{test[seg]}", "--modality", "T2",
-               *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE, "--output", "{stage}/generated"),
-          use_empty_mask=("generate", "--checkpoint", "{stage}/best.ckpt", "--mask", "{empty_mask}", "--modality",
-                          "T2", *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE,
-                          "--output", "{stage}/generated_empty"),
+          use=controlled_sample("{test[seg]}", *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE),
+          use_empty_mask=controlled_sample("{empty_mask}", *FLOW_STEPS, "--conditioning-scale",
+                                           MAISI_CONDITIONING_SCALE),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"), *controlled_rows()),
           title="MAISI stage 3, ControlNet: real T2 (top), a T2 generated from its tumour mask (middle; red: the "
                 "mask) and that sample minus the same seed's with an empty mask (bottom)",
@@ -704,7 +708,7 @@ def write_sheet(rows: list, title: str, png: Path) -> None:
     ranges = [(-DIFFERENCE_RANGE, DIFFERENCE_RANGE) if signed else (0.0, 1.0) for *_, signed in rows]
     grid = np.concatenate([mid_slice_grid([v], r) for v, r in zip(volumes, ranges)])  # every row the same size
     outline = mid_slice_grid([m.astype(np.float32) for m in masks])
-    signed = np.repeat([s for *_, s in rows], grid.shape[0] // len(rows))[:, None] & np.ones(grid.shape, bool)
+    signed = np.broadcast_to(np.repeat([s for *_, s in rows], grid.shape[0] // len(rows))[:, None], grid.shape)
 
     fig, ax = plt.subplots(figsize=(9, 2.4 * len(rows) + 0.6), dpi=120)
     ax.imshow(np.ma.masked_where(signed, grid), cmap="gray", vmin=0, vmax=1)
