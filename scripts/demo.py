@@ -647,11 +647,15 @@ def loss_curve(log_dir: Path) -> tuple[str, float, float] | None:
 
 
 def write_empty_mask(seg: str, folder: Path) -> str:
-    """An all-zero copy of the segmentation ``seg`` (same grid and file name) in ``folder``; returns its path."""
+    """An all-zero copy of the segmentation ``seg`` (same grid and file name) in ``folder``; returns its path. A header
+    claiming more than MAX_VOXELS raises ValueError naming the file, before anything is allocated or written."""
     import nibabel as nib
     import numpy as np
 
+    from prod9_components.limits import check_voxels, voxel_count
+
     image = nib.load(seg)
+    check_voxels(voxel_count(image.shape), f"{seg}: shape {tuple(image.shape)}", "expected a BraTS segmentation")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / Path(seg).name
     nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), path)

@@ -110,6 +110,16 @@ def test_a_difference_row_subtracts_the_intensities_as_written(tmp_path):
     empty = nib.load(demo.write_empty_mask(str(seg), tmp_path / "empty"))
     assert Path(empty.get_filename()).name == seg.name and empty.shape == (5, 6, 7)
     assert np.array_equal(empty.affine, affine) and not np.asarray(empty.dataobj).any()
+    # A header that claims a huge grid is refused by name before anything is allocated or written.
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    huge = tmp_path / "huge_seg.nii"
+    with open(huge, "wb") as file:
+        header.write_to(file)
+        file.write(b"\0" * 4)
+    with pytest.raises(ValueError, match="huge_seg.nii: shape \\(30000, 30000, 30000\\) = 27,000,000,000,000 voxels"):
+        demo.write_empty_mask(str(huge), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_stage_selection_keeps_pipeline_order():
