@@ -103,6 +103,31 @@ def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
     assert "--loss#kl_weight" not in demo.test_command(vae, context) + demo.fill(vae.use, context)
 
 
+def test_each_maskgit_stage1_command_builds_the_autoencoder_with_one_codebook(tmp_path):
+    """The demo's FSQ autoencoder has fewer codes than its bundle's; `test` and `infer` build it from their config and
+    check the checkpoint against it (`infer` once refused the demo's checkpoint for want of the flag), so each command
+    must carry the same levels. The translation check restores the bundle's (the last flag given wins)."""
+    from prod9_components.cli.bundle_runner import bundles_root
+
+    check = script_module("translation_check")
+    demo = check.demo
+    context = {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(tmp_path / "s"),
+               "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
+               **{name: str(tmp_path / name) for name in check.ALL}}
+
+    def levels(args: list[str]) -> list[int] | None:
+        at = [i for i, arg in enumerate(args) if arg == "--levels"]
+        return json.loads(args[at[-1] + 1]) if at else None
+
+    bundle = json.loads((bundles_root() / "maskgit_stage1" / "configs" / "train.json").read_text())["levels"]
+    demo_levels = json.loads(demo.FSQ_LEVELS[1])
+    assert np.prod(demo_levels) == 4375 < np.prod(bundle) == 15360
+    for stage, expected in ((check.ALL["maskgit_stage1"], demo_levels), (check.FAMILIES["maskgit"][0], bundle)):
+        commands = (demo.train_command(stage, context), demo.test_command(stage, context),
+                    demo.fill(stage.use, context))
+        assert [levels(args) for args in commands] == [expected] * 3, stage.name
+
+
 def test_the_maisi_translation_samples_as_chosen_on_the_validation_split(tmp_path, monkeypatch):
     """After training, `validate` runs once per MAISI_SAMPLING setting on the whole validation split; the test and the
     sheet's sample then use the setting with the highest validation PSNR, and the test split is not touched before."""
