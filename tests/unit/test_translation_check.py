@@ -76,6 +76,13 @@ def test_num_cases_is_checked_before_anything_is_built(monkeypatch, tmp_path, ca
     assert list(tmp_path.iterdir()) == []  # no demo data, no run
 
 
+def command_context(check, tmp_path: Path) -> dict:
+    """What the check's stages' command templates are filled from, every folder under ``tmp_path``."""
+    return {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(tmp_path / "s"),
+            "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
+            **{name: str(tmp_path / name) for name in check.ALL}}
+
+
 def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
     """The check widens the MAISI latent; each command checks a checkpoint against its own `--latent-channels`, so a
     stage whose test or use kept the default would stop the check after its training (as it once did). Its VAE alone
@@ -83,9 +90,7 @@ def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
     check = script_module("translation_check")
     demo = check.demo
     vae, diffusion, controlnet = check.FAMILIES["maisi"]
-    context = {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(tmp_path / "s"),
-               "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
-               **{name: str(tmp_path / name) for name in check.ALL}}
+    context = command_context(check, tmp_path)
 
     def width(args: list[str]) -> str | None:
         return args[args.index("--latent-channels") + 1] if "--latent-channels" in args else None
@@ -111,9 +116,7 @@ def test_each_maskgit_stage1_command_builds_the_autoencoder_with_one_codebook(tm
 
     check = script_module("translation_check")
     demo = check.demo
-    context = {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(tmp_path / "s"),
-               "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
-               **{name: str(tmp_path / name) for name in check.ALL}}
+    context = command_context(check, tmp_path)
 
     def levels(args: list[str]) -> list[int] | None:
         at = [i for i, arg in enumerate(args) if arg == "--levels"]
