@@ -10,8 +10,8 @@ TORCH_CPU ?= torch==2.13.0
 # pip compiles the installed files one at a time (85 of the install's 160 s on 2 cores); compileall writes the same
 # bytecode on every core. Runs need it: PYTHONDONTWRITEBYTECODE, set on some machines, would otherwise make every
 # process compile what it imports. It skips what no run imports, the packages' own test suites and the installers
-# (4 300 of 15 400 files): 34 s instead of 50. A file for a newer Python (torch's py312_intrinsics.py) fails to compile, which
-# pip ignores and so does this.
+# (4 300 of 15 400 files): 34 s instead of 50. A file for a newer Python (torch's py312_intrinsics.py) fails to
+# compile, which pip ignores and so does this.
 NOT_IMPORTED := /site-packages/([^/]+/)*tests?/|/site-packages/(pip|setuptools)/
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
