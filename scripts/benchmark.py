@@ -572,10 +572,7 @@ def demo_train_config(bundle: str, workdir: str) -> tuple[list[str], dict]:
     from prod9_components.data import resolve_dataset_dir
 
     demo, stage = demo_module(), demo_stage(bundle)
-    with mock.patch.object(sys, "argv", ["demo.py"]):
-        spacing = demo.parse_args().spacing  # the demo's default voxel size
-    context = {"out": workdir, "data": resolve_dataset_dir(), "mm": str(spacing),
-               **{s.name: os.path.join(workdir, s.name) for s in demo.STAGES}}
+    context = demo.stage_context(workdir, {"data": resolve_dataset_dir()}, demo.SPACING)
     (script,) = entry_points(group="console_scripts", name=stage.command)
     captured = {}
 

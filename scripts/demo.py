@@ -138,7 +138,33 @@ SEGMENTER = ("--segmenter-cache-dir", "{out}/segmenter", "--segmenter-steps", "5
 # chain trained the same weights again (deterministic here), so its 0.253 / 0.888 at 2 is the sweep's, not a check.
 MASKGIT_CONDITIONING_SCALE = "2"
 MAISI_CONDITIONING_SCALE = "3"
-# Stage 1 of both families (measured in issue 15): two whole 4 mm volumes per step instead of one 32^3 crop (2 CPU
+# The voxel size. 5 mm was measured (5 Dec, every stage, the families side by side on one thread each, windows of
+# 36 x 48 x 32): about 23 min instead of 37.5, stage 1 past its bars by more (FSQ +2.32 dB / +0.097 SSIM in 316 s
+# against +1.90 / +0.087 in 635; VAE +0.58 dB in 607 s against +0.26 in 1094), the generators as good, but both
+# ControlNets below half the segmenter's Dice on real images (0.553 / 0.520 there): MaskGiT 0.103 (0.133 at 600 steps,
+# 0.110 / 0.082 at scale 3 / 4) against 0.277, MAISI 0.243 (0.178 at 800 steps) against 0.260. A 5 mm token is a
+# 20 mm cube, and a small tumour a voxel or two of the latent grid.
+SPACING = 4.0
+# Stage 1's training crop and every stage's window for testing and sampling a whole volume, at SPACING; at another
+# --spacing both cover the same millimetres (see windows): at 5 mm 40 x 48 x 32 and 44 x 48 x 36 (the 4 mm sides were
+# mostly padding there), at 2 mm 96 x 112 x 80 and 104 x 120 x 88 (they were the middle of the brain).
+STAGE1_CROP, WINDOW = (48, 56, 40), (52, 60, 44)
+
+
+def windows(mm: float) -> dict[str, tuple[int, int, int]]:
+    """``{"crop": (D, H, W), "window": (D, H, W)}`` at ``mm`` voxels: :data:`STAGE1_CROP` and :data:`WINDOW` scaled
+    from :data:`SPACING`, each side rounded up to a multiple of the autoencoders' downsampling (4)."""
+    return {name: tuple(4 * math.ceil(side * SPACING / mm / 4) for side in sides)
+            for name, sides in (("crop", STAGE1_CROP), ("window", WINDOW))}
+
+
+def sides(name: str) -> tuple[str, str, str]:
+    """``{name[0]}``, ``{name[1]}``, ``{name[2]}``: the three sides of the context's window ``name`` (see
+    :func:`stage_context`), as the three values of a ``--roi-size`` flag."""
+    return tuple(f"{{{name}[{axis}]}}" for axis in range(3))
+
+
+# Stage 1 of both families (measured in issue 15): two whole volumes per step instead of one 32^3 crop (2 CPU
 # cores only reach a useful fraction of their peak with more voxels per convolution); a learning rate 6x (FSQ) or
 # 12x (VAE: +0.4 dB at 600 steps over 6x) the tiny preset's, with Adam's usual betas, warmed up and decayed to 0 (the
 # last weights of a short run are otherwise as noisy as its steps); squared error alone, the error PSNR measures (FSQ,
@@ -148,11 +174,11 @@ MAISI_CONDITIONING_SCALE = "3"
 # 8 (a 3D convolution over 8 channels gets less of this CPU per FLOP than one over 16): its step took the same time
 # (0.138 s vs 0.133 s) for 15% more FLOPs, and 750 steps reached 21.8 dB / SSIM 0.82 instead of 20.5 / 0.76 (the VAE
 # with 16: 22.5 dB in 202 s against 22.75 in 160 s, so it keeps 8).
-STAGE1_TRAIN = ("--spacing", "{mm}", "{mm}", "{mm}", "--batch-size", "2", "--roi-size", "48", "56", "40",
+STAGE1_TRAIN = ("--spacing", "{mm}", "{mm}", "{mm}", "--batch-size", "2", "--roi-size", *sides("crop"),
                 "--lr-schedule", "cosine", "--warmup-steps", "20",
                 "--optimizer#betas", "[0.9, 0.99]", "--loss#disc_start", "100000",
                 "--loss#perceptual_weight", "0", "--loss#recon_weight", "0", "--loss#mse_weight", "1")
-WHOLE_VOLUME = ("--roi-size", "52", "60", "44")
+WHOLE_VOLUME = ("--roi-size", *sides("window"))
 # The FSQ codebook: levels [7, 5, 5, 5, 5], 4,375 codes (12.1 bits a token), instead of the bundle's 15,360 (13.9 bits).
 # The transformers score every code at every masked token, which was about half of a demo step, and at this budget the
 # bits are not what limits stage 1 (the in-context card: 13.9, 16 or 24 bits a token gave the same round trip). Two
@@ -173,6 +199,7 @@ FLOW_STEPS = ("--num-inference-steps", "10")
 class Stage:
     """One demo stage. Arguments are templates filled by :func:`fill`: ``{out}`` the demo folder, ``{stage}`` this
     stage's folder, ``{<stage name>}`` another stage's folder, ``{data}`` the dataset, ``{mm}`` the voxel size,
+    ``{crop[0]}`` etc. and ``{window[0]}`` etc. stage 1's training crop and the whole-volume window (see windows),
     ``{test[t2]}`` etc. the first test-split case (from this stage's ``datalist.json``)."""
 
     name: str  # the bundle, and the folder under the demo's output directory
@@ -346,8 +373,7 @@ def main() -> None:
     started = time.time()
     try:
         stages = select_stages(args.stages)
-        context = {"out": str(args.output_dir), **demo_data(args.output_dir, args.test_cases),
-                   "mm": str(args.spacing), **{s.name: str(args.output_dir / s.name) for s in STAGES}}
+        context = stage_context(args.output_dir, demo_data(args.output_dir, args.test_cases), args.spacing)
     except Exception as error:  # a bad --stages, or no dataset: one line
         sys.exit(f"demo: {error}")
     families = [[s for s in stages if s.family == f] for f in FAMILIES]
@@ -454,9 +480,10 @@ def parse_args() -> argparse.Namespace:
                         help="'all' (default), a family ('maskgit', 'maisi') or stage names "
                              f"({', '.join(s.name for s in STAGES)}); a stage reads the outputs of the stage before "
                              "it, so that one must have run (now or earlier) into the same --output-dir")
-    parser.add_argument("--spacing", type=float, default=4.0,
-                        help="voxel size in mm of both stage-1 models; later stages inherit it (default 4: what a "
-                             "CPU trains in minutes; the bundles default to 1)")
+    parser.add_argument("--spacing", type=float, default=SPACING,
+                        help=f"voxel size in mm of both stage-1 models; later stages inherit it, and stage 1's "
+                             f"crop and every stage's window scale with it (default {SPACING:g}: what a CPU trains in "
+                             "minutes; the bundles default to 1)")
     parser.add_argument("--jobs", type=int, default=min(JOBS, os.cpu_count() or 1),
                         help="run up to this many families side by side, each in its own process with an equal share "
                              f"of the cores (default {JOBS}, or 1 on a single core: one family after the other); "
@@ -503,6 +530,13 @@ def demo_data(out: Path, test_cases: int) -> dict[str, str]:
         raise DemoError(f"{path} exists and is not a demo split (its training and validation cases differ): "
                         "use another --output-dir")
     return {"data": data, "datalist": save_datalist(splits, path)}
+
+
+def stage_context(out: Path, data: dict[str, str], mm: float) -> dict:
+    """What :func:`fill` fills the stages' templates from: ``{out}``, ``data`` (``{data}``, and ``{datalist}`` where
+    :func:`demo_data` wrote one), ``{mm}``, ``{crop}`` and ``{window}`` (:func:`windows` of ``mm``) and
+    ``{<stage name>}``, each stage's folder under ``out``."""
+    return {"out": str(out), **data, "mm": str(mm), **windows(mm), **{s.name: str(Path(out) / s.name) for s in STAGES}}
 
 
 def is_demo_split(path: Path, splits: dict) -> bool:

@@ -199,8 +199,7 @@ def main() -> int:
     out = args.output_dir or Path("outputs") / "translation_check" / (
         f"{args.family}_x{args.scale}" + (f"_n{cases}" if cases != DEMO_NUM_CASES else ""))
     started = time.time()  # building a larger demo dataset (about 2.5 s a case, once) counts
-    context = {"out": str(out), "data": resolve_dataset_dir(demo_cases=cases), "mm": "4.0",
-               **{name: str(out / name) for name in ALL}}
+    context = demo.stage_context(out, {"data": resolve_dataset_dir(demo_cases=cases)}, 4.0)
     for stage in FAMILIES[args.family]:
         try:
             result = demo.run_stage(replace(stage, epochs=stage.epochs * args.scale), context)

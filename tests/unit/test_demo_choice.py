@@ -18,9 +18,8 @@ def test_the_scale_with_the_best_validation_score_is_tested_and_used(tmp_path, m
     assert stage.choose_by == "psnr" and len(stage.choices) >= 2
     folder = tmp_path / stage.name
     folder.mkdir()
-    context = {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(folder),
-               "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
-               **{s.name: str(tmp_path / s.name) for s in demo.STAGES}}
+    context = {**demo.stage_context(tmp_path, {"data": str(tmp_path / "data")}, demo.SPACING), "stage": str(folder),
+               "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"}}
     assert all(set(setting) == {"scale"} for setting in stage.choices)
     first, second, third = "1", "3", "9"  # three settings of the stage's flags: a NaN, a loser, the winner
     stage = replace(stage, choices=tuple({"scale": scale} for scale in (first, second, third)))

@@ -138,7 +138,7 @@ def test_stage_selection_keeps_pipeline_order():
 
 def test_every_stage_template_fills_and_reads_an_earlier_stage():
     demo = _demo()
-    context = {"out": "o", "data": "d", "mm": "4.0", "stage": "o/s", **{s.name: f"o/{s.name}" for s in demo.STAGES},
+    context = {**demo.stage_context(Path("o"), {"data": "d"}, demo.SPACING), "stage": "o/s",
                "test": {"case": "c", **{k: f"c_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair", "seg")}}}
     order = [s.name for s in demo.STAGES]
     for stage in demo.STAGES:
@@ -164,7 +164,7 @@ def test_generators_are_held_to_half_their_untrained_networks_intensity_w1(tmp_p
     demo = _demo()
     generators = [s for s in demo.STAGES if s.untrained]
     assert {s.name for s in generators} == {"maskgit_stage2_label", "maisi_stage2_diffusion"}
-    context = {"out": str(tmp_path), "data": "d", "mm": "4.0", **{s.name: str(tmp_path / s.name) for s in demo.STAGES}}
+    context = demo.stage_context(tmp_path, {"data": "d"}, demo.SPACING)
     for stage in generators:
         folder = tmp_path / stage.name / "untrained"
         commands = []

@@ -18,8 +18,7 @@ def test_each_family_runs_in_its_own_process_and_its_failure_is_reported(tmp_pat
     stages = {s.name: s for s in demo.STAGES}
     # Stages whose first step fails at once (the stage they read has not run), so the test costs two process starts.
     families = [[stages["maskgit_stage2_label"]], [stages["maisi_stage2_diffusion"]]]
-    context = {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4",
-               **{s.name: str(tmp_path / s.name) for s in demo.STAGES}}
+    context = demo.stage_context(tmp_path, {"data": str(tmp_path / "data")}, demo.SPACING)
     with pytest.raises(demo.DemoError) as failed:
         demo.run_side_by_side(families, context, 2)
     message = str(failed.value)

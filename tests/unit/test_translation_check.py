@@ -78,9 +78,8 @@ def test_num_cases_is_checked_before_anything_is_built(monkeypatch, tmp_path, ca
 
 def command_context(check, tmp_path: Path) -> dict:
     """What the check's stages' command templates are filled from, every folder under ``tmp_path``."""
-    return {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(tmp_path / "s"),
-            "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
-            **{name: str(tmp_path / name) for name in check.ALL}}
+    return {**check.demo.stage_context(tmp_path, {"data": str(tmp_path / "data")}, 4.0), "stage": str(tmp_path / "s"),
+            "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"}}
 
 
 def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
@@ -139,9 +138,7 @@ def test_the_maisi_translation_samples_as_chosen_on_the_validation_split(tmp_pat
     stage = check.FAMILIES["maisi"][-1]
     folder = tmp_path / "s"
     folder.mkdir()
-    context = {"out": str(tmp_path), "data": str(tmp_path / "data"), "mm": "4.0", "stage": str(folder),
-               "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"},
-               **{name: str(tmp_path / name) for name in check.ALL}}
+    context = command_context(check, tmp_path)
     psnr = {"1": 20.1, "1.5": 20.9, "2": 19.0}
     commands = []
 
