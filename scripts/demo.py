@@ -150,7 +150,7 @@ MAISI_CONDITIONING_SCALE = "3"
 SPACING = 4.0
 # Stage 1's training crop and every stage's window for testing and sampling a whole volume, at SPACING; at another
 # --spacing both cover the same millimetres (see windows): at 5 mm 40 x 48 x 32 and 44 x 48 x 36 (the 4 mm sides were
-# mostly padding there), at 2 mm 96 x 112 x 80 and 104 x 120 x 88 (they were the middle of the brain).
+# mostly padding there), at 2 mm 96 x 112 x 80 and 104 x 120 x 88 (they held a part of the brain).
 STAGE1_CROP, WINDOW = (48, 56, 40), (52, 60, 44)
 
 

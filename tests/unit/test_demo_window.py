@@ -19,7 +19,7 @@ def roi_sizes(args: list[str]) -> list[list[int]]:
 
 def test_every_command_gets_the_windows_of_its_spacing(tmp_path):
     """At the demo's 4 mm the published windows; at 5 mm the same millimetres in fewer voxels (the 4 mm windows were
-    mostly padding there), at 2 mm in more (the 4 mm window was the middle of the brain), each side a multiple of 4."""
+    mostly padding there), at 2 mm in more (the 4 mm windows held a part of the brain), each side a multiple of 4."""
     demo = script_module("demo")
     test = {"stage": str(tmp_path / "s"),
             "test": {"case": "c", **{k: f"c_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair", "seg")}}}
