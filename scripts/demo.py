@@ -500,6 +500,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be 1 or more")
+    if not (math.isfinite(args.spacing) and args.spacing > 0):  # before anything is written, and windows() divides by it
+        parser.error(f"--spacing {args.spacing}: must be a voxel size in mm above 0")
     if not 1 <= args.test_cases <= MAX_TEST_CASES:
         parser.error(f"--test-cases {args.test_cases}: must be from 1 to {MAX_TEST_CASES} (~12 MB a case)")
     return args

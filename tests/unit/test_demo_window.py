@@ -1,9 +1,10 @@
 """The demo's windows: stage 1's training crop and the window every stage tests and samples whole volumes with cover
-the same millimetres at any ``--spacing``."""
+the same millimetres at any ``--spacing`` (a voxel size above 0)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from monai.transforms import Compose
 
 from prod9_components.data import discover_cases
@@ -49,3 +50,14 @@ def test_the_window_holds_a_demo_brain_at_each_spacing(tmp_path):
             image = Compose(preprocessing(image_keys=["t2"], spacing=(mm,) * 3, k_divisible=1))(case)["t2"][0]
             inside = np.argwhere(np.asarray(image) > 0)
             assert (inside.max(0) - inside.min(0) + 1 <= window).all(), (mm, case["case"], window)
+
+
+@pytest.mark.parametrize("value", ["0", "-4", "nan", "inf"])
+def test_a_spacing_that_is_no_voxel_size_is_refused_in_one_line(monkeypatch, capsys, value):
+    """Refused by the parser, before the demo writes its split or divides by it for the windows."""
+    demo = script_module("demo")
+    monkeypatch.setattr("sys.argv", ["demo.py", f"--spacing={value}"])
+    with pytest.raises(SystemExit) as exit_:
+        demo.parse_args()
+    message = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--spacing {float(value)}: must be a voxel size in mm above 0" in message
