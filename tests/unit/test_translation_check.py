@@ -78,7 +78,8 @@ def test_num_cases_is_checked_before_anything_is_built(monkeypatch, tmp_path, ca
 
 def command_context(check, tmp_path: Path) -> dict:
     """What the check's stages' command templates are filled from, every folder under ``tmp_path``."""
-    return {**check.demo.stage_context(tmp_path, {"data": str(tmp_path / "data")}, 4.0), "stage": str(tmp_path / "s"),
+    return {**check.demo.stage_context(tmp_path, {"data": str(tmp_path / "data")}, check.SPACING),
+            "stage": str(tmp_path / "s"),
             "test": {"case": "c", "t1": "t1.nii.gz", "t2": "t2.nii.gz", "seg": "seg.nii.gz"}}
 
 
