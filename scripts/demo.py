@@ -823,12 +823,15 @@ def print_summary(results: list[dict], seconds: float, args: argparse.Namespace,
             print(f"{'':<28}no headline score in metrics_test.json")
         print(f"{'':<28}sheet {r['png']}")
     losing = [f"{r['stage']} {s['metric']}" for r in results for s in r["scores"] if not s["passes"]]
-    print(f"total {seconds:.0f} s ({seconds / 60:.1f} min). TensorBoard: tensorboard --logdir {args.output_dir}")
+    host = machine(jobs)
+    print(f"total {seconds:.0f} s ({seconds / 60:.1f} min) on a CPU whose float32 matmul runs "
+          f"{host['matmul_gflops_per_thread']:.0f} GFLOP/s a thread. TensorBoard: tensorboard --logdir "
+          f"{args.output_dir}")
     print(f"the model LOSES to its baseline on: {', '.join(losing)}" if losing else
           "every headline score beats its baseline")
     from prod9_components.atomic import write_json
 
-    write_json({"seconds": seconds, "spacing_mm": args.spacing, "machine": machine(jobs), "stages": results},
+    write_json({"seconds": seconds, "spacing_mm": args.spacing, "machine": host, "stages": results},
                args.output_dir / "summary.json")
 
 
@@ -843,7 +846,27 @@ def machine(jobs: int) -> dict:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
     threads = torch.get_num_threads() if jobs == 1 else threads_per_job(jobs)
     return {"cpu": cpu, "cores": os.cpu_count(), "jobs": jobs, "torch_threads": threads,
-            "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "matmul_gflops_per_thread": matmul_gflops(threads) / threads}
+
+
+def matmul_gflops(threads: int) -> float:
+    """A float32 matmul's GFLOP/s on ``threads`` torch threads (scripts/benchmark.py's measure), taken when the demo is
+    done and the cores idle: CPUs of one name differ severalfold, so a demo's minutes compare across machines only
+    beside it."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).with_name("benchmark.py"))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return benchmark.matmul_peak_gflops(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
 
 
 def score_line(score: dict) -> str:

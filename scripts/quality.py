@@ -77,7 +77,8 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         "# Quality on the demo data",
         "",
         f"`python scripts/quality.py` ({summary['seconds'] / 60:.1f} min for all seven stages on {machine['cores']} "
-        f"cores of {machine['cpu'] or 'an unnamed CPU'}{side_by_side(machine)}, torch {machine['torch']}, "
+        f"cores of {machine['cpu'] or 'an unnamed CPU'}{matmul_speed(machine)}{side_by_side(machine)}, torch "
+        f"{machine['torch']}, "
         f"{machine['device']}): each stage "
         f"trains its bundle's `tiny.json` on the embedded demo dataset at {summary['spacing_mm']:g} mm for the steps "
         "shown, then `test` scores the test split: the demo split's test case and the further cases `--test-cases` "
@@ -100,6 +101,13 @@ def markdown(summary: dict, rows: list[dict]) -> str:
                      f"{r['margin']:+.3f} | "
                      f"{'beats' if r['passes'] else '**loses**'} |")
     return "\n".join(lines) + "\n"
+
+
+def matmul_speed(machine: dict) -> str:
+    """`` (float32 matmul 35 GFLOP/s a thread)`` as the demo measured it after its run (CPUs of one name differ
+    severalfold), ``""`` in a summary from before the record."""
+    speed = machine.get("matmul_gflops_per_thread")
+    return f" (float32 matmul {speed:.0f} GFLOP/s a thread)" if speed else ""
 
 
 def side_by_side(machine: dict) -> str:

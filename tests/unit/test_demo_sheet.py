@@ -240,6 +240,9 @@ def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
     assert "| maskgit_stage3_controlnet | 50 | 300 | 32 | brain_dice |" in table
     # the scale each ControlNet's test ran with, as its run recorded it (a summary from before the record: said so)
     assert "at conditioning scale maskgit 2, maisi not recorded." in table
+    assert "2 cores of test CPU, torch" in table  # a summary from before the matmul record
+    summary["machine"]["matmul_gflops_per_thread"] = 34.6
+    assert "2 cores of test CPU (float32 matmul 35 GFLOP/s a thread), torch" in quality.markdown(summary, rows)
     # A noisy full-colour sheet over 300 KB is re-encoded under the limit.
     from PIL import Image
 
