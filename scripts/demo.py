@@ -145,9 +145,10 @@ MAISI_CONDITIONING_SCALE = "3"
 # 0.110 / 0.082 at scale 3 / 4) against 0.277, MAISI 0.243 (0.178 at 800 steps) against 0.260. A 5 mm token is a
 # 20 mm cube, and a small tumour a voxel or two of the latent grid. With the windows `--spacing 5` now gets (below:
 # crop 40 x 48 x 32, window 44 x 48 x 36) the FSQ stage 1 scored 19.30 dB, 0.11 short of its bar, where the crop of
-# 36 x 48 x 32 had given 21.72, each reproduced to the digit by a second run: the crop decides (the test window does
-# not: 52 x 60 x 44 or 48 x 56 x 40 at 4 mm, the same 21.862 dB). At 4 mm the crop mattered less: 44 x 56 x 40 gave
-# 21.99 dB, 48 x 60 x 40 21.70, against 21.86.
+# 36 x 48 x 32 had given 21.72, each reproduced to the digit by a second run (the test window does not matter: 52 x
+# 60 x 44 or 48 x 56 x 40 at 4 mm, the same 21.862 dB). Not the crop as such, most likely: it changes every random
+# crop, and at 4 mm the seed alone moves this recipe as far (21.86, 21.11, 19.15 and 20.68 dB at seeds 0-3: the
+# stage-1 card), where the crops gave 21.99 (44 x 56 x 40) and 21.70 (48 x 60 x 40).
 SPACING = 4.0
 # Stage 1's training crop and every stage's window for testing and sampling a whole volume, at SPACING; at another
 # --spacing both cover the same millimetres (see windows): at 5 mm 40 x 48 x 32 and 44 x 48 x 36 (the 4 mm sides were
