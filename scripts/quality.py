@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 # scripts/ is not a package; the demo states its bars once
-from demo import target_text  # noqa: E402
+from demo import STAGES, target_text  # noqa: E402
 MAX_PNG_BYTES = 300_000
 
 
@@ -41,20 +41,34 @@ def main() -> int:
     summary_path = args.demo_dir / "summary.json"
     if not summary_path.is_file():
         sys.exit(f"quality: {summary_path} not found: run the demo first (or drop --reuse)")
-    summary = json.loads(summary_path.read_text())
-    rows = table_rows(summary)
+    summary, rows, table = read_summary(summary_path)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.with_suffix(".json").write_text(json.dumps({"machine": summary["machine"],
                                                             "spacing_mm": summary["spacing_mm"],
                                                             "demo_seconds": summary["seconds"], "rows": rows},
                                                            indent=2) + "\n")
-    args.table.with_suffix(".md").write_text(markdown(summary, rows))
-    for stage in summary["stages"]:
-        copy_sheet(Path(stage["png"]), args.sheets / Path(stage["png"]).name)
+    args.table.with_suffix(".md").write_text(table)
+    for stage in summary["stages"]:  # the demo draws <stage>.png in its folder (a summary's paths are not followed)
+        sheet = f"{stage['stage']}.png"
+        copy_sheet(args.demo_dir / sheet, args.sheets / sheet)
     losing = [r for r in rows if not r["passes"]]
     print(f"wrote {args.table.with_suffix('.json')}, {args.table.with_suffix('.md')} and {len(summary['stages'])} "
           f"sheet(s) to {args.sheets}; {len(losing)} of {len(rows)} rows lose to their baseline")
     return 0
+
+
+def read_summary(path: Path) -> tuple[dict, list[dict], str]:
+    """The demo's ``summary.json``, its rows and its markdown table, all made before anything is written; anything
+    else (a hand-edited file, another program's JSON, a stage the demo does not have) stops with one line."""
+    try:
+        summary = json.loads(path.read_text())
+        unknown = [stage["stage"] for stage in summary["stages"] if stage["stage"] not in {s.name for s in STAGES}]
+        if unknown:
+            raise ValueError(f"stage {unknown[0]!r} is not one of the demo's")
+        rows = table_rows(summary)
+        return summary, rows, markdown(summary, rows)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        sys.exit(f"quality: {path} is not a demo summary ({type(error).__name__}: {error}); run the demo again")
 
 
 def table_rows(summary: dict) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,35 @@ def test_quality_table_keeps_losing_rows_and_caps_sheet_size(tmp_path):
     quality.copy_sheet(big, tmp_path / "docs" / "big.png")
     assert (tmp_path / "docs" / "big.png").stat().st_size <= quality.MAX_PNG_BYTES
 
+
+
+def test_quality_reads_only_a_demo_summary_and_says_in_one_line_what_is_wrong(tmp_path):
+    quality = script_module("quality")
+    score = _demo().Score("brain_dice", None, "fixed bar", plus=0.8).verdict({"brain_dice": 0.83})
+    summary = {"seconds": 60.0, "spacing_mm": 4.0, "stages": [
+        {"stage": "maisi_stage2_diffusion", "train_seconds": 5.0, "steps": 10, "num_cases": 8, "scores": [score],
+         "png": "/elsewhere/README.md"}],  # a path the table does not follow: it copies <demo-dir>/<stage>.png
+        "machine": {"cpu": "test CPU", "cores": 2, "torch_threads": 1, "device": "cpu", "torch": "2.13.0",
+                    "matmul_gflops_per_thread": 86.2}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    read, rows, table = quality.read_summary(path)
+    assert read == summary and [r["value"] for r in rows] == [0.83]
+    assert "(float32 matmul 86 GFLOP/s a thread)" in table
+    hostile = {"a speed that is not a number": {**summary, "machine": {**summary["machine"],
+                                                                          "matmul_gflops_per_thread": "fast"}},
+               "a stage the demo does not have": {**summary, "stages": [{**summary["stages"][0], "stage": "../x"}]},
+               "stages that are not a list of records": {**summary, "stages": "all"},
+               "no machine": {key: value for key, value in summary.items() if key != "machine"}}
+    for what, bad in hostile.items():
+        path.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit) as exit_:
+            quality.read_summary(path)
+        message = str(exit_.value.code)
+        assert message.startswith(f"quality: {path} is not a demo summary (") and "\n" not in message, what
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="is not a demo summary"):
+        quality.read_summary(path)
 
 def test_the_demo_layers_the_tiny_config_of_the_bundles_the_scripts_run(tmp_path, monkeypatch):
     """Beside a non-editable install the console scripts run the installed bundles and read any other config file as
