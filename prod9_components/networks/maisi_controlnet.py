@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
+from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
 from monai.networks.utils import copy_model_state
 from torch import nn
 
@@ -21,11 +22,36 @@ from prod9_components.networks.control_types import MAISI_CONTROL_TYPES, control
 from prod9_components.networks.mask_one_hot import mask_one_hot
 from prod9_components.networks.maisi_diffusion import MaisiDiffusionUNet
 
-__all__ = ["CONDITION_TYPES", "MaisiControlNet"]
+__all__ = ["CONDITION_TYPES", "MaisiControlNet", "ReusedConditioningEmbedding"]
 
 # The shared vocabulary (prod9_components.networks.control_types): MONAI's ControlNetMaisi always embeds the class
 # label, so every value reads it: label, mask+label, image+label, mask+image+label.
 CONDITION_TYPES = MAISI_CONTROL_TYPES
+
+
+class ReusedConditioningEmbedding(ControlNetConditioningEmbedding):
+    """MONAI's conditioning encoder (condition (B, C, D, H, W) -> embedding (B, C0, d, h, w)) that, without autograd,
+    returns its last output again for an equal condition under unchanged weights.
+
+    Why: a sampler calls the ControlNet once per step with the same condition, and this encoder, at image resolution,
+    was most of a sample's time (MAISI demo ControlNet `test`, 64 samples of 10 steps: 45.6 of the ControlNet's 77.5
+    s). Equality is checked on the values (``torch.equal``, one pass over the condition) and the weights by their
+    in-place version counters (an optimiser step or ``load_state_dict`` bumps them), so a reused embedding is the one
+    the encoder would compute. With autograd on (training) it always computes. Same parameters as MONAI's class.
+    """
+
+    _last: tuple | None = None  # (weight versions, condition, embedding)
+
+    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(conditioning)
+        versions = tuple(p._version for p in self.parameters())
+        last = self._last
+        if not (last and last[0] == versions and last[1].shape == conditioning.shape
+                and last[1].dtype == conditioning.dtype and last[1].device == conditioning.device
+                and torch.equal(last[1], conditioning)):
+            self._last = last = (versions, conditioning.clone(), super().forward(conditioning))
+        return last[2]
 
 
 class MaisiControlNet(nn.Module):
@@ -79,6 +105,9 @@ class MaisiControlNet(nn.Module):
             use_flash_attention=torch.cuda.is_available() if args["use_flash_attention"] is None
             else bool(args["use_flash_attention"]),
         )
+        # reused across a sampler's steps; the class alone changes (same parameters, and no random numbers drawn, so a
+        # seed trains the same weights as before)
+        self.controlnet.controlnet_cond_embedding.__class__ = ReusedConditioningEmbedding
         self._init_conditioning_encoder()
         self.base.requires_grad_(False)
 

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
 from monai.networks.schedulers import RFlowScheduler
 
 from prod9_components.engines.maisi_diffusion_trainer import RectifiedFlowTrainer
-from prod9_components.networks.maisi_controlnet import CONDITION_TYPES, MaisiControlNet
+from prod9_components.networks.maisi_controlnet import CONDITION_TYPES, MaisiControlNet, ReusedConditioningEmbedding
 from prod9_components.networks.maisi_diffusion import MaisiDiffusionUNet
 from prod9_components.sampling.rectified_flow import sample_rectified_flow
 
@@ -300,3 +301,38 @@ def test_evaluator_samples_at_the_conditioning_scale(one_thread):
     assert torch.equal(outputs[0.0]["pred"], outputs[0.0]["pred_without_mask"])
     assert (outputs[1.0]["pred"] - outputs[1.0]["pred_without_mask"]).abs().max() > 1e-3
     assert outputs[0.0]["val_loss"] == outputs[1.0]["val_loss"]
+
+
+def test_a_sampler_embeds_its_condition_once_and_gets_what_the_encoder_computes():
+    """Without autograd the conditioning encoder (at image resolution) runs once for a sampler's steps that share a
+    condition; its reused embedding equals a fresh one, and another mask, other weights (an optimiser step) or
+    autograd (training) make it compute again."""
+    net = _trained_like(MaisiControlNet.from_base(trained_like_base(), condition_type="mask+label"))
+    encoder = net.controlnet.controlnet_cond_embedding
+    runs = []
+    encoder.conv_in.register_forward_hook(lambda *_: runs.append(1))
+    data = inputs()
+    scheduler = RFlowScheduler(1000, use_discrete_timesteps=False)
+    noise = torch.randn(data["x"].shape, generator=torch.Generator().manual_seed(2))
+
+    def sample(mask: torch.Tensor) -> torch.Tensor:
+        return sample_rectified_flow(net, scheduler, noise, data["class_labels"], 4, control_mask=mask)
+
+    reused = sample(data["control_mask"])
+    assert len(runs) == 1  # 4 steps, one embedding
+    encoder.__class__ = ControlNetConditioningEmbedding  # MONAI's own: embeds at every step
+    fresh = sample(data["control_mask"])
+    encoder.__class__ = ReusedConditioningEmbedding
+    assert len(runs) == 5 and torch.equal(reused, fresh)
+    with torch.enable_grad():  # training: every call embeds
+        net(**data).sum().backward()
+        net(**data)
+    assert len(runs) == 7
+    other_mask = data["control_mask"].clone()
+    other_mask[:, 10:14, 10:14, 10:14] = 1
+    sample(other_mask)
+    assert len(runs) == 8
+    with torch.no_grad():
+        encoder.conv_out.conv.weight.mul_(2.0)  # in place, as an optimiser step: the weights' versions move on
+    moved = sample(data["control_mask"])
+    assert len(runs) == 9 and not torch.equal(moved, reused)
