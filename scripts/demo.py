@@ -122,6 +122,7 @@ CONTROL_SCORES = (Score("seg_dice_generated", "seg_dice_real", "segmenter's Dice
 # bundles' learning rate (tiny.json's 0.02 is for 40-step tests: over 500 steps it found the test case's T2 tumour at
 # Dice 0.20, against 0.44 at 0.003).
 SEGMENTER = ("--segmenter-cache-dir", "{out}/segmenter", "--segmenter-steps", "500", "--segmenter-learning-rate", "0.003")
+SCORED_BY_SEGMENTER = ("maskgit_stage3_controlnet", "maisi_stage3_controlnet")
 # Both ControlNets test and sample with their control amplified (`--conditioning-scale`): a short training leaves the
 # control pointing the right way but weak. The demo used to choose the scale per run on the 2 validation cases, which
 # measured noise (MaskGiT, 300 steps, Dice at scale 1 / 2 / 4: 0.37 / 0.45 / 0.40 in one run, 0.26 / 0.25 / 0.36 in
@@ -416,18 +417,24 @@ def run_stages(stages: list[Stage], context: dict) -> list[dict]:
 
 def run_side_by_side(families: list[list[Stage]], context: dict, jobs: int) -> list[dict]:
     """Each family's stages in a process of its own, ``jobs`` at a time, each process with its share of the cores
-    (see :data:`JOBS`); their output goes to ``<out>/<family>.log``, a line per stage to the console. Returns the
-    results in pipeline order, or raises :class:`DemoError` with every family's failure once all have stopped."""
+    (see :data:`JOBS`); their output goes to ``<out>/<family>.log``, a line per stage to the console. With a
+    ControlNet among the stages, one more process trains the tumour segmenter meanwhile (:func:`train_segmenter`).
+    Returns the results in pipeline order, or raises :class:`DemoError` with every family's failure once all have
+    stopped."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
 
     threads = threads_per_job(jobs)
     logs = {f[0].family: Path(context["out"]) / f"{f[0].family}.log" for f in families}
+    segmenter = any(s.name in SCORED_BY_SEGMENTER for f in families for s in f)
     print(f"{' and '.join(logs)} run side by side, {threads} thread(s) each; their output: "
           f"{', '.join(map(str, logs.values()))}", flush=True)
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_family, f, context, threads, str(logs[f[0].family])) for f in families]
+    with ProcessPoolExecutor(jobs + segmenter, mp_context=get_context("spawn")) as pool:
+        if segmenter:
+            pool.submit(in_worker, "segmenter", train_segmenter, context, threads, Path(context["out"]) / "segmenter.log")
+        futures = [pool.submit(in_worker, f[0].family, run_family, f, context, threads, logs[f[0].family])
+                   for f in families]
         try:
             outcomes = [future.result() for future in futures]
         except BrokenProcessPool:  # killed (out of memory?) before it could say where
@@ -444,14 +451,14 @@ def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def run_family(stages: list[Stage], context: dict, threads: int, log: str) -> tuple[list[dict], str | None]:
-    """:func:`run_stages` in a worker process of :func:`run_side_by_side`: ``threads`` torch threads, stdout and
-    stderr into ``log``, a line per stage to the console. Returns the results and the failure (None when every stage
-    ran): a message, not an exception, so nothing of this module needs unpickling in the parent."""
+def in_worker(name: str, job, *args):
+    """``job(*args[:-2], console)`` in a worker process ``name`` of :func:`run_side_by_side`, with ``args[-2]`` torch
+    threads and its stdout and stderr in the file ``args[-1]``; ``console`` is where the worker's own lines go."""
     import threading
 
     import torch
 
+    *args, threads, log = args
     parent = os.getppid()
 
     def exit_with_parent() -> None:  # a demo killed outright (not interrupted: Ctrl-C reaches every process) must
@@ -461,12 +468,18 @@ def run_family(stages: list[Stage], context: dict, threads: int, log: str) -> tu
 
     threading.Thread(target=exit_with_parent, daemon=True).start()
     torch.set_num_threads(threads)
-    family = stages[0].family
     console = os.fdopen(os.dup(1), "w", buffering=1)
     with open(log, "w") as out:  # the descriptors themselves: the console scripts' logging and tqdm follow
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
-    print(f"{family} in process {os.getpid()}, {torch.get_num_threads()} torch thread(s)", flush=True)
+    print(f"{name} in process {os.getpid()}, {torch.get_num_threads()} torch thread(s)", flush=True)
+    return job(*args, console)
+
+
+def run_family(stages: list[Stage], context: dict, console) -> tuple[list[dict], str | None]:
+    """:func:`run_stages` of one family, a line per stage to ``console``. Returns the results and the failure (None
+    when every stage ran): a message, not an exception, so nothing of this module needs unpickling in the parent."""
+    family = stages[0].family
     results = []
     for stage in stages:
         print(f"[{family}] {stage.name} ...", file=console)
@@ -479,6 +492,40 @@ def run_family(stages: list[Stage], context: dict, threads: int, log: str) -> tu
         print(f"[{family}] {stage.name} done in {r['seconds']:.0f} s: "
               + ("; ".join(score_line(s) for s in r["scores"]) or "no headline score"), file=console)
     return results, None
+
+
+def train_segmenter(context: dict, console) -> None:
+    """Build the tumour segmenter that both ControlNets' `test` score samples with (:data:`SEGMENTER`) the way their
+    bundles build it on first use, from the MAISI ControlNet's ``train.json`` and ``tiny.json``, so that both tests
+    find it in ``{out}/segmenter`` (a fingerprint of its cases and settings names its folder). Run beside the
+    families: on its own one test trained it (~100 s) while the other waited on its lock, both at the same minute of
+    the demo. The spacing and intensity range, which the bundle reads from the stage-1 export, are the demo's and the
+    stage-1 bundle's. A failure is only reported: the first `test` then trains it and says what is wrong."""
+    import tempfile
+
+    from monai.bundle import ConfigParser
+
+    from prod9_components.cli.bundle_runner import bundles_root, one_line, root_cause
+
+    stage = next(s for s in STAGES if s.name == "maisi_stage3_controlnet")
+    stage1 = ConfigParser()
+    stage1.read_config(str(bundles_root() / "maisi_stage1_vae" / "configs" / "train.json"))
+    flags = dict(zip(SEGMENTER[::2], fill(SEGMENTER[1::2], context)))
+    try:
+        with tempfile.TemporaryDirectory() as split_dir:  # the bundle writes its datalist.json there
+            parser = ConfigParser()
+            parser.read_config([str(bundles_root() / stage.name / "configs" / "train.json"), tiny_config(stage)])
+            parser.update({"dataset_dir": context["data"], "datalist": context.get("datalist"),
+                           "output_dir": split_dir, "spacing": [float(context["mm"])] * 3,
+                           "intensity_range": stage1.get_parsed_content("intensity_range"),
+                           "segmenter_cache_dir": flags["--segmenter-cache-dir"],
+                           "segmenter_steps": int(flags["--segmenter-steps"]),
+                           "segmenter_learning_rate": float(flags["--segmenter-learning-rate"])})
+            folder = parser.get_parsed_content("segmenter").get().folder
+        print(f"[segmenter] ready in {folder}", file=console)
+    except Exception as error:  # MONAI wraps a config expression's error: name the innermost, in one line
+        print(f"[segmenter] not built beside the families ({one_line(root_cause(error))}); the first ControlNet "
+              "test trains it", file=console)
 
 
 def parse_args() -> argparse.Namespace:

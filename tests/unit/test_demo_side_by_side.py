@@ -33,3 +33,23 @@ def test_each_family_runs_in_its_own_process_and_its_failure_is_reported(tmp_pat
         assert head and int(head[2]) == demo.threads_per_job(2), log
         pids.append(int(head[1]))
     assert len({*pids, os.getpid()}) == 3
+
+
+def test_a_process_of_its_own_builds_the_segmenter_while_the_families_run(tmp_path, capfd):
+    """With a ControlNet among the stages the tumour segmenter is built beside the families, in a third process with
+    its own log; when it cannot be built (here: no dataset) the demo says so in one line and goes on, and only the
+    families' failures fail it."""
+    script_module("demo")
+    import demo
+
+    stages = {s.name: s for s in demo.STAGES}
+    families = [[stages["maskgit_stage3_controlnet"]], [stages["maisi_stage3_controlnet"]]]
+    context = demo.stage_context(tmp_path, {"data": str(tmp_path / "data")}, demo.SPACING)
+    with pytest.raises(demo.DemoError) as failed:
+        demo.run_side_by_side(families, context, 2)
+    assert "segmenter" not in str(failed.value)
+    head = re.fullmatch(r"segmenter in process (\d+), (\d+) torch thread\(s\)",
+                        (tmp_path / "segmenter.log").read_text().splitlines()[0])
+    assert head and int(head[1]) != os.getpid()
+    said = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[segmenter]")]
+    assert len(said) == 1 and "not built beside the families" in said[0] and str(tmp_path / "data") in said[0], said
