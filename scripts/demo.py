@@ -15,7 +15,8 @@ what the mask changed). On the embedded demo data every stage trains and validat
 training and 2 validation cases, as each bundle splits them) and tests on its test case plus ``--test-cases`` - 1
 further demo cases that no stage sees before (one test case is one tumour, too few to judge a mask control by); the
 sheets show the first test case. Within a family the stages run one after another (a later stage reads the files of
-the one before it); the two families run side by side, each in its own process (``--jobs``).
+the one before it); the two families run side by side, each in its own process (``--jobs``), and a third one trains the
+tumour segmenter that both mask controls are scored with meanwhile.
 The summary prints each stage's headline scores beside their baselines, says plainly where the model loses, and is
 kept in ``<output-dir>/summary.json`` (``scripts/quality.py`` turns it into the quality table).
 """
@@ -359,11 +360,12 @@ class DemoError(RuntimeError):
     """A failed step, reported in one line."""
 
 
-# The two families share nothing but the data and the tumour segmenter (built once, under a lock), so they run side by
-# side, each in a process with one core's threads: the demo's networks are too small for two threads to split their
-# convolutions well. Measured on 2 cores: the FSQ autoencoder's demo step (scripts/benchmark.py demo) took 0.79 s with
-# 2 threads and 0.84 s with 1; both stage-1 models' demo commands (train 100 steps, test, infer) took 272.5 / 247.5 s
-# one after the other and 226.1 / 185.4 s side by side, in alternating runs.
+# The two families share nothing but the data and the tumour segmenter (built once, in a third process meanwhile: see
+# train_segmenter), so they run side by side, each in a process with one core's threads: the demo's networks are too
+# small for two threads to split their convolutions well. Measured on 2 cores: the FSQ autoencoder's demo step
+# (scripts/benchmark.py demo) took 0.79 s with 2 threads and 0.84 s with 1; both stage-1 models' demo commands (train
+# 100 steps, test, infer) took 272.5 / 247.5 s one after the other and 226.1 / 185.4 s side by side, in alternating
+# runs.
 JOBS = 2
 
 # glibc hands freed blocks above its mmap threshold back to the OS and faults them in again at the next step; the
