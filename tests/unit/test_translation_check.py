@@ -108,27 +108,35 @@ def test_the_maisi_stages_pass_one_latent_width_to_every_command(tmp_path):
     assert "--loss#kl_weight" not in demo.test_command(vae, context) + demo.fill(vae.use, context)
 
 
-def test_each_maskgit_stage1_command_builds_the_autoencoder_with_one_codebook(tmp_path):
-    """The demo's FSQ autoencoder has fewer codes than its bundle's; `test` and `infer` build it from their config and
-    check the checkpoint against it (`infer` once refused the demo's checkpoint for want of the flag), so each command
-    must carry the same levels. The translation check restores the bundle's (the last flag given wins)."""
+def test_each_maskgit_stage1_command_builds_the_autoencoder_it_was_trained_as(tmp_path):
+    """`test` and `infer` build the FSQ autoencoder from their config and check the checkpoint against it (`infer` once
+    refused the demo's checkpoint for want of the levels), so each command carries the same levels and, in the check,
+    the same 2x network (the last flag given wins over the demo's [16, 16, 32]); the check's translation trains on
+    token crops and tests whole volumes."""
     from prod9_components.cli.bundle_runner import bundles_root
 
     check = script_module("translation_check")
     demo = check.demo
     context = command_context(check, tmp_path)
 
-    def levels(args: list[str]) -> list[int] | None:
-        at = [i for i, arg in enumerate(args) if arg == "--levels"]
-        return json.loads(args[at[-1] + 1]) if at else None
+    def last(args: list[str], flag: str, values: int = 1) -> list | None:
+        at = [i for i, arg in enumerate(args) if arg == flag]
+        return args[at[-1] + 1:at[-1] + 1 + values] if at else None
 
     bundle = json.loads((bundles_root() / "maskgit_stage1" / "configs" / "train.json").read_text())["levels"]
     demo_levels = json.loads(demo.FSQ_LEVELS[1])
     assert np.prod(demo_levels) == 4375 < np.prod(bundle) == 15360
-    for stage, expected in ((check.ALL["maskgit_stage1"], demo_levels), (check.FAMILIES["maskgit"][0], bundle)):
+    for stage, channels in ((check.ALL["maskgit_stage1"], None), (check.FAMILIES["maskgit"][0], "[16, 32]")):
         commands = (demo.train_command(stage, context), demo.test_command(stage, context),
                     demo.fill(stage.use, context))
-        assert [levels(args) for args in commands] == [expected] * 3, stage.name
+        assert [json.loads(last(args, "--levels")[0]) for args in commands] == [demo_levels] * 3, stage.name
+        if channels:
+            assert [last(args, "--network_def#num_channels") for args in commands] == [[channels]] * 3
+            assert [last(args, "--network_def#num_res_blocks") for args in commands] == [["[0, 1]"]] * 3
+    translation = check.FAMILIES["maskgit"][1]
+    assert last(demo.train_command(translation, context), "--roi-size", 3) == ["24", "24", "24"]
+    assert last(demo.test_command(translation, {**context, "stage": "x"}), "--roi-size", 3) == [
+        str(side) for side in context["window"]]
 
 
 def test_the_maisi_translation_samples_as_chosen_on_the_validation_split(tmp_path, monkeypatch):
