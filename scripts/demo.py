@@ -434,7 +434,8 @@ def run_side_by_side(families: list[list[Stage]], context: dict, jobs: int) -> l
           f"{', '.join(map(str, logs.values()))}", flush=True)
     with ProcessPoolExecutor(jobs + segmenter, mp_context=get_context("spawn")) as pool:
         if segmenter:
-            pool.submit(in_worker, "segmenter", train_segmenter, context, threads, Path(context["out"]) / "segmenter.log")
+            log = Path(context["out"]) / "segmenter.log"
+            pool.submit(in_worker, "segmenter", train_segmenter, context, threads, log)
         futures = [pool.submit(in_worker, f[0].family, run_family, f, context, threads, logs[f[0].family])
                    for f in families]
         try:
