@@ -35,22 +35,24 @@ class ReusedConditioningEmbedding(ControlNetConditioningEmbedding):
 
     Why: a sampler calls the ControlNet once per step with the same condition, and this encoder, at image resolution,
     was most of a sample's time (MAISI demo ControlNet `test`, 64 samples of 10 steps: 45.6 of the ControlNet's 77.5
-    s). Equality is checked on the values (``torch.equal``, one pass over the condition) and the weights by their
-    in-place version counters (an optimiser step or ``load_state_dict`` bumps them), so a reused embedding is the one
-    the encoder would compute. With autograd on (training) it always computes. Same parameters as MONAI's class.
+    s). Equality is checked on the values (``torch.equal``, one pass over the condition), on the weights by their
+    in-place version counters (an optimiser step or ``load_state_dict`` bumps them) and on autocast's state, so a
+    reused embedding is the one the encoder would compute. With autograd on (training) it always computes. Same
+    parameters as MONAI's class.
     """
 
-    _last: tuple | None = None  # (weight versions, condition, embedding)
+    _last: tuple | None = None  # (key, condition, embedding)
 
     def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return super().forward(conditioning)
-        versions = tuple(p._version for p in self.parameters())
+        # the weights' versions, and autocast, which sets the embedding's precision
+        key = (tuple(p._version for p in self.parameters()), torch.is_autocast_enabled(conditioning.device.type))
         last = self._last
-        if not (last and last[0] == versions and last[1].shape == conditioning.shape
+        if not (last and last[0] == key and last[1].shape == conditioning.shape
                 and last[1].dtype == conditioning.dtype and last[1].device == conditioning.device
                 and torch.equal(last[1], conditioning)):
-            self._last = last = (versions, conditioning.clone(), super().forward(conditioning))
+            self._last = last = (key, conditioning.clone(), super().forward(conditioning))
         return last[2]
 
 

@@ -305,8 +305,8 @@ def test_evaluator_samples_at_the_conditioning_scale(one_thread):
 
 def test_a_sampler_embeds_its_condition_once_and_gets_what_the_encoder_computes():
     """Without autograd the conditioning encoder (at image resolution) runs once for a sampler's steps that share a
-    condition; its reused embedding equals a fresh one, and another mask, other weights (an optimiser step) or
-    autograd (training) make it compute again."""
+    condition; its reused embedding equals a fresh one, and another mask, other weights (an optimiser step), autocast
+    or autograd (training) make it compute again."""
     net = _trained_like(MaisiControlNet.from_base(trained_like_base(), condition_type="mask+label"))
     encoder = net.controlnet.controlnet_cond_embedding
     runs = []
@@ -336,3 +336,6 @@ def test_a_sampler_embeds_its_condition_once_and_gets_what_the_encoder_computes(
         encoder.conv_out.conv.weight.mul_(2.0)  # in place, as an optimiser step: the weights' versions move on
     moved = sample(data["control_mask"])
     assert len(runs) == 9 and not torch.equal(moved, reused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # another precision: embedded again, then reused
+        sample(data["control_mask"])
+    assert len(runs) == 10
