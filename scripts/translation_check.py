@@ -24,7 +24,7 @@ against the same case rebuilt under another draw of its bias fields (``synthesiz
 contrast has a smooth bias field of its own, which no source predicts, so a sampled T2 (its own draw of the field)
 cannot come closer than that, however well it is trained; a regression predicts the field's mean instead.
 
-    python scripts/translation_check.py maskgit --scale 3 --num-cases 80    # 33.4 min on 2 cores at 88 GFLOP/s a thread
+    python scripts/translation_check.py maskgit --scale 3 --num-cases 80    # ~50 min on 2 cores at 88 GFLOP/s a thread
     python scripts/translation_check.py maisi                # about 13 min
     python scripts/translation_check.py maisi --scale 4 --num-cases 80    # 55-58 min (3 of them build the 80 cases)
 
@@ -102,8 +102,8 @@ MAISI_VAE_KL = ("--loss#kl_weight", "1e-9")
 # writes at that grid. On 56 training pairs (`--num-cases 80`, 5 Dec) the 4x stage 1 capped it (T2 round trip 23.7 dB
 # after 2700 steps, the map's own prediction encoded and decoded 1.3 dB below the map, the translation 19.45 dB / SSIM
 # 0.774 against the map's 21.52 / 0.874); 2x after the same 2700 steps: test 29.8 dB / SSIM 0.970 over all modalities,
-# T2 round trip 28.5 / 0.968, and 1080 in-context steps translated at 20.32 dB / 0.871. Stage 1 now has 7 dB to spare,
-# so it trains half as long (45 epochs of 10 steps per unit of scale) and the translation twice as long.
+# T2 round trip 28.5 / 0.968, and 1080 in-context steps translated at 20.32 dB / 0.871; 2160 on a 1350-step stage 1
+# (round trip 26.48) 20.93 / 0.8745; 3240 on the 2700-step one 21.93 / 0.903, past the map (21.52 / 0.874).
 MASKGIT_STAGE1 = ("--network_def#num_channels", "[16, 32]", "--network_def#num_res_blocks", "[0, 1]",
                   "--network_def#attention_levels", "[false, false]")
 
@@ -113,7 +113,7 @@ def with_flags(stage: demo.Stage, flags: tuple[str, ...]) -> demo.Stage:
     return replace(stage, train=stage.train + flags, test=stage.test + flags, use=stage.use + flags)
 
 
-# 720 in-context steps per unit of scale (the demo trains 80 to keep within its quarter of an hour), on crops of 12^3
+# 1080 in-context steps per unit of scale (the demo trains 80 to keep within its quarter of an hour), on crops of 12^3
 # tokens (24^3 voxels; 26 x 30 x 22 tokens a whole volume: two modalities' sequence is 34k tokens, a step on it ~10x
 # the crop's), translating whole volumes to the expected FSQ codes (the least squared error; at 4x a 12-step sample
 # scored 1.4 dB lower) and trained on the expected code's squared error beside the cross-entropy (`--code-weight 20`:
@@ -121,11 +121,11 @@ def with_flags(stage: demo.Stage, flags: tuple[str, ...]) -> demo.Stage:
 # demo").
 EXPECTED_CODES = ("--expected-codes", "true")
 TOKEN_CROP = ("--roi-size", "24", "24", "24")  # after the demo's whole-volume window: the last flag given wins
-MASKGIT_TRANSLATION = replace(ALL["maskgit_stage2_incontext"], epochs=36,
+MASKGIT_TRANSLATION = replace(ALL["maskgit_stage2_incontext"], epochs=54,
                               train=ALL["maskgit_stage2_incontext"].train + ("--code-weight", "20", *TOKEN_CROP),
                               test=ALL["maskgit_stage2_incontext"].test + EXPECTED_CODES,
                               use=ALL["maskgit_stage2_incontext"].use + EXPECTED_CODES)
-FAMILIES = {"maskgit": (with_flags(replace(ALL["maskgit_stage1"], epochs=45), MASKGIT_STAGE1), MASKGIT_TRANSLATION),
+FAMILIES = {"maskgit": (with_flags(ALL["maskgit_stage1"], MASKGIT_STAGE1), MASKGIT_TRANSLATION),
             "maisi": (with_flags(replace(ALL["maisi_stage1_vae"], train=ALL["maisi_stage1_vae"].train + MAISI_VAE_KL),
                                  MAISI_LATENT),
                       with_flags(ALL["maisi_stage2_diffusion"], MAISI_LATENT), MAISI_TRANSLATION)}
