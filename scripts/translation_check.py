@@ -24,7 +24,7 @@ against the same case rebuilt under another draw of its bias fields (``synthesiz
 contrast has a smooth bias field of its own, which no source predicts, so a sampled T2 (its own draw of the field)
 cannot come closer than that, however well it is trained; a regression predicts the field's mean instead.
 
-    python scripts/translation_check.py maskgit --scale 3 --num-cases 80    # ~50 min on 2 cores at 88 GFLOP/s a thread
+    python scripts/translation_check.py maskgit --scale 3 --num-cases 80    # 53 min on 2 cores at 88 GFLOP/s a thread
     python scripts/translation_check.py maisi                # about 13 min
     python scripts/translation_check.py maisi --scale 4 --num-cases 80    # 55-58 min (3 of them build the 80 cases)
 
