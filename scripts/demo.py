@@ -200,6 +200,9 @@ FSQ_LEVELS = ("--levels", "[7, 5, 5, 5, 5]")
 TRANSFORMER = (*WHOLE_VOLUME, "--num-inference-steps", "12")
 # The MAISI stages test and sample in 10 Euler steps (tiny.json's 4 are for tests).
 FLOW_STEPS = ("--num-inference-steps", "10")
+# Training validates once, at its end (which writes best.ckpt), on the loss alone: each stage's `test` samples and
+# scores right after, so samples in that validation were thrown away (7-12 s a generator, again in its untrained run).
+LOSS_ONLY_VALIDATION = ("--sample-during-validation", "False")
 
 
 @dataclass(frozen=True)
@@ -266,8 +269,7 @@ STAGES = (
     Stage("maskgit_stage2_label", "maskgit", "prod9-train-transformer",
           train=("--autoencoder-path", "{maskgit_stage1}/autoencoder_tiny.pt",
                  "--token-cache-dir", "{maskgit_stage1}/token_cache",
-                 "--validate#samples#modalities", "['T2']",  # validation samples T2 only: 4x fewer to decode
-                 "--learning-rate", "0.002", *TRANSFORMER),
+                 *LOSS_ONLY_VALIDATION, "--learning-rate", "0.002", *TRANSFORMER),
           epochs=12, batches=20, needs="maskgit_stage1",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
                "--output", "{stage}/generated"),
@@ -279,6 +281,7 @@ STAGES = (
     Stage("maskgit_stage2_incontext", "maskgit", "prod9-train-transformer",
           train=("--source-modality", "T1", "--target-modality", "T2", "--autoencoder-path",
                  "{maskgit_stage1}/autoencoder_tiny.pt", "--token-cache-dir", "{maskgit_stage1}/token_cache",
+                 *LOSS_ONLY_VALIDATION,
                  "--learning-rate", "0.002", *TRANSFORMER),  # the label model's (at 0.001: 6.6 dB, no brain shape)
           # 80 steps (120 gave 17.0 dB against the map's 22.35: it loses either way on these data, see
           # translation_check.py, which trains it 360 steps per unit of scale)
@@ -291,7 +294,7 @@ STAGES = (
           scores=TRANSLATION_SCORES, test=("--token-cache-dir", "{maskgit_stage1}/token_cache", *TRANSFORMER)),
     Stage("maskgit_stage3_controlnet", "maskgit", "prod9-train-maskgit-controlnet",
           train=("--transformer-path", "{maskgit_stage2_label}/best.ckpt", "--control-type", "mask",
-                 "--token-cache-dir", "{maskgit_stage1}/token_cache", "--sample-during-validation", "False",
+                 "--token-cache-dir", "{maskgit_stage1}/token_cache", *LOSS_ONLY_VALIDATION,
                  "--learning-rate", "0.002", "--tumour-weight", "20", *SEGMENTER, *TRANSFORMER),
           # segmenter Dice on the samples (bar 0.13): 100 steps at lr 1e-3 0.023; 500 steps 0.126, with the tumour's
           # tokens weighted 20x 0.150 (change outside the mask 0.033 -> 0.011); 300 weighted steps at 3e-3 0.203.
@@ -320,7 +323,7 @@ STAGES = (
           scores=VAE_SCORES, test=WHOLE_VOLUME),
     Stage("maisi_stage2_diffusion", "maisi", "prod9-train-maisi-diffusion",
           train=("--vae-path", "{maisi_stage1_vae}/vae_tiny.pt",
-                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache"),
+                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *LOSS_ONLY_VALIDATION),
           # small latents, 0.05-0.08 s a step: 1000 steps give a brain's shape (brain Dice 0.88, W1 0.020; 300 steps:
           # 0.81 / 0.024 and a blob; 1500: 0.88 / 0.023; 3000: 0.875 / 0.027)
           epochs=50, batches=20, needs="maisi_stage1_vae",
@@ -333,7 +336,7 @@ STAGES = (
     Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
           train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask+label",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", "--tumour-weight", "100",
-                 "--sample-during-validation", "False", *SEGMENTER),  # `test` samples and scores
+                 *LOSS_ONLY_VALIDATION, *SEGMENTER),
           # 0.11 s a step: 100 steps left the control at zero (change inside the mask 0.000); 1000 move the sample
           # 0.015 inside the mask and 0.002 outside it, and so do 500 with the tumour's latent cells weighted 100x
           # (0.013 / 0.002); 1000 weighted: 0.052 / 0.006; 5000 weighted: 0.080 / 0.024. With the conditioning

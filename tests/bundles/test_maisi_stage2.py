@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from prod9_components.data.latent_cache import load_latent_file
 from prod9_components.networks.export import atomic_save, build_network, load_record
-from tests.helpers import DIFFUSION, bundle_run, cli
+from tests.helpers import DIFFUSION, FEW_SAMPLES, bundle_run, cli
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +127,20 @@ def test_a_vae_with_other_latent_channels_is_refused_before_training(maisi_diffu
     assert result.returncode != 0
     assert "network argument 'latent_channels' is 4 but the config expects 8" in result.stderr
     assert not (tmp_path / "out" / "best.ckpt").exists() and not (tmp_path / "cache").exists()
+
+
+def test_training_validates_on_the_loss_alone_when_told_not_to_sample(maisi_diffusion_run, tmp_path, caplog):
+    """``sample_during_validation`` false: training's validation reports the velocity loss without sampling (no
+    sample score such as brain_dice); true, the default, samples and scores them."""
+    run = maisi_diffusion_run
+    for given, sampled in (("false", False), ("true", True)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="monai.handlers.StatsHandler"):
+            bundle_run(DIFFUSION, ["train.json", "tiny.json"], {
+                "dataset_dir": run["dataset_dir"], "vae_path": run["vae_path"],
+                "latent_cache_dir": run["latent_cache_dir"], "output_dir": tmp_path / given, "epochs": 1,
+                "limit_train_batches": 1, "sample_during_validation": given, **FEW_SAMPLES})
+        messages = [r.getMessage() for r in caplog.records]
+        (line,) = [m for m in messages if "Metrics --" in m]  # the one validation
+        assert any("Key metric: val_loss" in m for m in messages), messages
+        assert ("brain_dice" in line) is sampled, line

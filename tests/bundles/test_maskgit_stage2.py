@@ -4,6 +4,7 @@ stage-1 export made by the test session itself."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import INCONTEXT, LABEL, bundle_run
+from tests.helpers import FEW_SAMPLES, INCONTEXT, LABEL, bundle_run
 
 pytestmark = pytest.mark.slow
 
@@ -128,3 +129,17 @@ def test_last_ckpt_records_the_export_and_a_resume_on_another_one_is_refused(sta
     assert result.returncode != 0
     assert (f"{run / 'last.ckpt'}: it was trained with autoencoder_sha256={file_sha256(export)[:16]}…, this run has "
             f"{file_sha256(other)[:16]}… (another upstream file: {other})") in result.stderr
+
+
+def test_training_validates_on_the_loss_alone_when_told_not_to_sample(stage2_runs, tmp_path, caplog):
+    """``sample_during_validation`` false: training's validation reports the loss and token accuracy without
+    sampling (no sample score such as brain_dice); true, the default, samples and scores them."""
+    for given, sampled in (("false", False), ("true", True)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="monai.handlers.StatsHandler"):
+            bundle_run(LABEL, ["train.json", "tiny.json"], {
+                **_common(stage2_runs, str(tmp_path / given)), "autoencoder_path": stage2_runs["autoencoder_path"],
+                "epochs": 1, "limit_train_batches": 1, "sample_during_validation": given, **FEW_SAMPLES})
+        (line,) = [r.getMessage() for r in caplog.records if "Metrics --" in r.getMessage()]  # the one validation
+        assert "token_accuracy" in line, line
+        assert ("brain_dice" in line) is sampled, line
