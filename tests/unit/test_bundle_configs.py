@@ -354,8 +354,8 @@ def test_every_checkpoint_load_refuses_another_stage(bundle, name, id_, call, tm
             assert (loaded[0] if isinstance(loaded, tuple) else loaded)["stage"] == stage
 
 
-SAMPLING_BUNDLES = ["maisi_stage2_diffusion", "maisi_stage3_controlnet", "maskgit_stage2_incontext", "maskgit_stage2_label",
-                    "maskgit_stage3_controlnet"]
+SAMPLING_BUNDLES = ["maisi_stage2_diffusion", "maisi_stage3_controlnet", "maskgit_stage2_incontext",
+                    "maskgit_stage2_label", "maskgit_stage3_controlnet"]
 
 
 @pytest.mark.parametrize("bundle", SAMPLING_BUNDLES)
