@@ -36,6 +36,7 @@ class MaisiSamplesHandler(ScoredSamplesHandler):
         sw_config: sliding window for decoding; intensity_range: the VAE's training intensity range.
         memorised_below: see :func:`~prod9_components.metrics.generation.memorised`.
         log_dir: TensorBoard directory for the mid slices, None for metrics only; tag: tag prefix.
+        enabled: False attaches nothing (a validation on the loss alone).
     """
 
     def __init__(self, network: nn.Module, vae: nn.Module, scheduler: RFlowScheduler, modalities: Sequence[str | int],
@@ -43,9 +44,9 @@ class MaisiSamplesHandler(ScoredSamplesHandler):
                  latent_size: Sequence[int], scale_factor: float, num_samples: int = 2, num_steps: int = 10,
                  guidance_scale: float = 1.0, seed: int = 0, sw_config: SlidingWindowConfig | None = None,
                  intensity_range: Sequence[float] = (0.0, 1.0), memorised_below: float = MEMORISED_BELOW,
-                 log_dir: str | None = None, tag: str = "val/samples") -> None:
+                 log_dir: str | None = None, tag: str = "val/samples", enabled: bool = True) -> None:
         super().__init__(modalities, encoder, held_out_cases, training_cases, num_samples, memorised_below, log_dir,
-                         tag)
+                         tag, enabled)
         self.network, self.vae, self.scheduler = network, vae, scheduler
         self.latent_size, self.scale_factor = list(latent_size), float(scale_factor)
         self.num_steps, self.guidance_scale = int(num_steps), guidance_scale

@@ -41,6 +41,7 @@ class MaskGiTSamplesHandler(ScoredSamplesHandler):
         memorised_below: see :func:`~prod9_components.metrics.generation.memorised`.
         log_dir: TensorBoard directory for the mid slices (one row per sample), None for metrics only.
         tag: TensorBoard tag prefix; the modality is appended.
+        enabled: False attaches nothing (a validation on the loss alone).
     """
 
     def __init__(self, network: nn.Module, autoencoder: nn.Module, sampler, modalities: Sequence[str | int],
@@ -48,9 +49,9 @@ class MaskGiTSamplesHandler(ScoredSamplesHandler):
                  training_cases: Sequence[Mapping], volume_grid: Sequence[int] | None = None, num_samples: int = 2,
                  seed: int = 0, sw_config: SlidingWindowConfig | None = None,
                  memorised_below: float = MEMORISED_BELOW, log_dir: str | None = None,
-                 tag: str = "val/samples") -> None:
+                 tag: str = "val/samples", enabled: bool = True) -> None:
         super().__init__(modalities, encoder, held_out_cases, training_cases, num_samples, memorised_below, log_dir,
-                         tag)
+                         tag, enabled)
         self.network, self.autoencoder, self.sampler = network, autoencoder, sampler
         self.token_grid, self.volume_grid = list(token_grid), volume_grid
         self.seed, self.sw_config = int(seed), sw_config

@@ -99,15 +99,17 @@ class ScoredSamplesHandler:
         num_samples: samples per modality, >= 2 (diversity needs pairs).
         log_dir: TensorBoard directory for the mid slices, None for metrics only; tag: tag prefix (the modality is
             appended).
+        enabled: False attaches nothing, so the evaluation reports its loss alone (a bundle's
+            ``sample_during_validation`` false).
     """
 
     def __init__(self, modalities: Sequence[str | int], encoder, held_out_cases: Sequence[Mapping],
                  training_cases: Sequence[Mapping], num_samples: int, memorised_below: float = MEMORISED_BELOW,
-                 log_dir: str | None = None, tag: str = "val/samples") -> None:
+                 log_dir: str | None = None, tag: str = "val/samples", enabled: bool = True) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 to measure diversity between samples, got {num_samples}")
         self.modalities = [modality_name(modality_index(m)) for m in modalities]
-        self.num_samples, self.tag = int(num_samples), tag
+        self.num_samples, self.tag, self.enabled = int(num_samples), tag, bool(enabled)
         self.scorer = SampleScorer(encoder, held_out_cases, training_cases, self.modalities, memorised_below)
         self._slices = MidSliceWriter(log_dir)
 
@@ -116,7 +118,8 @@ class ScoredSamplesHandler:
         raise NotImplementedError
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         scores = {}
