@@ -11,6 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from prod9_components.data.modalities import MODALITIES, modality_index, modality_name
+from prod9_components.data.settings import bool_setting
 from prod9_components.data.token_cache import pad_or_crop
 from prod9_components.handlers.tensorboard_images import MidSliceWriter
 from prod9_components.metrics.generation import MEMORISED_BELOW, RealReference, generation_scores, real_reference
@@ -109,7 +110,8 @@ class ScoredSamplesHandler:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 to measure diversity between samples, got {num_samples}")
         self.modalities = [modality_name(modality_index(m)) for m in modalities]
-        self.num_samples, self.tag, self.enabled = int(num_samples), tag, bool(enabled)
+        self.num_samples, self.tag = int(num_samples), tag
+        self.enabled = bool_setting("enabled", enabled)  # a config's "false" is a string, which bool() counts as true
         self.scorer = SampleScorer(encoder, held_out_cases, training_cases, self.modalities, memorised_below)
         self._slices = MidSliceWriter(log_dir)
 

@@ -73,3 +73,17 @@ def test_needs_pairs_and_real_cases(cases):
                                 num_samples=1)
     with pytest.raises(ValueError, match="needs held-out and training cases, got 1 and 0"):
         MaskGiTSamplesHandler(None, None, None, ["T1"], GRID, None, cases["held_out"], [])
+
+
+def test_a_disabled_handler_attaches_nothing_and_a_stray_word_is_refused(cases):
+    """``enabled`` as a config hands it: the string "false" switches sampling off (bool() would count it as true)."""
+    def handler(enabled):
+        return MaskGiTSamplesHandler(None, None, None, ["T1"], GRID, None, cases["held_out"], cases["training"],
+                                     enabled=enabled)
+
+    for enabled, attached in (("false", False), (False, False), ("true", True), (True, True)):
+        engine, samples = Engine(lambda engine, batch: None), handler(enabled)
+        samples.attach(engine)
+        assert engine.has_event_handler(samples, Events.EPOCH_COMPLETED) is attached, enabled
+    with pytest.raises(ValueError, match="enabled must be true or false, got 'maybe'"):
+        handler("maybe")
