@@ -24,8 +24,8 @@ def test_every_command_gets_the_windows_of_its_spacing(tmp_path):
     demo = script_module("demo")
     test = {"stage": str(tmp_path / "s"),
             "test": {"case": "c", **{k: f"c_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair", "seg")}}}
-    expected = {4.0: ([48, 56, 40], [52, 60, 44]), 5.0: ([40, 48, 32], [44, 48, 36]),
-                2.0: ([96, 112, 80], [104, 120, 88])}
+    expected = {4.0: ([44, 56, 40], [52, 60, 44]), 5.0: ([36, 48, 32], [44, 48, 36]),
+                2.0: ([88, 112, 80], [104, 120, 88])}
     assert demo.SPACING == 4.0
     for mm, (crop, window) in expected.items():
         context = {**demo.stage_context(tmp_path, {"data": "d"}, mm), **test}
