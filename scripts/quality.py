@@ -7,7 +7,7 @@ stage) unless ``--reuse`` is given, then turns its ``summary.json`` into ``bench
 sheets into ``docs/demo/`` (PNG, under 300 KB each) for the README. Losing rows are kept: the table says where a model
 does not beat what learns nothing.
 
-    python scripts/quality.py            # the demo: 17-40 min on 2 CPU cores, by their speed
+    python scripts/quality.py            # the demo: 15-40 min on 2 CPU cores, by their speed
     python scripts/quality.py --reuse    # tabulate an existing outputs/demo/summary.json
 """
 
