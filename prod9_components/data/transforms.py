@@ -19,6 +19,7 @@ from monai.transforms import (
     DivisiblePadd,
     EnsureTyped,
     LoadImage,
+    InvertibleTransform,
     MapTransform,
     Orientationd,
     ResampleToMatch,
@@ -30,6 +31,7 @@ from monai.transforms import (
 
 from prod9_components.data.modalities import map_brats_labels
 from prod9_components.data.nifti import check_volume_size, read_header
+from prod9_components.data.volume_memo import RESAMPLED, Resampled
 from prod9_components.limits import MAX_VOXELS, check_voxels, voxel_count
 
 
@@ -113,6 +115,16 @@ class LoadVolumed(MapTransform):
         return d
 
 
+def file_grid(volume: MetaTensor) -> tuple[tuple[int, ...], np.ndarray]:
+    """A (C, X, Y, Z) volume's grid: (spatial shape, float64 affine)."""
+    return tuple(int(n) for n in volume.shape[1:]), np.asarray(volume.affine, np.float64)
+
+
+def same_grid(a: tuple[tuple[int, ...], np.ndarray], b: tuple[tuple[int, ...], np.ndarray]) -> bool:
+    """Whether two :func:`file_grid` s are one: the same shape, affines within 1e-3."""
+    return a[0] == b[0] and np.allclose(a[1], b[1], atol=1e-3)
+
+
 class MatchLabelGridd(MapTransform):
     """Resample label volumes (nearest neighbour) onto the grid of ``reference_key`` when their shape or affine
     differs from it (e.g. a user's mask saved on another grid than the image it goes with); a no-op otherwise.
@@ -128,8 +140,7 @@ class MatchLabelGridd(MapTransform):
         reference = d[self.reference_key]
         for key in self.key_iterator(d):
             label = d[key]
-            if label.shape[1:] == reference.shape[1:] and np.allclose(
-                    np.asarray(label.affine, np.float64), np.asarray(reference.affine, np.float64), atol=1e-3):
+            if same_grid(file_grid(label), file_grid(reference)):
                 continue
             logging.getLogger("prod9").warning(
                 f"{_source_name(label, str(key))}: grid {tuple(label.shape[1:])} differs from "
@@ -246,8 +257,95 @@ class AntiAliasd(MapTransform):
             sigma = [min(max(0.0, (t / s - 1.0) / 2.0), float(n))
                      for t, s, n in zip(self.spacing, source, d[key].shape[1:])]
             if any(sg > 0 for sg in sigma):  # scipy's separable filter: ~30x faster than MONAI's GaussianSmooth
-                smooth = [gaussian_filter(channel, sigma, mode="nearest", truncate=3.0) for channel in d[key].numpy()]
-                d[key] = d[key].clone().copy_(torch.from_numpy(np.stack(smooth)))
+                image = d[key]
+                smooth = np.empty(image.shape, np.float32)  # written in place: no copy of a 1 mm volume
+                for source_channel, channel in zip(image.numpy(), smooth):
+                    gaussian_filter(source_channel, sigma, output=channel, mode="nearest", truncate=3.0)
+                d[key] = MetaTensor(torch.from_numpy(smooth), meta=image.meta, applied_operations=image.applied_operations)
+        return d
+
+
+def _spacing_input(volume: MetaTensor) -> tuple[tuple[int, ...], np.ndarray]:
+    """What ``Spacingd``'s ``ensure_same_shape`` compares between an item's volumes: (spatial shape, voxel size)."""
+    return tuple(int(n) for n in volume.peek_pending_shape()), np.asarray(volume.pixdim, np.float64)
+
+
+def _same_spacing_input(a, b) -> bool:
+    """``Spacingd``'s test (MONAI 1.6.1) for giving volume ``b`` the output shape of the item's first volume ``a``."""
+    return np.allclose(a[0], b[0]) and np.allclose(a[1], b[1], atol=1e-3)
+
+
+class LoadResampled(MapTransform, InvertibleTransform):
+    """The costly first part of :func:`preprocessing` as one step: :class:`LoadVolumed` -> labels onto the first
+    image's grid (:class:`MatchLabelGridd`) -> RAS (``Orientationd``) -> :class:`AntiAliasd` -> ``spacing`` mm
+    (``Spacingd``, bilinear for images, nearest for labels).
+
+    Each volume's result is remembered in the process (:data:`~prod9_components.data.volume_memo.RESAMPLED`). An
+    item whose every file was resampled before with the same settings is copied from there, provided the couplings
+    between its volumes give what they gave then: ``Spacingd`` gives a volume with the first volume's input shape and
+    voxel size the first one's output shape, and ``MatchLabelGridd`` moves a label whose file grid is not the first
+    image's (such a label is never remembered). Anything else takes the ordinary path. Invertible like the
+    transforms it runs (``Invertd`` with a ``Compose`` of :func:`preprocessing`, whichever path an item took).
+
+    Input: ``{key: path}``; output: ``{key: (1, X, Y, Z) MetaTensor}`` on the RAS ``spacing`` mm grid, images
+    float32, labels with their file's values.
+    """
+
+    def __init__(self, image_keys: Sequence[str], label_keys: Sequence[str] = (),
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0), max_voxels: int = MAX_VOXELS) -> None:
+        image_keys, label_keys = list(image_keys), list(label_keys)
+        keys = image_keys + label_keys
+        super().__init__(keys)
+        self.label_keys = frozenset(label_keys)
+        self.load = LoadVolumed(keys, label_keys=label_keys, spacing=spacing, max_voxels=max_voxels)
+        self.match = MatchLabelGridd(label_keys, image_keys[0]) if label_keys else None
+        self.orient = Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
+        self.anti_alias = AntiAliasd(image_keys, spacing)
+        self.resample = Spacingd(keys, pixdim=tuple(spacing),
+                                 mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys))
+        self._settings = (tuple(float(s) for s in spacing), int(max_voxels))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        memo_keys = [RESAMPLED.key(d[k], (*self._settings, k in self.label_keys)) for k in keys]
+        recalled = self._recall(keys, [RESAMPLED.get(m) for m in memo_keys])
+        if recalled is not None:
+            d.update(recalled)
+            return d
+        d = self.load(d)
+        grids = [file_grid(d[k]) for k in keys]
+        if self.match is not None:
+            d = self.match(d)
+        d = self.anti_alias(self.orient(d))
+        inputs = [_spacing_input(d[k]) for k in keys]
+        d = self.resample(d)
+        for i, (key, memo_key) in enumerate(zip(keys, memo_keys)):
+            if key in self.label_keys and not same_grid(grids[i], grids[0]):
+                continue  # moved onto the image's grid: its result depends on that image
+            forced = i > 0 and _same_spacing_input(inputs[0], inputs[i])
+            RESAMPLED.put(memo_key, Resampled.of(d[key], grids[i], inputs[i], forced))
+        return d
+
+    def _recall(self, keys: list, found: list[Resampled | None]) -> dict | None:
+        """``{key: copy}`` when every volume is remembered and the item's couplings give the remembered results."""
+        if not keys or any(entry is None for entry in found) or found[0].shape_forced:
+            return None
+        first = found[0]
+        for key, entry in zip(keys[1:], found[1:]):
+            if key in self.label_keys and not same_grid(entry.file_grid, first.file_grid):
+                return None  # MatchLabelGridd would move it now
+            if _same_spacing_input(first.resampled_from, entry.resampled_from):  # Spacingd gives it first's shape
+                if entry.volume.shape[1:] != first.volume.shape[1:]:
+                    return None
+            elif entry.shape_forced:  # it was given another volume's shape then, and keeps its own now
+                return None
+        return {key: entry.copy() for key, entry in zip(keys, found)}
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):  # Invertd inverts one key at a time (allowing the others to be missing)
+            d[key] = self.orient.ornt_transform.inverse(self.resample.spacing_transform.inverse(d[key]))
         return d
 
 
@@ -275,11 +373,7 @@ def preprocessing(
     keys = image_keys + label_keys
     background = float(intensity_range[0])
     transforms = [
-        LoadVolumed(keys, label_keys=label_keys, spacing=spacing),
-        *([MatchLabelGridd(label_keys, image_keys[0])] if label_keys else []),
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        AntiAliasd(image_keys, spacing),
-        Spacingd(keys, pixdim=tuple(spacing), mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)),
+        LoadResampled(image_keys, label_keys, spacing),
         RobustIntensityScaled(image_keys, output_range=tuple(intensity_range)),
     ]
     if label_keys:
