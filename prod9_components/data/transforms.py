@@ -1,8 +1,9 @@
 """Preprocessing shared by training, evaluation and inference (MONAI dictionary transforms).
 
-One flat list of transforms: load -> RAS -> anti-alias -> resample -> robust intensity scaling -> label mapping ->
-foreground crop -> pad to a multiple of the network's downsampling. Every spatial step is a MONAI
-invertible transform, so ``monai.transforms.Invertd`` maps an output back to the input's grid.
+One flat list of transforms: load -> RAS -> anti-alias -> resample (one step, :class:`LoadResampled`, whose results a
+process remembers) -> robust intensity scaling -> label mapping -> foreground crop -> pad to a multiple of the
+network's downsampling. Every spatial step is invertible, so ``monai.transforms.Invertd`` maps an output back to the
+input's grid.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from monai.transforms import (
     CropForegroundd,
     DivisiblePadd,
     EnsureTyped,
-    LoadImage,
     InvertibleTransform,
+    LoadImage,
     MapTransform,
     Orientationd,
     ResampleToMatch,
@@ -261,7 +262,8 @@ class AntiAliasd(MapTransform):
                 smooth = np.empty(image.shape, np.float32)  # written in place: no copy of a 1 mm volume
                 for source_channel, channel in zip(image.numpy(), smooth):
                     gaussian_filter(source_channel, sigma, output=channel, mode="nearest", truncate=3.0)
-                d[key] = MetaTensor(torch.from_numpy(smooth), meta=image.meta, applied_operations=image.applied_operations)
+                d[key] = MetaTensor(torch.from_numpy(smooth), meta=image.meta,
+                                    applied_operations=image.applied_operations)
         return d
 
 
