@@ -286,8 +286,9 @@ class LoadResampled(MapTransform, InvertibleTransform):
     item whose every file was resampled before with the same settings is copied from there, provided the couplings
     between its volumes give what they gave then: ``Spacingd`` gives a volume with the first volume's input shape and
     voxel size the first one's output shape, and ``MatchLabelGridd`` moves a label whose file grid is not the first
-    image's (such a label is never remembered). Anything else takes the ordinary path. Invertible like the
-    transforms it runs (``Invertd`` with a ``Compose`` of :func:`preprocessing`, whichever path an item took).
+    image's (such a label is never remembered, nor a file rewritten while it was read). Anything else takes the
+    ordinary path. Invertible like the transforms it runs (``Invertd`` with a ``Compose`` of :func:`preprocessing`,
+    whichever path an item took).
 
     Input: ``{key: path}``; output: ``{key: (1, X, Y, Z) MetaTensor}`` on the RAS ``spacing`` mm grid, images
     float32, labels with their file's values.
@@ -325,6 +326,8 @@ class LoadResampled(MapTransform, InvertibleTransform):
         for i, (key, memo_key) in enumerate(zip(keys, memo_keys)):
             if key in self.label_keys and not same_grid(grids[i], grids[0]):
                 continue  # moved onto the image's grid: its result depends on that image
+            if memo_key is None or RESAMPLED.key(data[key], memo_key[-1]) != memo_key:
+                continue  # rewritten while it was read: what was read is not known by either hash
             forced = i > 0 and _same_spacing_input(inputs[0], inputs[i])
             RESAMPLED.put(memo_key, Resampled.of(d[key], grids[i], inputs[i], forced))
         return d

@@ -111,6 +111,20 @@ def test_a_rewritten_file_is_read_again(tmp_path, loads):
     assert torch.equal(pipeline({"image": str(path)})["image"].as_tensor(), second.as_tensor())
 
 
+def test_a_file_rewritten_while_it_is_read_is_not_remembered(tmp_path, monkeypatch):
+    path = save(tmp_path / "image.nii.gz", textured(seed=0))
+    original = transforms.LoadVolumed.load
+
+    def load_then_rewrite(self, file, is_label):  # another process writes the file while this one resamples it
+        volume = original(self, file, is_label)
+        save(path, textured(seed=1))
+        return volume
+
+    monkeypatch.setattr(transforms.LoadVolumed, "load", load_then_rewrite)
+    Compose(preprocessing(["image"], spacing=(2.0, 2.0, 2.0), k_divisible=1))({"image": path})
+    assert len(RESAMPLED) == 0
+
+
 def test_spacing_couplings_decide_what_is_recalled(tmp_path, loads):
     """Spacingd gives an item's volume with the first one's input shape and voxel size the first one's output shape:
     a volume remembered alone is not recalled into an item that would reshape it, nor a reshaped one alone."""
