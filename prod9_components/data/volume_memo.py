@@ -68,13 +68,15 @@ class VolumeMemo:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    @staticmethod
-    def key(path: object, settings: Hashable) -> tuple | None:
+    def key(self, path: object, settings: Hashable) -> tuple | None:
         """The entry's key for the file at ``path`` (as given: a copy names it) read with ``settings``; None when
-        ``path`` is not a readable file (an in-memory array, a missing file: the ordinary path then reports it)."""
+        ``path`` is not a readable file (an in-memory array, a missing file: the ordinary path then reports it) or
+        is larger than the whole memory (not hashed: a huge file costs the ordinary path only what it reads)."""
         if not isinstance(path, (str, os.PathLike)):
             return None
         try:
+            if os.path.getsize(path) > self.max_bytes:
+                return None
             return os.fspath(path), file_sha256(path), settings
         except (OSError, ValueError):
             return None

@@ -188,3 +188,11 @@ def test_the_memory_is_bounded():
     memo.put(("d",), entry(50))  # replacing an entry counts its new size
     assert memo.nbytes == 1000
     assert memo.key(torch.zeros(3), "settings") is None and memo.key("/no/such/file.nii.gz", "settings") is None
+
+
+def test_a_file_larger_than_the_memory_is_not_hashed(tmp_path):
+    small, large = tmp_path / "small.nii", tmp_path / "large.nii"
+    small.write_bytes(b"x" * 1000)
+    large.write_bytes(b"x" * 1001)
+    memo = VolumeMemo(max_bytes=1000)
+    assert memo.key(small, "settings") is not None and memo.key(large, "settings") is None
