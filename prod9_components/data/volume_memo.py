@@ -24,8 +24,8 @@ from monai.utils import TraceKeys
 
 from prod9_components.data.case_cache import file_sha256
 
-MEMO_BYTES = 256 * 2**20  # ~550 volumes of a 4 mm brain, ~70 at 2 mm
-LARGEST_VOLUME_BYTES = 8 * 2**20  # a 2 mm BraTS volume is 3.6 MB; at 1 mm (29 MB) nothing is kept
+MEMO_BYTES = 256 * 2**20  # ~450 BraTS volumes at 4 mm (0.56 MB each), ~55 at 2 mm
+LARGEST_VOLUME_BYTES = 8 * 2**20  # a 2 mm BraTS volume is 4.5 MB; at 1 mm (36 MB) nothing is kept
 
 
 @dataclass(frozen=True)
