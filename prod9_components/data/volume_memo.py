@@ -46,6 +46,10 @@ class Resampled:
     resampled_from: tuple[tuple[int, ...], np.ndarray]
     shape_forced: bool
 
+    @property
+    def nbytes(self) -> int:
+        return self.volume.element_size() * self.volume.nelement()
+
     def copy(self) -> MetaTensor:
         """A copy of :attr:`volume` the caller may change (data, meta and trace)."""
         return MetaTensor(self.volume.as_tensor().clone(), meta=copy.deepcopy(self.volume.meta),
@@ -88,17 +92,15 @@ class VolumeMemo:
             return self._entries.get(key)
 
     def put(self, key: tuple | None, entry: Resampled) -> None:
-        size = entry.volume.element_size() * entry.volume.nelement()
+        size = entry.nbytes
         if key is None or size > min(self.largest, self.max_bytes):
             return
         with self._lock:
             old = self._entries.pop(key, None)
-            self._bytes -= 0 if old is None else old.volume.element_size() * old.volume.nelement()
+            self._bytes += size - (0 if old is None else old.nbytes)
             self._entries[key] = entry
-            self._bytes += size
             while self._bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= dropped.volume.element_size() * dropped.volume.nelement()
+                self._bytes -= self._entries.popitem(last=False)[1].nbytes
 
     def clear(self) -> None:
         with self._lock:
