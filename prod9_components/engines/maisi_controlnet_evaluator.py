@@ -67,9 +67,8 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
                              "pass translation_baselines (fit_translation_baselines on the training split)")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, 1, D, H, W) of scaled latents (B, C, d, h, w), one tiled decode each."""
-        return torch.cat([decode_latent(self.vae, latent[None], self.scale_factor, self.sw_config,
-                                        self.intensity_range) for latent in latents])
+        """Images (B, 1, D, H, W) of scaled latents (B, C, d, h, w): one tiled decode of the batch."""
+        return decode_latent(self.vae, latents, self.scale_factor, self.sw_config, self.intensity_range)
 
     def outputs(self, engine: MaisiControlNetEvaluator, batchdata: dict, generator: torch.Generator) -> dict:
         output = super().outputs(engine, batchdata, generator)
@@ -82,25 +81,34 @@ class MaisiControlNetEvaluator(RectifiedFlowEvaluator):
         network = unwrap(self.network)
         noise = torch.randn(latent.shape, generator=generator)  # the sample's noise: after the val_loss draws
 
-        def sample(conditions: dict, noise: torch.Tensor = noise) -> torch.Tensor:
+        def sample(conditions: dict, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             with engine.mode(network), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 sampled = sample_rectified_flow(network, self.scheduler, noise.to(latent), labels, self.num_steps,
                                                 conditioning_scale=self.conditioning_scale, **conditions)
             return self.decode(sampled.float())
 
-        pred, real = sample(controls), batchdata["image"].to(device).float()
-        seg = batchdata["seg"].to(device)
+        real, seg = batchdata["image"].to(device).float(), batchdata["seg"].to(device)
+        if "control_mask" in controls:
+            # Every sample of these items in one batch: the mask-steered ones (the first from ``noise``, the rest for
+            # the segmenter), then ``noise`` again under an empty mask. A batch of one runs these small grids' 3D
+            # convolutions on PyTorch's native path, 2.6x oneDNN's time per sample (the demo's ControlNet).
+            noises = [noise] + [torch.randn(latent.shape, generator=generator)
+                                for _ in range(self.segmentation_samples - 1 if self.segmenter is not None else 0)]
+            empty = {**controls, "control_mask": torch.zeros_like(controls["control_mask"])}
+            both = {key: torch.cat([value] * len(noises) + [empty[key]]) for key, value in controls.items()}
+            *steered, without = sample(both, torch.cat([*noises, noise]), labels.repeat(len(noises) + 1)).split(
+                latent.shape[0])
+            pred = steered[0]
+        else:
+            pred = sample(controls, noise, labels)
         output.update(pred=pred, label=real, tumour=(seg > 0).float(), seg=seg.float() / 3)
         if "control_image" in controls:
             source = controls["control_image"].float()
             output.update(source=source, roundtrip=self.decode(latent),
                           **baseline_predictions(self.translation_baselines, source, labels))
         if "control_mask" in controls:
-            without = sample({**controls, "control_mask": torch.zeros_like(controls["control_mask"])})
             output.update(pred_without_mask=without, **control_scores(pred, without, real, seg, self.intensity_range))
             if self.segmenter is not None:
-                noises = [torch.randn(latent.shape, generator=generator) for _ in range(self.segmentation_samples - 1)]
-                found = [self.segmenter.predict(image, labels)
-                         for image in (pred, *(sample(controls, other) for other in noises))]
+                found = [self.segmenter.predict(image, labels) for image in steered]
                 output.update(segmentation_scores(found, self.segmenter.predict(real, labels), seg))
         return output
