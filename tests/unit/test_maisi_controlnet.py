@@ -320,8 +320,9 @@ def test_evaluator_samples_with_and_without_the_mask_in_one_batch_each_its_own(o
     outputs = []
     for seg in (batch["seg"], (batch["seg"] > 0).long()):
         evaluator = MaisiControlNetEvaluator(
-            "cpu", [{**batch, "seg": seg}], net, scheduler, control_keys={"seg": "control_mask", "source": "control_image"},
-            vae=vae, num_steps=2, translation_baselines=baselines,
+            "cpu", [{**batch, "seg": seg}], net, scheduler,
+            control_keys={"seg": "control_mask", "source": "control_image"}, vae=vae, num_steps=2,
+            translation_baselines=baselines,
             key_val_metric={"val_loss": Average(output_transform=lambda o: o["val_loss"])})
         evaluator.run()
         outputs.append(evaluator.state.output)
