@@ -286,9 +286,11 @@ class LoadResampled(MapTransform, InvertibleTransform):
     item whose every file was resampled before with the same settings is copied from there, provided the couplings
     between its volumes give what they gave then: ``Spacingd`` gives a volume with the first volume's input shape and
     voxel size the first one's output shape, and ``MatchLabelGridd`` moves a label whose file grid is not the first
-    image's (such a label is never remembered, nor a file rewritten while it was read). Anything else takes the
-    ordinary path. Invertible like the transforms it runs (``Invertd`` with a ``Compose`` of :func:`preprocessing`,
-    whichever path an item took).
+    image's (what it made of such a label is never remembered, nor a file rewritten while it was read). An item with
+    only some volumes remembered resamples the others each on its own first (as an item of one; e.g. the mask a
+    stage-2 cache reads beside the images stage 1 read), so they are not read twice when the couplings hold. Anything
+    else takes the ordinary path. Invertible like the transforms it runs (``Invertd`` with a ``Compose`` of
+    :func:`preprocessing`, whichever path an item took).
 
     Input: ``{key: path}``; output: ``{key: (1, X, Y, Z) MetaTensor}`` on the RAS ``spacing`` mm grid, images
     float32, labels with their file's values.
@@ -301,18 +303,25 @@ class LoadResampled(MapTransform, InvertibleTransform):
         super().__init__(keys)
         self.label_keys = frozenset(label_keys)
         self.load = LoadVolumed(keys, label_keys=label_keys, spacing=spacing, max_voxels=max_voxels)
-        self.match = MatchLabelGridd(label_keys, image_keys[0]) if label_keys else None
+        self.match = MatchLabelGridd(label_keys, image_keys[0]) if image_keys and label_keys else None
         self.orient = Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
-        self.anti_alias = AntiAliasd(image_keys, spacing)
+        self.anti_alias = AntiAliasd(image_keys, spacing) if image_keys else None  # None: a mask alone
         self.resample = Spacingd(keys, pixdim=tuple(spacing),
                                  mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys))
         self._settings = (tuple(float(s) for s in spacing), int(max_voxels))
+        self._alone: dict[Hashable, LoadResampled] = {}
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         keys = list(self.key_iterator(d))
         memo_keys = [RESAMPLED.key(d[k], (*self._settings, k in self.label_keys)) for k in keys]
-        recalled = self._recall(keys, [RESAMPLED.get(m) for m in memo_keys])
+        found = [RESAMPLED.get(m) for m in memo_keys]
+        if len(keys) > 1 and None in found and any(entry is not None for entry in found):
+            for key, memo_key, entry in zip(keys, memo_keys, found):
+                if entry is None and memo_key is not None:
+                    self.alone(key)({key: d[key]})  # remembers it (what _recall then checks against the others)
+            found = [RESAMPLED.get(m) for m in memo_keys]
+        recalled = self._recall(keys, found)
         if recalled is not None:
             d.update(recalled)
             return d
@@ -320,7 +329,9 @@ class LoadResampled(MapTransform, InvertibleTransform):
         grids = [file_grid(d[k]) for k in keys]
         if self.match is not None:
             d = self.match(d)
-        d = self.anti_alias(self.orient(d))
+        d = self.orient(d)
+        if self.anti_alias is not None:
+            d = self.anti_alias(d)
         inputs = [_spacing_input(d[k]) for k in keys]
         d = self.resample(d)
         for i, (key, memo_key) in enumerate(zip(keys, memo_keys)):
@@ -331,6 +342,13 @@ class LoadResampled(MapTransform, InvertibleTransform):
             forced = i > 0 and _same_spacing_input(inputs[0], inputs[i])
             RESAMPLED.put(memo_key, Resampled.of(d[key], grids[i], inputs[i], forced))
         return d
+
+    def alone(self, key: Hashable) -> LoadResampled:
+        """This step for an item of ``key`` only."""
+        if key not in self._alone:
+            label = key in self.label_keys
+            self._alone[key] = LoadResampled([] if label else [key], [key] if label else [], *self._settings)
+        return self._alone[key]
 
     def _recall(self, keys: list, found: list[Resampled | None]) -> dict | None:
         """``{key: copy}`` when every volume is remembered and the item's couplings give the remembered results."""

@@ -99,6 +99,31 @@ def test_a_recalled_item_is_the_ordinary_result_and_inverts_like_it(tmp_path, lo
     assert pipeline_2mm(dict(item))["image"].shape != fresh["image"].shape and len(loads) == 4
 
 
+def test_only_the_volumes_not_remembered_are_read_and_the_item_is_the_ordinary_one(tmp_path, loads):
+    """Stage 2 preprocesses each case's images with its mask: the images stage 1 resampled one by one are recalled
+    and only the mask is read, giving exactly what the ordinary path gives."""
+    seg = np.zeros((24, 28, 16), np.uint8)
+    seg[8:14, 9:15, 5:10] = 1
+    item = {"t1": save(tmp_path / "t1.nii.gz", textured(seed=0)), "t2": save(tmp_path / "t2.nii.gz", textured(seed=1)),
+            "seg": save(tmp_path / "seg.nii.gz", seg)}
+    pipeline = Compose(preprocessing(["t1", "t2"], ["seg"], spacing=(3.0, 3.0, 3.0), k_divisible=4))
+    ordinary = pipeline(dict(item))
+    RESAMPLED.clear()
+    alone = Compose(preprocessing(["image"], spacing=(3.0, 3.0, 3.0), k_divisible=4))
+    for key in ("t1", "t2"):
+        alone({"image": item[key]})
+    del loads[:]
+
+    partial = pipeline(dict(item))
+    assert loads == [item["seg"]]
+    same(ordinary, partial, ["t1", "t2", "seg"])
+    invert = Invertd(["t1", "seg"], transform=pipeline, orig_keys=["t1", "seg"], nearest_interp=[False, True])
+    for key, back in ((key, invert(dict(partial))[key]) for key in ("t1", "seg")):
+        assert torch.equal(back.as_tensor(), invert(dict(ordinary))[key].as_tensor()) and back.shape[1:] == (24, 28, 16)
+    pipeline(dict(item))
+    assert len(loads) == 1  # now all of it is remembered
+
+
 def test_a_rewritten_file_is_read_again(tmp_path, loads):
     path = tmp_path / "image.nii"  # uncompressed: the new file has the old one's size
     save(path, textured(seed=0))
@@ -163,7 +188,11 @@ def test_a_label_on_another_grid_is_never_remembered(tmp_path, loads, caplog):
         first = pipeline({"image": image, "seg": mask})
         second = pipeline({"image": image, "seg": mask})
     assert caplog.text.count("seg_fine.nii.gz: grid (48, 56, 32) differs") == 2  # never silent
-    assert len(loads) == 4
+    # The second call read the mask alone (beside the remembered image), found it on another grid and went the
+    # ordinary way: 2 + 1 + 2 reads; a third reads only what the ordinary path reads.
+    assert len(loads) == 5
+    pipeline({"image": image, "seg": mask})
+    assert len(loads) == 7
     same(first, second, ["image", "seg"])
     # Behind an image on its own grid the mask stays where it is: what was made of it behind the other image is
     # not what this item gets.
