@@ -257,14 +257,32 @@ class AntiAliasd(MapTransform):
             # micrometre voxels would otherwise ask for a kernel of millions of taps.
             sigma = [min(max(0.0, (t / s - 1.0) / 2.0), float(n))
                      for t, s, n in zip(self.spacing, source, d[key].shape[1:])]
-            if any(sg > 0 for sg in sigma):  # scipy's separable filter: ~30x faster than MONAI's GaussianSmooth
+            if any(sg > 0 for sg in sigma):
                 image = d[key]
-                smooth = np.empty(image.shape, np.float32)  # written in place: no copy of a 1 mm volume
+                smooth = np.zeros(image.shape, np.float32)  # written in place: no copy of a 1 mm volume
                 for source_channel, channel in zip(image.numpy(), smooth):
-                    gaussian_filter(source_channel, sigma, output=channel, mode="nearest", truncate=3.0)
+                    low_pass(source_channel, sigma, channel)
                 d[key] = MetaTensor(torch.from_numpy(smooth), meta=image.meta,
                                     applied_operations=image.applied_operations)
         return d
+
+
+def low_pass(volume: np.ndarray, sigma: Sequence[float], out: np.ndarray, truncate: float = 3.0) -> None:
+    """scipy's separable Gaussian (``mode="nearest"``; ~30x faster than MONAI's GaussianSmooth) of a 3D ``volume``
+    into ``out``, which must hold zeros: only the box around the non-zero voxels, grown by the kernel's radius, is
+    filtered. Why: a skull-stripped volume's background is zero, about two thirds of a BraTS volume, and a Gaussian
+    leaves it zero; the result is the whole volume's to the bit, since every line the filter reads past the box's
+    edge holds zeros there in either case ("nearest" repeats the zero at the edge)."""
+    nonzero = volume != 0
+    box = []
+    for axis, s in enumerate(sigma):
+        hit = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(volume.ndim) if a != axis)))
+        if hit.size == 0:
+            return  # all zero: so is its low-pass
+        radius = int(truncate * float(s) + 0.5) if s > 0 else 0  # scipy's own kernel radius
+        box.append(slice(max(int(hit[0]) - radius, 0), min(int(hit[-1]) + radius + 1, volume.shape[axis])))
+    box = tuple(box)
+    gaussian_filter(volume[box], sigma, output=out[box], mode="nearest", truncate=truncate)
 
 
 def _spacing_input(volume: MetaTensor) -> tuple[tuple[int, ...], np.ndarray]:
