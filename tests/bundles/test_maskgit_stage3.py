@@ -27,11 +27,12 @@ def _ids(runs: dict, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def stage3_run(stage2_runs, tmp_path_factory) -> dict:
-    """A tiny ControlNet (control_type mask+label) on the stage-2 label transformer, 1 epoch."""
+    """A tiny ControlNet (control_type mask+label, its mask encoder 16 wide as in the demo) on the label transformer."""
     out = tmp_path_factory.mktemp("maskgit_stage3")
     bundle_run(MASKGIT_CONTROLNET, ["train.json", "tiny.json"], {
         **_ids(stage2_runs, out), "transformer_path": Path(stage2_runs["label"]) / "best.ckpt",
-        "control_type": "mask+label", "sample_during_validation": False})  # evaluate.json samples below
+        "control_type": "mask+label", "encoder_channels": 16,
+        "sample_during_validation": False})  # evaluate.json samples below
     return {**stage2_runs, "stage3": out}
 
 
@@ -39,6 +40,7 @@ def test_chain_train_evaluate_generate(stage3_run):
     out = stage3_run["stage3"]
     record = torch.load(out / "best.ckpt", weights_only=True)
     assert record["stage"] == "maskgit_stage3_controlnet" and record["network_args"]["control_type"] == "mask+label"
+    assert record["network_args"]["encoder_channels"] == 16  # the bundle id reaches the network (and its record)
     assert record["transformer_path"] == str(Path(stage3_run["label"]) / "best.ckpt")
     # The frozen base inside the record is the stage-2 transformer, bit for bit.
     base = torch.load(record["transformer_path"], weights_only=True)["state_dict"]
