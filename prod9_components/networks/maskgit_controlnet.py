@@ -18,6 +18,7 @@ from torch import nn
 from prod9_components.networks.control_types import MASKGIT_CONTROL_TYPES, control_inputs, parse_control_type
 from prod9_components.networks.mask_one_hot import mask_one_hot
 from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
+from prod9_components.sampling.steps import check_count
 
 __all__ = ["CONTROL_TYPES", "MaskEncoder", "MaskGiTControlNet"]
 
@@ -79,6 +80,7 @@ class MaskGiTControlNet(nn.Module):
                  num_mask_classes: int = 4, downsample_factor: int = 4, encoder_channels: int = 32) -> None:
         super().__init__()
         control_type = parse_control_type(control_type, "MaskGiT")
+        encoder_channels = check_count("encoder_channels", encoder_channels)  # 0 built an empty encoder
         self.base = TransformerDecoderSingleStream(**base_args)
         depth = len(self.base.blocks)
         num_control_blocks = max(1, depth // 2) if num_control_blocks is None else int(num_control_blocks)
@@ -87,7 +89,7 @@ class MaskGiTControlNet(nn.Module):
                              f"got {num_control_blocks}.")
         self.init_args = {"base_args": dict(self.base.init_args), "control_type": control_type,
                           "num_control_blocks": num_control_blocks, "num_mask_classes": int(num_mask_classes),
-                          "downsample_factor": int(downsample_factor), "encoder_channels": int(encoder_channels)}
+                          "downsample_factor": int(downsample_factor), "encoder_channels": encoder_channels}
         self.control_type = control_type
         self.num_mask_classes = int(num_mask_classes)
         hidden = self.base.init_args["hidden_dim"]

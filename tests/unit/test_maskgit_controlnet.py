@@ -115,6 +115,9 @@ def test_bad_control_inputs():
         MaskGiTControlNet(make_base().init_args, control_type="seg")
     with pytest.raises(ValueError, match="power of two"):
         MaskGiTControlNet(make_base().init_args, downsample_factor=3)
+    for width in (0, -3, 2.5, "16", True):  # a careless --encoder-channels or a record's value: one line naming it
+        with pytest.raises(ValueError, match=rf"encoder_channels must be a whole number >= 1, got {width!r}"):
+            MaskGiTControlNet(make_base().init_args, encoder_channels=width)
 
 
 def test_a_mask_encoded_once_gives_the_logits_of_the_mask_itself():
