@@ -18,7 +18,6 @@ from torch import nn
 from prod9_components.networks.control_types import MASKGIT_CONTROL_TYPES, control_inputs, parse_control_type
 from prod9_components.networks.mask_one_hot import mask_one_hot
 from prod9_components.networks.maskgit_transformer import TransformerDecoderSingleStream
-from prod9_components.sampling.steps import check_count
 
 __all__ = ["CONTROL_TYPES", "MaskEncoder", "MaskGiTControlNet"]
 
@@ -80,7 +79,9 @@ class MaskGiTControlNet(nn.Module):
                  num_mask_classes: int = 4, downsample_factor: int = 4, encoder_channels: int = 32) -> None:
         super().__init__()
         control_type = parse_control_type(control_type, "MaskGiT")
-        encoder_channels = check_count("encoder_channels", encoder_channels)  # 0 built an empty encoder
+        if not isinstance(encoder_channels, int) or isinstance(encoder_channels, bool) or encoder_channels < 1:
+            # a flag or a shared checkpoint's record: 0 built an encoder of empty convolutions
+            raise ValueError(f"encoder_channels must be a whole number >= 1, got {encoder_channels!r}")
         self.base = TransformerDecoderSingleStream(**base_args)
         depth = len(self.base.blocks)
         num_control_blocks = max(1, depth // 2) if num_control_blocks is None else int(num_control_blocks)
