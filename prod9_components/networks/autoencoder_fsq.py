@@ -6,24 +6,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiDecoder, MaisiEncoder, MaisiGroupNorm3D
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiDecoder, MaisiEncoder
 
 from prod9_components.networks.fsq import FiniteScalarQuantizer
+from prod9_components.networks.maisi_blocks import adapt_maisi_blocks
 
 __all__ = ["AutoencoderFSQ"]
-
-
-def use_torch_group_norm(module: nn.Module) -> None:
-    """Replace MAISI's group norm by torch's, in place: same maths and parameter names.
-
-    MaisiGroupNorm3D normalises one group at a time in Python to save GPU memory on whole-volume passes;
-    on CPU that is ~6x slower for the whole network, and tiled inference bounds the memory anyway.
-    """
-    for name, child in module.named_children():
-        if isinstance(child, MaisiGroupNorm3D):
-            setattr(module, name, nn.GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine))
-        else:
-            use_torch_group_norm(child)
 
 
 class AutoencoderFSQ(nn.Module):
@@ -113,8 +101,8 @@ class AutoencoderFSQ(nn.Module):
         self.encoder = MaisiEncoder(in_channels=in_channels, out_channels=self.fsq.num_channels, **common)
         self.decoder = MaisiDecoder(in_channels=self.fsq.num_channels, out_channels=out_channels,
                                     use_convtranspose=use_convtranspose, **common)
-        use_torch_group_norm(self.encoder)
-        use_torch_group_norm(self.decoder)
+        adapt_maisi_blocks(self.encoder)
+        adapt_maisi_blocks(self.decoder)
 
     @property
     def downsample_factor(self) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-from prod9_components.networks.autoencoder_fsq import use_torch_group_norm
+from prod9_components.networks.maisi_blocks import adapt_maisi_blocks
 
 __all__ = ["MaisiVAE"]
 
@@ -83,7 +83,7 @@ class MaisiVAE(AutoencoderKlMaisi):
             num_splits=num_splits, save_mem=False, use_convtranspose=use_convtranspose,
         )
         self.init_args = self_args
-        use_torch_group_norm(self)
+        adapt_maisi_blocks(self)
 
     @property
     def downsample_factor(self) -> int:
