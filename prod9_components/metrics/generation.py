@@ -42,6 +42,7 @@ __all__ = ["RealReference", "brain_mask", "brain_shape_dice", "dice", "generatio
 FOREGROUND_FRACTION = 0.1  # of the intensity range above its low end: real background sits exactly at the low end,
 # generated background has faint noise, and brain tissue (even CSF after the robust scaling) lies above it
 MEMORISED_BELOW = 0.5  # of the closest held-out case's nearest-training distance
+PAIRS_VOXELS = 2**24  # voxels of the volumes one MS-SSIM batch scores (its five local moments: ~320 MB in float32)
 
 
 def brain_mask(volume: torch.Tensor, intensity_range: Sequence[float] = (0.0, 1.0),
@@ -94,9 +95,15 @@ def pairwise_ms_ssim(volumes: Sequence[torch.Tensor], data_range: float = 1.0) -
     """
     if len(volumes) < 2:
         raise ValueError(f"MS-SSIM diversity needs at least 2 volumes, got {len(volumes)}")
-    pairs = [ms_ssim(a[None].float(), b[None].to(a.device).float(), data_range=data_range)
-             for a, b in combinations(volumes, 2)]
-    return float(torch.cat(pairs).mean())
+    device = volumes[0].device
+    pairs = list(combinations(range(len(volumes)), 2))
+    per_batch = max(1, PAIRS_VOXELS // volumes[0].numel())  # pairs scored in one batch: all of them on demo volumes
+    values = []
+    for start in range(0, len(pairs), per_batch):
+        firsts, seconds = zip(*pairs[start:start + per_batch])
+        batch = [torch.stack([volumes[i].to(device).float() for i in indices]) for indices in (firsts, seconds)]
+        values.append(ms_ssim(*batch, data_range=data_range))
+    return float(torch.cat(values).mean())
 
 
 def nearest_training_distance(volume: torch.Tensor, training: Sequence[torch.Tensor]) -> float:

@@ -74,6 +74,16 @@ def test_ms_ssim_diversity_is_one_for_identical_volumes_and_lower_for_different_
         pairwise_ms_ssim([a])
 
 
+def test_ms_ssim_diversity_is_the_same_scored_in_batches_of_any_size(monkeypatch):
+    import prod9_components.metrics.generation as generation
+
+    volumes = [brain(seed) for seed in range(4)]  # 6 pairs
+    together = pairwise_ms_ssim(volumes)
+    for pairs_per_batch in (1, 4):
+        monkeypatch.setattr(generation, "PAIRS_VOXELS", pairs_per_batch * volumes[0].numel())
+        assert pairwise_ms_ssim(volumes) == pytest.approx(together, abs=1e-6)
+
+
 def test_a_copy_of_a_training_case_is_at_distance_zero_and_flagged():
     training = [brain(0), brain(1)]
     held_out = brain(2)

@@ -23,6 +23,7 @@ from prod9_components.metrics import (
     ms_ssim,
     ms_ssim_min_size,
 )
+from prod9_components.metrics.image_quality import ssim_and_cs
 
 
 def _brain(shape=(2, 1, 12, 12, 12), seed=0):
@@ -81,6 +82,25 @@ def test_ssim_mask_crop_matches_monai_mean_for_full_mask():
     ours = brain_ssim(pred, target, mask=torch.ones_like(target, dtype=torch.bool))
     monai = SSIMMetric(spatial_dims=3, win_size=7)(pred, target)  # MONAI: win_size here, kernel_size in MS-SSIM
     assert ours.item() == pytest.approx(monai.item(), abs=1e-5)
+
+
+def test_separable_ssim_and_ms_ssim_equal_monais():
+    from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
+
+    target, _ = _brain(shape=(3, 2, 36, 32, 30))
+    pred = 0.8 * target + 0.2 * torch.rand(target.shape, generator=torch.Generator().manual_seed(5))
+    for data_range, kernel_size, sigma in ((1.0, 7, 1.5), (2.0, 5, 0.8)):
+        ssim, cs = ssim_and_cs(pred, target, data_range, kernel_size, sigma)
+        monai_ssim, monai_cs = compute_ssim_and_cs(pred, target, 3, (kernel_size,) * 3, (sigma,) * 3, data_range)
+        assert ssim.shape == monai_ssim.shape == (3, 2, 37 - kernel_size, 33 - kernel_size, 31 - kernel_size)
+        torch.testing.assert_close(ssim, monai_ssim, atol=2e-5, rtol=0)
+        torch.testing.assert_close(cs, monai_cs, atol=2e-5, rtol=0)
+    weights = (0.2, 0.3, 0.5)
+    torch.testing.assert_close(ms_ssim(pred, target, weights=weights),
+                               compute_ms_ssim(pred, target, 3, kernel_size=7, weights=weights).flatten(),
+                               atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="one shape"):
+        ssim_and_cs(pred, target[..., :-1])
 
 
 def test_ms_ssim_works_at_32_cubed_and_rejects_smaller():
