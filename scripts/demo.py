@@ -205,8 +205,12 @@ FSQ_LEVELS = ("--levels", "[7, 5, 5, 5, 5]")
 # The transformers train on whole token grids (a 32^3 crop is 8^3 tokens of a 13x15x11 grid: the model never saw
 # where the brain ends) and sample in 12 steps (tiny.json's 4 are for tests).
 TRANSFORMER = (*WHOLE_VOLUME, "--num-inference-steps", "12")
-# The MAISI stages test and sample in 10 Euler steps (tiny.json's 4 are for tests).
-FLOW_STEPS = ("--num-inference-steps", "10")
+# The MAISI stages encode and decode latents in one window over the whole volume, as stage 1 tests and the MaskGiT
+# stages train, test and sample (the latent cache is keyed by the window, so training passes it too). By default the
+# window is the one the VAE's export records, its training crop with overlap 0.25, which tiles a demo volume with 8
+# windows: 5.7x the voxels, each tile normalised with its own statistics (decoding was 20 s of the MAISI ControlNet
+# test's 66, 6 Dec). They test and sample in 10 Euler steps (tiny.json's 4 are for tests).
+FLOW_SAMPLING = ("--num-inference-steps", "10", *WHOLE_VOLUME)
 # Training validates once, at its end (which writes best.ckpt), on the loss alone: each stage's `test` samples and
 # scores right after, so samples in that validation were thrown away (7-12 s a generator, again in its untrained run).
 LOSS_ONLY_VALIDATION = ("--sample-during-validation", "False")
@@ -337,7 +341,7 @@ STAGES = (
           scores=VAE_SCORES, test=WHOLE_VOLUME),
     Stage("maisi_stage2_diffusion", "maisi", "prod9-train-maisi-diffusion",
           train=("--vae-path", "{maisi_stage1_vae}/vae_tiny.pt",
-                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *LOSS_ONLY_VALIDATION),
+                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *LOSS_ONLY_VALIDATION, *WHOLE_VOLUME),
           # small latents, 0.05-0.08 s a step: 1000 steps give a brain's shape (brain Dice 0.88, W1 0.020; 300 steps:
           # 0.81 / 0.024 and a blob; 1500: 0.88 / 0.023; 3000: 0.875 / 0.027); 700 steps (6 Dec, three demos) 0.910,
           # 0.910 and 0.923 / 0.016-0.018 against the bars 0.8 / ~0.054, and the MAISI ControlNet trained on them
@@ -346,29 +350,29 @@ STAGES = (
           # the 700-step one 0.244)
           epochs=35, batches=20, needs="maisi_stage1_vae",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
-               *FLOW_STEPS, "--output", "{stage}/generated"),
+               *FLOW_SAMPLING, "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
           title="MAISI stage 2, latent diffusion: a real T2 (top) vs a T2 generated from noise in 10 steps (bottom)",
           scores=GENERATION_SCORES, untrained=True,
-          test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *FLOW_STEPS)),
+          test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *FLOW_SAMPLING)),
     Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
           train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask+label",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", "--tumour-weight", "100",
-                 *LOSS_ONLY_VALIDATION, *SEGMENTER),
+                 *LOSS_ONLY_VALIDATION, *SEGMENTER, *WHOLE_VOLUME),
           # 0.11 s a step: 100 steps left the control at zero (change inside the mask 0.000); 1000 move the sample
           # 0.015 inside the mask and 0.002 outside it, and so do 500 with the tumour's latent cells weighted 100x
           # (0.013 / 0.002); 1000 weighted: 0.052 / 0.006; 5000 weighted: 0.080 / 0.024. With the conditioning
           # encoder He-initialised 500 weighted steps give 0.071 / 0.011. At conditioning scale 1 the segmenter's
           # Dice stays at 0.004-0.048 in all of them (bar 0.10); see MAISI_CONDITIONING_SCALE.
           epochs=25, batches=20, needs="maisi_stage2_diffusion",
-          use=controlled_sample("{test[seg]}", *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE),
-          use_empty_mask=controlled_sample("{empty_mask}", *FLOW_STEPS, "--conditioning-scale",
+          use=controlled_sample("{test[seg]}", *FLOW_SAMPLING, "--conditioning-scale", MAISI_CONDITIONING_SCALE),
+          use_empty_mask=controlled_sample("{empty_mask}", *FLOW_SAMPLING, "--conditioning-scale",
                                            MAISI_CONDITIONING_SCALE),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"), *controlled_rows()),
           title="MAISI stage 3, ControlNet: real T2 (top), a T2 generated from its tumour mask (middle; red: the "
                 "mask) and that sample minus the same seed's with an empty mask (bottom)",
           scores=CONTROL_SCORES, test=("--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *SEGMENTER,
-                                       *FLOW_STEPS, "--conditioning-scale", MAISI_CONDITIONING_SCALE)),
+                                       *FLOW_SAMPLING, "--conditioning-scale", MAISI_CONDITIONING_SCALE)),
 )
 FAMILIES = ("maskgit", "maisi")
 # One test case is one tumour: the mask controls' verdict rested on a 226-voxel one that the segmenter finds badly even
