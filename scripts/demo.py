@@ -155,21 +155,28 @@ MAISI_CONDITIONING_SCALE = "3"
 # seeds 0-3: the stage-1 card), where the crops gave 21.99 (44 x 56 x 40) and 21.70 (48 x 60 x 40).
 SPACING = 4.0
 # Stage 1's training crop and every stage's window for testing and sampling a whole volume, at SPACING; at another
-# --spacing both cover the same millimetres (see windows): at 5 mm 36 x 48 x 32 and 44 x 48 x 36 (the 4 mm sides were
-# mostly padding there), at 2 mm 88 x 112 x 80 and 104 x 120 x 88 (they held a part of the brain). The crop's 44 is
-# the brain's width at 4 mm (every demo case is 44 voxels across after the foreground crop; 48 added 4 of padding):
-# a stage-1 step of 44 x 56 x 40 took 0.8x the time of 48 x 56 x 40 (one thread, 6 Dec), and in the demo FSQ 900
-# steps scored 22.48 dB / 0.826 instead of 22.19 / 0.814 in 323 s of training instead of 389 (seeds 1-3: 21.83, 21.43
-# and 21.99 dB instead of 21.51, 21.22 and 21.49; bar 19.96), the VAE's 1400 steps 23.37 / 0.853 instead of 23.32 /
-# 0.849 in 442 s instead of 550 (it trains 1500: see its stage).
-STAGE1_CROP, WINDOW = (44, 56, 40), (52, 60, 44)
+# --spacing both cover the same millimetres (see windows): at 5 mm 36 x 48 x 32 and 40 x 48 x 32 (the 4 mm sides were
+# mostly padding there), at 2 mm 88 x 112 x 80 and 96 x 120 x 80 (they held a part of the brain). The window is the
+# largest preprocessed demo grid (48 x 60 x 40 at 4 mm; the 15 demo cases measure 44-48 x 52-60 x 40), which the
+# transformers train on whole (a 12 x 15 x 10 token grid): 52 x 60 x 44 had padded it to 13 x 15 x 11, 19% more
+# tokens in every sequence. The crop's 44 is the brain's width at 4 mm (all but one demo case are 44 voxels across
+# after the foreground crop; 48 added 4 of padding): a stage-1 step of 44 x 56 x 40 took 0.8x the time of 48 x 56 x 40
+# (one thread, 6 Dec), and in the demo FSQ 900 steps scored 22.48 dB / 0.826 instead of 22.19 / 0.814 in 323 s of
+# training instead of 389 (seeds 1-3: 21.83, 21.43 and 21.99 dB instead of 21.51, 21.22 and 21.49; bar 19.96), the
+# VAE's 1400 steps 23.37 / 0.853 instead of 23.32 / 0.849 in 442 s instead of 550 (it trains 1500: see its stage).
+STAGE1_CROP, WINDOW = (44, 56, 40), (48, 60, 40)
+# The MAISI stages' latent canvas is the largest grid over the VAE's 4, rounded up to the diffusion UNet's 4 (a 12 x
+# 16 x 12 latent at 4 mm): a window over the whole of it has sides that are multiples of 16 voxels.
+CANVAS_MULTIPLE = 16
 
 
 def windows(mm: float) -> dict[str, tuple[int, int, int]]:
-    """``{"crop": (D, H, W), "window": (D, H, W)}`` at ``mm`` voxels: :data:`STAGE1_CROP` and :data:`WINDOW` scaled
-    from :data:`SPACING`, each side rounded up to a multiple of the autoencoders' downsampling (4)."""
-    return {name: tuple(4 * math.ceil(side * SPACING / mm / 4) for side in sides)
-            for name, sides in (("crop", STAGE1_CROP), ("window", WINDOW))}
+    """``{"crop": (D, H, W), "window": (D, H, W), "canvas": (D, H, W)}`` at ``mm`` voxels: :data:`STAGE1_CROP` and
+    :data:`WINDOW` scaled from :data:`SPACING`, each side rounded up to a multiple of the autoencoders' downsampling
+    (4), and the window rounded up to :data:`CANVAS_MULTIPLE` (the MAISI latent canvas, 48 x 64 x 48 at 4 mm)."""
+    crop, window = (tuple(4 * math.ceil(side * SPACING / mm / 4) for side in sides) for sides in (STAGE1_CROP, WINDOW))
+    canvas = tuple(CANVAS_MULTIPLE * math.ceil(side / CANVAS_MULTIPLE) for side in window)
+    return {"crop": crop, "window": window, "canvas": canvas}
 
 
 def sides(name: str) -> tuple[str, str, str]:
@@ -205,12 +212,13 @@ FSQ_LEVELS = ("--levels", "[7, 5, 5, 5, 5]")
 # The transformers train on whole token grids (a 32^3 crop is 8^3 tokens of a 13x15x11 grid: the model never saw
 # where the brain ends) and sample in 12 steps (tiny.json's 4 are for tests).
 TRANSFORMER = (*WHOLE_VOLUME, "--num-inference-steps", "12")
-# The MAISI stages encode and decode latents in one window over the whole volume, as stage 1 tests and the MaskGiT
+# The MAISI stages encode and decode latents in one window over their whole canvas, as stage 1 tests and the MaskGiT
 # stages train, test and sample (the latent cache is keyed by the window, so training passes it too). By default the
-# window is the one the VAE's export records, its training crop with overlap 0.25, which tiles a demo volume with 8
+# window is the one the VAE's export records, its training crop with overlap 0.25, which tiles the canvas with 8
 # windows: 5.7x the voxels, each tile normalised with its own statistics (decoding was 20 s of the MAISI ControlNet
 # test's 66, 6 Dec). They test and sample in 10 Euler steps (tiny.json's 4 are for tests).
-FLOW_SAMPLING = ("--num-inference-steps", "10", *WHOLE_VOLUME)
+WHOLE_CANVAS = ("--roi-size", *sides("canvas"))
+FLOW_SAMPLING = ("--num-inference-steps", "10", *WHOLE_CANVAS)
 # Training validates once, at its end (which writes best.ckpt), on the loss alone: each stage's `test` samples and
 # scores right after, so samples in that validation were thrown away (7-12 s a generator, again in its untrained run).
 LOSS_ONLY_VALIDATION = ("--sample-during-validation", "False")
@@ -285,7 +293,7 @@ STAGES = (
                  *LOSS_ONLY_VALIDATION, "--learning-rate", "0.002", *TRANSFORMER),
           epochs=12, batches=20, needs="maskgit_stage1",
           use=("generate", "--checkpoint", "{stage}/best.ckpt", "--modality", "T2", "--num-samples", "1",
-               "--output", "{stage}/generated"),
+               *WHOLE_VOLUME, "--output", "{stage}/generated"),
           rows=(Row("real T2", "{test[t2]}"), Row("generated T2", "{stage}/generated/sample_0001_T2.nii.gz")),
           title="MaskGiT stage 2, label-conditional: a real T2 (top) vs a T2 generated from the label alone (bottom)",
           scores=GENERATION_SCORES, untrained=True,
@@ -300,7 +308,7 @@ STAGES = (
           # against the map's 21.0), so the demo shows it run, not win, in 50 s less; translation_check.py trains it
           # 360 steps per unit of scale and beats the map
           epochs=2, batches=20, needs="maskgit_stage1",
-          use=("generate", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t1]}",
+          use=("generate", "--checkpoint", "{stage}/best.ckpt", "--input", "{test[t1]}", *WHOLE_VOLUME,
                "--output", "{stage}/translated_T2.nii.gz"),
           rows=(Row("real T1 (source)", "{test[t1]}"), Row("real T2", "{test[t2]}", crop_as="{test[t1]}"),
                 Row("translated T2", "{stage}/translated_T2.nii.gz", crop_as="{test[t1]}")),
@@ -320,8 +328,9 @@ STAGES = (
           # step (0.68 s against 0.84 a step of 2); Dice 0.308, 0.311 and 0.298 at seeds 0-2 against 0.324, 0.301 and
           # 0.357 (bar 0.194, the same segmenter), brain Dice 0.897, 0.872, 0.884 against 0.897, 0.891, 0.840.
           epochs=15, batches=20, needs="maskgit_stage2_label",
-          use=controlled_sample("{test[seg]}", "--conditioning-scale", MASKGIT_CONDITIONING_SCALE),
-          use_empty_mask=controlled_sample("{empty_mask}", "--conditioning-scale", MASKGIT_CONDITIONING_SCALE),
+          use=controlled_sample("{test[seg]}", "--conditioning-scale", MASKGIT_CONDITIONING_SCALE, *WHOLE_VOLUME),
+          use_empty_mask=controlled_sample("{empty_mask}", "--conditioning-scale", MASKGIT_CONDITIONING_SCALE,
+                                           *WHOLE_VOLUME),
           rows=(Row("real T2", "{test[t2]}", mask="{test[seg]}"), *controlled_rows()),
           title="MaskGiT stage 3, ControlNet: real T2 (top), a T2 generated from its tumour mask (middle; red: the "
                 "mask) and that sample minus the same seed's with an empty mask (bottom)",
@@ -341,7 +350,7 @@ STAGES = (
           scores=VAE_SCORES, test=WHOLE_VOLUME),
     Stage("maisi_stage2_diffusion", "maisi", "prod9-train-maisi-diffusion",
           train=("--vae-path", "{maisi_stage1_vae}/vae_tiny.pt",
-                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *LOSS_ONLY_VALIDATION, *WHOLE_VOLUME),
+                 "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", *LOSS_ONLY_VALIDATION, *WHOLE_CANVAS),
           # small latents, 0.05-0.08 s a step: 1000 steps give a brain's shape (brain Dice 0.88, W1 0.020; 300 steps:
           # 0.81 / 0.024 and a blob; 1500: 0.88 / 0.023; 3000: 0.875 / 0.027); 700 steps (6 Dec, three demos) 0.910,
           # 0.910 and 0.923 / 0.016-0.018 against the bars 0.8 / ~0.054, and the MAISI ControlNet trained on them
@@ -358,7 +367,7 @@ STAGES = (
     Stage("maisi_stage3_controlnet", "maisi", "prod9-train-maisi-controlnet",
           train=("--diffusion-path", "{maisi_stage2_diffusion}/best.ckpt", "--condition-type", "mask+label",
                  "--latent-cache-dir", "{maisi_stage1_vae}/latent_cache", "--tumour-weight", "100",
-                 *LOSS_ONLY_VALIDATION, *SEGMENTER, *WHOLE_VOLUME),
+                 *LOSS_ONLY_VALIDATION, *SEGMENTER, *WHOLE_CANVAS),
           # 0.11 s a step: 100 steps left the control at zero (change inside the mask 0.000); 1000 move the sample
           # 0.015 inside the mask and 0.002 outside it, and so do 500 with the tumour's latent cells weighted 100x
           # (0.013 / 0.002); 1000 weighted: 0.052 / 0.006; 5000 weighted: 0.080 / 0.024. With the conditioning
