@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 
@@ -53,3 +54,30 @@ def test_a_process_of_its_own_builds_the_segmenter_while_the_families_run(tmp_pa
     assert head and int(head[1]) != os.getpid()
     said = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[segmenter]")]
     assert len(said) == 1 and "not built beside the families" in said[0] and str(tmp_path / "data") in said[0], said
+
+
+def test_a_worker_takes_the_freed_cores_once_told_even_in_the_middle_of_its_work():
+    """The thread count is set by the main thread (torch's is per thread), while it is busy, soon after the event."""
+    import signal
+    import threading
+
+    import torch
+
+    demo = script_module("demo")
+    before = torch.get_num_threads()
+    event = threading.Event()
+    try:
+        torch.set_num_threads(1)
+        demo.take_cores_when(event, 3)
+        x = torch.rand(64, 64)
+        for _ in range(50):  # busy, as a training loop is
+            x = (x @ x).tanh()
+        assert torch.get_num_threads() == 1
+        event.set()
+        deadline = time.monotonic() + 10
+        while torch.get_num_threads() != 3 and time.monotonic() < deadline:
+            x = (x @ x).tanh()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
