@@ -615,7 +615,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=min(JOBS, os.cpu_count() or 1),
                         help="run up to this many families side by side, each in its own process with an equal share "
                              f"of the cores (default {JOBS}, or 1 on a single core: one family after the other); "
-                             "each family's output then goes to <output-dir>/<family>.log")
+                             "each family's output then goes to <output-dir>/<family>.log; when the first family "
+                             "ends, the others take its cores")
     parser.add_argument("--test-cases", type=int, default=DEMO_TEST_CASES,
                         help="test every stage on this many demo cases: the demo split's test case and this many "
                              "minus one that no stage trains or validates on, built on first use (default "

@@ -7,8 +7,8 @@ are written to fit whole volumes in GPU memory:
   and tiled inference bounds the memory anyway: torch's ``GroupNorm`` instead.
 - ``MaisiResBlock`` and ``MaisiUpsample`` end in ``convert_to_tensor``, which copies their output into the
   contiguous layout. The trainers keep CPU activations channels-last, so every block's output was copied out of it
-  and, by the next convolution, back (again in the backward pass): 5% of the demo VAE's training step, 3% of the
-  FSQ one's. Here they return their output as computed, a plain tensor as before.
+  and, by the next convolution, back (again in the backward pass): 7% of a demo training step of either (0.292 ->
+  0.270 s VAE, 0.311 -> 0.289 s FSQ). Here they return their output as computed, a plain tensor as before.
 """
 
 from __future__ import annotations
