@@ -15,8 +15,8 @@ what the mask changed). On the embedded demo data every stage trains and validat
 training and 2 validation cases, as each bundle splits them) and tests on its test case plus ``--test-cases`` - 1
 further demo cases that no stage sees before (one test case is one tumour, too few to judge a mask control by); the
 sheets show the first test case. Within a family the stages run one after another (a later stage reads the files of
-the one before it); the two families run side by side, each in its own process (``--jobs``), and a third one trains the
-tumour segmenter that both mask controls are scored with meanwhile.
+the one before it); the two families run side by side, each in its own process (``--jobs``), and the first (MaskGiT,
+the shorter) trains the tumour segmenter that both mask controls are scored with after its stage 1.
 The summary prints each stage's headline scores beside their baselines, says plainly where the model loses, and is
 kept in ``<output-dir>/summary.json`` (``scripts/quality.py`` turns it into the quality table).
 """
@@ -394,9 +394,9 @@ class DemoError(RuntimeError):
     """A failed step, reported in one line."""
 
 
-# The two families share nothing but the data and the tumour segmenter (built once, in a third process meanwhile: see
-# train_segmenter), so they run side by side, each in a process with one core's threads: the demo's networks are too
-# small for two threads to split their convolutions well. Measured on 2 cores: the FSQ autoencoder's demo step
+# The two families share nothing but the data and the tumour segmenter (built once, by the first family after its stage
+# 1: see train_segmenter), so they run side by side, each in a process with one core's threads: the demo's networks are
+# too small for two threads to split their convolutions well. Measured on 2 cores: the FSQ autoencoder's demo step
 # (scripts/benchmark.py demo) took 0.79 s with 2 threads and 0.84 s with 1; both stage-1 models' demo commands (train
 # 100 steps, test, infer) took 272.5 / 247.5 s one after the other and 226.1 / 185.4 s side by side, in alternating
 # runs.
@@ -454,8 +454,9 @@ def run_stages(stages: list[Stage], context: dict) -> list[dict]:
 def run_side_by_side(families: list[list[Stage]], context: dict, jobs: int) -> list[dict]:
     """Each family's stages in a process of its own, ``jobs`` at a time, each process with its share of the cores
     (see :data:`JOBS`); their output goes to ``<out>/<family>.log``, a line per stage to the console. With a
-    ControlNet among the stages, one more process trains the tumour segmenter meanwhile (:func:`train_segmenter`).
-    When the first family ends, the others take its cores (:func:`take_cores_when`). Returns the results in pipeline order, or raises :class:`DemoError` with every family's failure once all have
+    ControlNet among the stages, the first family trains the tumour segmenter after its first stage
+    (:func:`train_segmenter`). When the first family ends, the others take its cores (:func:`take_cores_when`). Returns
+    the results in pipeline order, or raises :class:`DemoError` with every family's failure once all have
     stopped."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -467,13 +468,10 @@ def run_side_by_side(families: list[list[Stage]], context: dict, jobs: int) -> l
     print(f"{' and '.join(logs)} run side by side, {threads} thread(s) each; their output: "
           f"{', '.join(map(str, logs.values()))}", flush=True)
     spawn = get_context("spawn")
-    with spawn.Manager() as manager, ProcessPoolExecutor(jobs + segmenter, mp_context=spawn) as pool:
-        if segmenter:
-            log = Path(context["out"]) / "segmenter.log"
-            pool.submit(in_worker, "segmenter", train_segmenter, context, threads, log)
+    with spawn.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
         freed = manager.Event()  # set when the first family ends: the others take its cores (see take_cores_when)
-        futures = [pool.submit(in_worker, f[0].family, run_family, f, context, threads, logs[f[0].family],
-                               freed=(freed, threads * jobs)) for f in families]
+        futures = [pool.submit(in_worker, f[0].family, run_family, f, context, segmenter and i == 0, threads,
+                               logs[f[0].family], freed=(freed, threads * jobs)) for i, f in enumerate(families)]
         try:
             wait(futures, return_when=FIRST_COMPLETED)
             freed.set()
@@ -546,12 +544,16 @@ def take_cores_when(event, threads: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def run_family(stages: list[Stage], context: dict, console) -> tuple[list[dict], str | None]:
-    """:func:`run_stages` of one family, a line per stage to ``console``. Returns the results and the failure (None
+def run_family(stages: list[Stage], context: dict, segmenter: bool, console) -> tuple[list[dict], str | None]:
+    """:func:`run_stages` of one family, a line per stage to ``console``, with ``segmenter``: :func:`train_segmenter`
+    after the first stage (before it when that stage is a mask control). Returns the results and the failure (None
     when every stage ran): a message, not an exception, so nothing of this module needs unpickling in the parent."""
     family = stages[0].family
     results = []
-    for stage in stages:
+    first = 0 if stages[0].name in SCORED_BY_SEGMENTER else 1  # after stage 1, unless the first stage is scored by it
+    for i, stage in enumerate(stages):
+        if segmenter and i == first:
+            train_segmenter(context, console)
         print(f"[{family}] {stage.name} ...", file=console)
         try:
             results += run_stages([stage], context)
@@ -567,10 +569,13 @@ def run_family(stages: list[Stage], context: dict, console) -> tuple[list[dict],
 def train_segmenter(context: dict, console) -> None:
     """Build the tumour segmenter that both ControlNets' `test` score samples with (:data:`SEGMENTER`) the way their
     bundles build it on first use, from the MAISI ControlNet's ``train.json`` and ``tiny.json``, so that both tests
-    find it in ``{out}/segmenter`` (a fingerprint of its cases and settings names its folder). Run beside the
-    families: on its own one test trained it (~100 s) while the other waited on its lock, both at the same minute of
-    the demo. The spacing and intensity range, which the bundle reads from the stage-1 export, are the demo's and the
-    stage-1 bundle's. A failure is only reported: the first `test` then trains it and says what is wrong."""
+    find it in ``{out}/segmenter`` (a fingerprint of its cases and settings names its folder). On its own one test
+    trained it (~100 s) while the other waited on its lock, both at the same minute of the demo; in a third process
+    from the start it took a share of both families' cores, so MAISI's family, the longer one (808 s of stages against
+    MaskGiT's 743 on 6 Dec), waited for it too: MaskGiT's family now trains it after its stage 1, long before either
+    ControlNet is tested. The spacing and intensity range, which the bundle reads from the stage-1 export, are the
+    demo's and the stage-1 bundle's. A failure is only reported: the first `test` then trains it and says what is
+    wrong."""
     import tempfile
 
     from monai.bundle import ConfigParser
@@ -594,8 +599,8 @@ def train_segmenter(context: dict, console) -> None:
             folder = parser.get_parsed_content("segmenter").get().folder
         print(f"[segmenter] ready in {folder}", file=console)
     except Exception as error:  # MONAI wraps a config expression's error: name the innermost, in one line
-        print(f"[segmenter] not built beside the families ({one_line(root_cause(error))}); the first ControlNet "
-              "test trains it", file=console)
+        print(f"[segmenter] not built in advance ({one_line(root_cause(error))}); the first ControlNet test trains "
+              "it", file=console)
 
 
 def parse_args() -> argparse.Namespace:

@@ -36,10 +36,10 @@ def test_each_family_runs_in_its_own_process_and_its_failure_is_reported(tmp_pat
     assert len({*pids, os.getpid()}) == 3
 
 
-def test_a_process_of_its_own_builds_the_segmenter_while_the_families_run(tmp_path, capfd):
-    """With a ControlNet among the stages the tumour segmenter is built beside the families, in a third process with
-    its own log; when it cannot be built (here: no dataset) the demo says so in one line and goes on, and only the
-    families' failures fail it."""
+def test_the_first_family_builds_the_segmenter_and_its_failure_is_only_reported(tmp_path, capfd):
+    """With a ControlNet among the stages the first family's worker builds the tumour segmenter (no third process);
+    when it cannot be built (here: no dataset) the demo says so in one line and goes on, and only the families'
+    failures fail it."""
     script_module("demo")
     import demo
 
@@ -49,11 +49,28 @@ def test_a_process_of_its_own_builds_the_segmenter_while_the_families_run(tmp_pa
     with pytest.raises(demo.DemoError) as failed:
         demo.run_side_by_side(families, context, 2)
     assert "segmenter" not in str(failed.value)
-    head = re.fullmatch(r"segmenter in process (\d+), (\d+) torch thread\(s\)",
-                        (tmp_path / "segmenter.log").read_text().splitlines()[0])
-    assert head and int(head[1]) != os.getpid()
+    assert not (tmp_path / "segmenter.log").exists()
     said = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[segmenter]")]
-    assert len(said) == 1 and "not built beside the families" in said[0] and str(tmp_path / "data") in said[0], said
+    assert len(said) == 1 and "not built in advance" in said[0] and str(tmp_path / "data") in said[0], said
+
+
+def test_a_family_builds_the_segmenter_after_its_first_stage(monkeypatch, tmp_path):
+    """Between MaskGiT's stage 1 and the rest, while MAISI's longer stage 1 runs; first when the first stage is itself
+    scored by it; never when not asked."""
+    demo = script_module("demo")
+    calls = []
+    monkeypatch.setattr(demo, "run_stages", lambda stages, context: calls.append(stages[0].name) or [
+        {"stage": stages[0].name, "seconds": 0.0, "scores": []}])
+    monkeypatch.setattr(demo, "train_segmenter", lambda context, console: calls.append("segmenter"))
+    maskgit = [s for s in demo.STAGES if s.family == "maskgit"]
+    with open(os.devnull, "w") as console:
+        for stages, segmenter, expected in (
+                (maskgit, True, ["maskgit_stage1", "segmenter", *(s.name for s in maskgit[1:])]),
+                (maskgit[-1:], True, ["segmenter", "maskgit_stage3_controlnet"]),
+                (maskgit, False, [s.name for s in maskgit])):
+            calls.clear()
+            results, failure = demo.run_family(stages, {}, segmenter, console)
+            assert failure is None and calls == expected, calls
 
 
 def test_a_worker_takes_the_freed_cores_once_told_even_in_the_middle_of_its_work():
