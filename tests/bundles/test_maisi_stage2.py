@@ -38,9 +38,11 @@ def test_training_writes_an_ema_record_with_everything_generation_needs(maisi_di
     raw, ema = last["unet"], {k.removeprefix("module."): v for k, v in last["network"].items() if k != "num_updates"}
     assert max(float((raw[k] - ema[k]).abs().max()) for k in raw) > 1e-6
     # the scale factor makes the training latents' std 1
-    folder = next(Path(maisi_diffusion_run["latent_cache_dir"]).iterdir())
-    values = np.concatenate([load_latent_file(f)["latent"].ravel() for f in sorted(folder.glob("*.npz"))])
-    scale = json.loads(next(folder.glob("scale_factor_*.json")).read_text())["scale_factor"]
+    # the latents' folder is the one with the scale factor beside them (the cache dir also holds the cases' grids, in a
+    # folder whose name may sort first)
+    (scale_file,) = Path(maisi_diffusion_run["latent_cache_dir"]).glob("*/scale_factor_*.json")
+    values = np.concatenate([load_latent_file(f)["latent"].ravel() for f in sorted(scale_file.parent.glob("*.npz"))])
+    scale = json.loads(scale_file.read_text())["scale_factor"]
     assert record["scale_factor"] == scale and 0.8 < (values * scale).std() < 1.25  # all cases, not only training
 
 
