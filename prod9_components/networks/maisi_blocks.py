@@ -10,9 +10,9 @@ are written to fit whole volumes in GPU memory:
   and, by the next convolution, back (again in the backward pass): 7% of a demo training step of either (0.292 ->
   0.270 s VAE, 0.311 -> 0.289 s FSQ). Here they return their output as computed, a plain tensor as before.
 - The decoder's last convolution, to one channel at full resolution, gets about 4 GFLOP/s of a CPU core from oneDNN
-  (fwd + bwd 52-58 ms of a 0.30 s demo VAE step): one output channel leaves its kernels nothing to vectorise over. In
-  training on CPU it runs as one matrix product over the channels and 27 shifted sums (:class:`_ToOneChannel`), 28-35
-  ms, the same numbers to float rounding.
+  (fwd + bwd 52-74 ms of a ~0.30 s demo step): one output channel leaves its kernels nothing to vectorise over. In
+  training on CPU it runs as one matrix product over the channels and 27 shifted sums (:class:`_ToOneChannel`), 28-41
+  ms, the same numbers to float rounding (paired demo VAE steps 0.336 -> 0.291 s).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _shifts(spatial: tuple[int, ...]) -> list[tuple[tuple[slice, ...], tuple[sli
 
 
 class _OneChannelConvFunction(torch.autograd.Function):
-    """A 3x3x3 convolution (stride 1, zero padding 1) from C channels to one: ``z = w^T x`` gives each voxel's 27
+    """A 3x3x3 convolution (stride 1, zero padding 1) from C channels to one: ``taps = w^T x`` gives each voxel's 27
     kernel taps (27, N, D, H, W) in one matrix product, and the output is their 27 shifted sums; backward shifts the
     output gradient the other way (27 copies) for two more products."""
 
@@ -103,6 +103,7 @@ class _ToOneChannel(nn.Conv3d):
 
 
 def _to_one_channel(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a plain ``Conv3d`` that :class:`_ToOneChannel` computes."""
     return (type(conv) is nn.Conv3d and conv.out_channels == 1 and conv.groups == 1 and conv.kernel_size == (3, 3, 3)
             and conv.stride == (1, 1, 1) and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1)
             and conv.padding_mode == "zeros")

@@ -94,4 +94,5 @@ def test_one_channel_convolution_swaps_only_what_it_computes(one_thread):
     swapped = [m for m in vae.modules() if type(m) is _ToOneChannel]
     assert len(swapped) == 1 and swapped[0].in_channels == 8  # the decoder's last convolution; the encoder's first
     # convolution takes one channel, it does not give one, and the 1x1x1 quantisation convolutions stay Conv3d
-    assert all(type(m) is torch.nn.Conv3d for m in vae.modules() if isinstance(m, torch.nn.Conv3d) and m.out_channels > 1)
+    assert all(type(m) is torch.nn.Conv3d for m in vae.modules()
+               if isinstance(m, torch.nn.Conv3d) and m.out_channels > 1)
